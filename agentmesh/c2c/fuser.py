@@ -1,0 +1,162 @@
+"""The fuser: one projector per receiver layer, and the fusion of sharer caches into a receiver's.
+
+A `Fuser` is trained for one (receiver, sharer) pair. `fuse` rewrites a receiver `KVCache` with
+any number of sharers, each through its own fuser:
+    parallel:   K = K_r + sum_j g_j * w_j * P_j(K_s_j, K_r)      (every fuser sees the clean K_r)
+    sequential: K_j = K_{j-1} + g_j * w_j * P_j(K_s_j, K_{j-1})  (each fuser sees the last result)
+The per-layer loop is pure tensor work: no `.item()`, no host synchronisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import nn
+
+from agentmesh.cache.kv import KVCache, ModelSignature
+from agentmesh.c2c.layer_map import layer_map as make_layer_map
+from agentmesh.c2c.registry import build_projector
+from agentmesh.errors import CacheError, ConfigError
+
+FusionMode = Literal["parallel", "sequential"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Receiver layer `receiver_layer` reads sharer layer `sharer_layer` through projector `projector`."""
+
+    receiver_layer: int
+    sharer_layer: int
+    projector: int
+
+
+@dataclass(frozen=True)
+class FuserConfig:
+    """Everything needed to rebuild a fuser, apart from its weights."""
+
+    receiver: ModelSignature
+    sharer: ModelSignature
+    projector: str                         # registry name, e.g. "C2CProjector"
+    projector_args: tuple[dict[str, Any], ...]  # constructor arguments, one per projector
+    routes: tuple[Route, ...]
+    layer_map: str = "last_aligned"        # how the routes were made (informational once built)
+    alignment: str = "last"                # cross-tokenizer gather strategy ("last", "first", "longest")
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for r in self.routes:
+            if not (0 <= r.receiver_layer < self.receiver.num_layers and 0 <= r.sharer_layer < self.sharer.num_layers
+                    and 0 <= r.projector < len(self.projector_args)):
+                raise ConfigError(
+                    f"fuser route {r} is out of range: receiver has {self.receiver.num_layers} layers, "
+                    f"sharer {self.sharer.num_layers}, and there are {len(self.projector_args)} projectors")
+
+
+class Fuser(nn.Module):
+    """Projectors for one (receiver, sharer) pair, with the routes that say which layers they join."""
+
+    def __init__(self, config: FuserConfig, projectors: Sequence[nn.Module] | None = None):
+        super().__init__()
+        self.config = config
+        if projectors is None:
+            projectors = [build_projector(config.projector, args) for args in config.projector_args]
+        if len(projectors) != len(config.projector_args):
+            raise ConfigError(f"fuser config lists {len(config.projector_args)} projectors, got {len(projectors)}")
+        self.projectors = nn.ModuleList(projectors)
+
+    @classmethod
+    def build(cls, receiver: ModelSignature, sharer: ModelSignature, *, projector: str = "C2CProjector",
+              layer_map: str = "last_aligned", alignment: str = "last", **projector_args: Any) -> "Fuser":
+        """A fresh fuser with one projector per receiver layer (weights from the projector's init)."""
+        sharer_layers = make_layer_map(layer_map, receiver.num_layers, sharer.num_layers)
+        args = dict(source_dim=sharer.head_dim, target_dim=receiver.head_dim,
+                    source_num_heads=sharer.num_kv_heads, target_num_heads=receiver.num_kv_heads)
+        args.update(projector_args)
+        routes = tuple(Route(t, s, t) for t, s in enumerate(sharer_layers))
+        config = FuserConfig(receiver=receiver, sharer=sharer, projector=projector,
+                             projector_args=tuple(dict(args) for _ in routes), routes=routes,
+                             layer_map=layer_map, alignment=alignment)
+        return cls(config)
+
+    @property
+    def receiver(self) -> ModelSignature:
+        return self.config.receiver
+
+    @property
+    def sharer(self) -> ModelSignature:
+        return self.config.sharer
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def update_temperature(self, step: int) -> None:
+        for p in self.projectors:
+            if hasattr(p, "update_temperature"):
+                p.update_temperature(step)
+
+    def residuals(self, receiver: KVCache, sharer: KVCache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per receiver layer, the (key, value) residuals `g * w * P`, each (B, H_r, N, D_r).
+
+        `receiver` and `sharer` hold the same N tokens (the fused span), position for position.
+        """
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for r in self.config.routes:
+            out[r.receiver_layer] = self.projectors[r.projector].residual(
+                sharer.layer(r.sharer_layer), receiver.layer(r.receiver_layer))
+        return out
+
+    def check_caches(self, receiver: KVCache, sharer: KVCache) -> None:
+        receiver.check_signature(self.receiver, "receiver cache")
+        sharer.check_signature(self.sharer, "sharer cache")
+        if receiver.batch_size != sharer.batch_size or receiver.seq_len != sharer.seq_len:
+            raise CacheError(
+                f"receiver span is {receiver.batch_size}x{receiver.seq_len} tokens but sharer span is "
+                f"{sharer.batch_size}x{sharer.seq_len}; align the sharer to the receiver's tokens first")
+
+    def extra_repr(self) -> str:
+        return f"receiver={self.receiver.name!r}, sharer={self.sharer.name!r}, routes={len(self.config.routes)}"
+
+
+@dataclass(frozen=True)
+class SharerSpan:
+    """A sharer's cache for the fused span, aligned to the receiver's positions, and its fuser.
+
+    `mask` (B, N) marks the positions to fuse; elsewhere the receiver keeps its own K/V
+    (cross-tokenizer alignment leaves template tokens unfused).
+    """
+
+    fuser: Fuser
+    cache: KVCache
+    mask: torch.Tensor | None = None
+
+
+def fuse(receiver: KVCache, sharers: Sequence[SharerSpan], mode: FusionMode = "parallel",
+         *, start: int = 0) -> KVCache:
+    """The receiver cache with tokens `[start, start + N)` rewritten by every sharer's fuser.
+
+    Each sharer cache holds exactly those N tokens. Tokens outside the span are left as they are.
+    """
+    if mode not in ("parallel", "sequential"):
+        raise ConfigError(f"fusion mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
+    if not sharers:
+        return receiver
+    n = sharers[0].cache.seq_len
+    span = receiver.slice_tokens(start, start + n)
+    for s in sharers:
+        s.fuser.check_caches(span, s.cache)
+    keys, values = list(span.keys), list(span.values)
+    for s in sharers:
+        base = span if mode == "parallel" else span.replace(keys=tuple(keys), values=tuple(values))
+        for layer, (dk, dv) in s.fuser.residuals(base, s.cache).items():
+            i = span.layer_ids.index(layer)
+            if s.mask is not None:
+                keep = s.mask[:, None, :, None].to(dk.device, torch.bool)  # (B, 1, N, 1)
+                dk, dv = torch.where(keep, dk, 0), torch.where(keep, dv, 0)
+            keys[i] = keys[i] + dk.to(keys[i].dtype)
+            values[i] = values[i] + dv.to(values[i].dtype)
+    fused = span.replace(keys=tuple(keys), values=tuple(values))
+    if start == 0 and n == receiver.seq_len:
+        return fused
+    pieces = [receiver.slice_tokens(0, start), fused, receiver.slice_tokens(start + n, None)]
+    return KVCache.concat([p for p in pieces if p.seq_len > 0])

@@ -1,0 +1,177 @@
+"""`C2CModel`: a receiver LLM that reads its sharers' KV caches through fusers, then decodes.
+
+Prompt semantics (spec §4): the receiver and every sharer prefill the same span, the whole prompt
+but its last token; the fusers rewrite the receiver's cache of that span; the receiver then reads
+the last prompt token and decodes as usual. Nothing is stored on the model between calls, so one
+`C2CModel` serves any number of threads at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from agentmesh.c2c.fuser import Fuser, FusionMode, SharerSpan, fuse
+from agentmesh.cache.kv import KVCache
+from agentmesh.errors import CheckpointError, ConfigError
+from agentmesh.models.inference import GenerationConfig, Streamer, decode, left_pad, pad_sequences, prefill
+
+Messages = Sequence[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class SharerInput:
+    """What one sharer reads for a batch, already in its own token ids.
+
+    `input_ids`/`attention_mask` (B, M) are left-padded; `gather_index` (B, N) gives, for each
+    position of the receiver's fused span, the sharer position whose K/V it is fused with
+    (-1: not fused). Without `gather_index`, the last N sharer positions line up with the span.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    gather_index: torch.Tensor | None = None
+
+
+class C2CModel:
+    """A receiver, its sharers, and one fuser per sharer.
+
+    With no sharers it is the receiver alone, run through the very same code path, so that a
+    closed-gate fuser and no fuser at all give bit-identical logits.
+    """
+
+    def __init__(self, receiver: Any, sharers: Sequence[Any] = (), fusers: Sequence[Fuser] = (),
+                 *, mode: FusionMode = "parallel"):
+        if len(sharers) != len(fusers):
+            raise ConfigError(f"C2CModel got {len(sharers)} sharers but {len(fusers)} fusers; give one fuser per sharer")
+        if mode not in ("parallel", "sequential"):
+            raise ConfigError(f"fusion mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
+        for i, (sharer, fuser) in enumerate(zip(sharers, fusers)):
+            for role, lm, sig in (("receiver", receiver, fuser.receiver), ("sharer", sharer, fuser.sharer)):
+                if not lm.signature.same_shape(sig):
+                    raise CheckpointError(
+                        f"fuser {i} was built for {role} {sig.name!r} ({sig.num_layers} layers, {sig.num_kv_heads} "
+                        f"KV heads of dim {sig.head_dim}), but the {role} is {lm.name!r} ({lm.signature.num_layers} "
+                        f"layers, {lm.signature.num_kv_heads} KV heads of dim {lm.signature.head_dim})")
+        self.receiver = receiver
+        self.sharers = tuple(sharers)
+        self.fusers = tuple(f.eval() for f in fusers)
+        self.mode = mode
+        # Whether each sharer can read the receiver's token ids as they are (spec §5).
+        self.shares_vocab = tuple(_same_vocabulary(receiver.tokenizer, s.tokenizer) for s in self.sharers)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.receiver.tokenizer
+
+    # ---- the three steps -----------------------------------------------------------------------
+    def sharer_span(self, index: int, span_ids: torch.Tensor, span_mask: torch.Tensor,
+                    given: SharerInput | None = None) -> SharerSpan:
+        """Prefill sharer `index` and return its cache aligned to the receiver span (B, N)."""
+        sharer, fuser = self.sharers[index], self.fusers[index]
+        n = span_ids.shape[1]
+        if given is None:
+            if not self.shares_vocab[index]:
+                raise ConfigError(
+                    f"sharer {sharer.name!r} has a different tokenizer from receiver {self.receiver.name!r}; "
+                    "use C2CModel.chat(messages) so the text can be aligned, or pass sharer_inputs")
+            given = SharerInput(span_ids, span_mask)
+        cache = prefill(sharer, given.input_ids, given.attention_mask)
+        if given.gather_index is None:
+            return SharerSpan(fuser, cache.slice_tokens(cache.seq_len - n, None))
+        index_bn = given.gather_index
+        return SharerSpan(fuser, cache.take_tokens(index_bn.clamp(min=0)), mask=index_bn >= 0)
+
+    def prefill_fused(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      sharer_inputs: Sequence[SharerInput | None] | None = None) -> KVCache | None:
+        """The receiver's fused cache of every prompt token but the last (None for 1-token prompts)."""
+        span_ids, span_mask = input_ids[:, :-1], attention_mask[:, :-1]
+        if span_ids.shape[1] == 0:
+            return None
+        cache = prefill(self.receiver, span_ids, span_mask)
+        if not self.sharers:
+            return cache
+        given = list(sharer_inputs) if sharer_inputs is not None else [None] * len(self.sharers)
+        spans = [self.sharer_span(i, span_ids, span_mask, given[i]) for i in range(len(self.sharers))]
+        with torch.no_grad():
+            return fuse(cache, spans, self.mode)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def generation_config(self, **overrides: Any) -> GenerationConfig:
+        """Defaults for this receiver (its EOS tokens), with `overrides` applied."""
+        eos = overrides.pop("eos_token_id", None)
+        stop = overrides.pop("stop", None) or ()
+        if eos is None:
+            eos_ids = tuple(self.receiver.eos_token_ids)
+        else:
+            eos_ids = (eos,) if isinstance(eos, int) else tuple(eos)
+        return GenerationConfig(eos_token_ids=eos_ids, stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                                **{k: v for k, v in overrides.items() if v is not None})
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 256, do_sample: bool = False, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, stop: str | Sequence[str] | None = None,
+                 seed: int | None = None, streamer: Streamer | None = None,
+                 on_token: Callable[[int, torch.Tensor], None] | None = None,
+                 sharer_inputs: Sequence[SharerInput | None] | None = None) -> torch.Tensor:
+        """Generate after `input_ids` (B, N); returns only the new tokens, (B, T), padded after EOS."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+            attention_mask = None if attention_mask is None else attention_mask[None]
+        if input_ids.shape[1] == 0:
+            raise ConfigError("generate got an empty prompt; give at least one token")
+        gen = self.generation_config(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+            top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop=stop, seed=seed)
+        ids, mask = left_pad(input_ids, attention_mask)
+        cache = self.prefill_fused(ids, mask, sharer_inputs)
+        out = decode(self.receiver, cache, ids[:, -1:], mask[:, -1:], gen, pad_token_id=self._pad_id(),
+                     streamer=streamer, on_token=on_token, prompt_ids=ids)
+        return out.tokens
+
+    def encode_chat(self, conversations: Sequence[Messages]) -> tuple[torch.Tensor, torch.Tensor, list[SharerInput] | None]:
+        """Receiver ids for a batch of conversations, and each sharer's aligned input where needed."""
+        rows = [self.receiver.chat_ids(list(m)) for m in conversations]
+        ids, mask = pad_sequences(rows, self._pad_id())
+        if all(self.shares_vocab):
+            return ids, mask, None
+        from agentmesh.c2c.alignment import align_batch  # only cross-tokenizer pairs need it
+        inputs: list[SharerInput | None] = []
+        for sharer, fuser, same in zip(self.sharers, self.fusers, self.shares_vocab):
+            inputs.append(None if same else align_batch(
+                self.receiver, sharer, conversations, strategy=fuser.config.alignment, span=ids.shape[1] - 1))
+        return ids, mask, inputs
+
+    def chat(self, messages: str | Messages | Sequence[Messages], **generate_kwargs: Any) -> str | list[str]:
+        """Answer a user message, a conversation, or a batch of conversations, as text."""
+        single = isinstance(messages, str) or (len(messages) > 0 and isinstance(messages[0], dict))
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        conversations = [messages] if single else list(messages)
+        ids, mask, sharer_inputs = self.encode_chat(conversations)
+        tokens = self.generate(ids, mask, sharer_inputs=sharer_inputs, **generate_kwargs)
+        texts = [self._finish_text(t, generate_kwargs.get("stop")) for t in tokens]
+        return texts[0] if single else texts
+
+    def _finish_text(self, tokens: torch.Tensor, stop: str | Sequence[str] | None) -> str:
+        text = self.receiver.tokenizer.decode(tokens, skip_special_tokens=True)
+        for s in ((stop,) if isinstance(stop, str) else (stop or ())):
+            text = text.split(s, 1)[0]
+        return text.strip()
+
+    def _pad_id(self) -> int:
+        tok = self.receiver.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pad if pad is not None else 0)
+
+    def __repr__(self) -> str:
+        names = ", ".join(s.name for s in self.sharers) or "none"
+        return f"C2CModel(receiver={self.receiver.name!r}, sharers=[{names}], mode={self.mode!r})"
+
+
+def _same_vocabulary(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens

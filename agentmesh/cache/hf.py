@@ -1,0 +1,57 @@
+"""The one adapter between `KVCache` and transformers' cache objects.
+
+Nothing else in agentmesh touches transformers' cache classes, so a change in their internals
+is mended here alone.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from agentmesh.cache.kv import KVCache, ModelSignature
+from agentmesh.errors import CacheError
+
+
+def from_hf(
+    past: Any,
+    *,
+    signature: ModelSignature | None = None,
+    token_ids: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> KVCache:
+    """Wrap a transformers cache (a `DynamicCache`, or legacy tuples) as a `KVCache`.
+
+    No tensor is copied: the `KVCache` shares storage with `past`, which is safe because
+    `DynamicCache.update` concatenates into new tensors rather than writing in place.
+    """
+    if hasattr(past, "layers"):
+        pairs = [(layer.keys, layer.values) for layer in past.layers]
+    elif isinstance(past, (tuple, list)):
+        pairs = [(k, v) for k, v, *_ in past]
+    else:
+        raise CacheError(f"cannot read a KV cache from {type(past).__name__}; expected a transformers Cache")
+    if any(k is None or k.dim() != 4 for k, _ in pairs):
+        raise CacheError("transformers cache has an empty layer; run a forward pass with use_cache=True first")
+    return KVCache(keys=tuple(k for k, _ in pairs), values=tuple(v for _, v in pairs), signature=signature,
+                   token_ids=token_ids, positions=positions, attention_mask=attention_mask)
+
+
+def to_hf(kv: KVCache, config: Any) -> DynamicCache:
+    """A fresh `DynamicCache` for a model with `config`, holding `kv`'s tensors (not copied).
+
+    Sliding-window layers keep only their window, but remember how many tokens were seen so the
+    model's masks stay right.
+    """
+    cache = DynamicCache(config=config)
+    if kv.layer_ids != tuple(range(len(cache.layers))):
+        raise CacheError(f"cache holds layers {list(kv.layer_ids)}, but the model needs all "
+                         f"{len(cache.layers)} layers in order")
+    total = kv.attention_mask.shape[1] if kv.attention_mask is not None else kv.seq_len
+    for layer, k, v in zip(cache.layers, kv.keys, kv.values):
+        layer.update(k, v)
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = total
+    return cache

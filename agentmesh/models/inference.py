@@ -1,0 +1,210 @@
+"""Batched prefill and decoding on `KVCache`s: the two steps every agent, fused or not, is made of.
+
+Batches are left-padded (real tokens right-aligned) so that every row's next token sits in the last
+column; each row's rotary positions count only its real tokens, so a padded row computes exactly
+what it would compute alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from agentmesh.cache.hf import from_hf, to_hf
+from agentmesh.cache.kv import KVCache
+from agentmesh.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to pick new tokens. Greedy unless `do_sample`; sampling is seeded by `seed` if given."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 0, "an integer >= 0"),
+            ("temperature", self.temperature > 0, "a number > 0 (use do_sample=False for greedy)"),
+            ("top_k", self.top_k >= 0, "an integer >= 0 (0 turns it off)"),
+            ("top_p", 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "a number > 0 (1.0 turns it off)"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"generation setting {name}={getattr(self, name)!r} is invalid; expected {want}")
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    def replace(self, **changes: Any) -> "GenerationConfig":
+        return replace(self, **changes)
+
+
+class Streamer(Protocol):
+    """What `decode` feeds as tokens come: transformers' `TextStreamer` fits this protocol."""
+
+    def put(self, value: torch.Tensor) -> None: ...
+    def end(self) -> None: ...
+
+
+@dataclass
+class DecodeOutput:
+    tokens: torch.Tensor                 # (B, T) new tokens only, `pad_token_id` after a row ends
+    cache: KVCache | None = None         # the cache after decoding, when asked for
+    finished: torch.Tensor | None = None  # (B,) whether each row hit EOS or a stop string
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ---- padding -----------------------------------------------------------------------------------
+def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens to the right end (works for left, right or no padding)."""
+    if attention_mask is None:
+        return input_ids, torch.ones_like(input_ids)
+    mask = attention_mask.to(torch.long)
+    # A stable sort of the 0/1 mask puts the pads first and keeps the order of the real tokens.
+    order = torch.argsort(mask, dim=1, stable=True)
+    return input_ids.gather(1, order), mask.gather(1, order)
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into `(input_ids, attention_mask)`, both (B, N)."""
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        if s:
+            ids[row, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[row, width - len(s):] = 1
+    return ids, mask
+
+
+def _positions(mask: torch.Tensor, past: KVCache | None) -> torch.Tensor:
+    """Rotary positions (B, N) of new tokens: real tokens count up from the past's real length."""
+    start = 0 if past is None or past.attention_mask is None else past.attention_mask.sum(-1, keepdim=True)
+    return (start + mask.cumsum(-1) - 1).clamp(min=0)
+
+
+# ---- one forward pass --------------------------------------------------------------------------
+def _forward(lm: Any, input_ids: torch.Tensor, mask: torch.Tensor, past: KVCache | None,
+             *, logits: bool) -> tuple[torch.Tensor | None, KVCache]:
+    """Run `input_ids` (B, N) after `past`; return last-position logits (B, V) and the full cache."""
+    positions = _positions(mask, past)
+    full_mask = mask if past is None else torch.cat([past.attention_mask, mask], dim=1)
+    out = lm.model(
+        input_ids=input_ids.to(lm.device), attention_mask=full_mask.to(lm.device),
+        position_ids=positions.to(lm.device),
+        past_key_values=None if past is None else to_hf(past, lm.config),
+        use_cache=True, logits_to_keep=1)  # prefill needs no logits; 1 is the fewest
+    join = lambda old, new: new if old is None else torch.cat([old, new], dim=1)  # noqa: E731
+    cache = from_hf(
+        out.past_key_values, signature=lm.signature,
+        token_ids=join(None if past is None else past.token_ids, input_ids),
+        positions=join(None if past is None else past.positions, positions),
+        attention_mask=full_mask)
+    return (out.logits[:, -1].float() if logits else None), cache
+
+
+@torch.no_grad()
+def prefill(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            past: KVCache | None = None) -> KVCache:
+    """The cache of `input_ids` (B, N) read after `past` (if any); no token is generated.
+
+    Rows must be left-padded (see `left_pad`). The returned cache holds `past`'s tokens too.
+    """
+    if input_ids.shape[1] == 0:
+        if past is None:
+            raise ConfigError("prefill got an empty prompt and no past cache; give at least one token")
+        return past
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
+    if past is not None and past.attention_mask is None:
+        past = past.replace(attention_mask=torch.ones(past.batch_size, past.seq_len, dtype=torch.long))
+    _, cache = _forward(lm, input_ids, mask, past, logits=False)
+    return cache
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Repetition penalty on the tokens in `seen` (B, S): divide positive logits, multiply negative."""
+    picked = logits.gather(1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(1, seen, picked)
+
+
+def next_tokens(logits: torch.Tensor, gen: GenerationConfig, seen: torch.Tensor | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Pick one token per row from `logits` (B, V) -> (B,)."""
+    if gen.repetition_penalty != 1.0 and seen is not None and seen.numel():
+        logits = _penalize(logits, seen, gen.repetition_penalty)
+    if not gen.do_sample:
+        return logits.argmax(-1)
+    logits = logits / gen.temperature
+    if gen.top_k > 0:
+        kth = torch.topk(logits, min(gen.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if gen.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the tokens before it already hold top_p of the mass (the best always stays).
+        drop = (cum - sorted_logits.softmax(-1)) >= gen.top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+# ---- decoding ----------------------------------------------------------------------------------
+@torch.no_grad()
+def decode(lm: Any, cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+           gen: GenerationConfig, *, pad_token_id: int = 0, streamer: Streamer | None = None,
+           on_token: Callable[[int, torch.Tensor], None] | None = None,
+           prompt_ids: torch.Tensor | None = None, return_cache: bool = False) -> DecodeOutput:
+    """Read `input_ids` (B, k) after `cache`, then generate up to `gen.max_new_tokens` tokens.
+
+    `input_ids` are the prompt tokens not yet in `cache` (at least the last one). Decoding stops
+    when every row has produced an EOS token or a stop string. `prompt_ids` only feed the
+    repetition penalty. `on_token(step, tokens (B,))` is called after each step.
+    """
+    batch = input_ids.shape[0]
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
+    eos = torch.tensor(gen.eos_token_ids or (-1,), dtype=torch.long)
+    generator = None
+    if gen.do_sample and gen.seed is not None:
+        generator = torch.Generator().manual_seed(gen.seed)
+    seen = prompt_ids if prompt_ids is not None else input_ids
+    finished = torch.zeros(batch, dtype=torch.bool)
+    out: list[torch.Tensor] = []
+    step_ids, step_mask, past = input_ids, mask, cache
+    for step in range(gen.max_new_tokens):
+        logits, past = _forward(lm, step_ids, step_mask, past, logits=True)
+        tok = next_tokens(logits.cpu(), gen, seen, generator)
+        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+        out.append(tok)
+        seen = torch.cat([seen, tok[:, None]], dim=1)
+        finished |= torch.isin(tok, eos)
+        if streamer is not None:
+            streamer.put(tok if batch > 1 else tok[:1])
+        if on_token is not None:
+            on_token(step, tok)
+        if gen.stop:
+            finished |= _hit_stop(lm, torch.stack(out, 1), gen.stop)
+        if bool(finished.all()):
+            break
+        # Finished rows keep stepping on padding; their picks are overwritten above.
+        step_ids, step_mask = tok[:, None], torch.ones_like(tok)[:, None]
+    if streamer is not None:
+        streamer.end()
+    tokens = torch.stack(out, 1) if out else torch.empty(batch, 0, dtype=torch.long)
+    # The cache holds the prompt and every new token but the last (which was never read back).
+    return DecodeOutput(tokens=tokens, cache=past if return_cache else None, finished=finished)
+
+
+def _hit_stop(lm: Any, tokens: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
+    """(B,) whether each row's text so far contains a stop string (only the recent tail is decoded)."""
+    tails = lm.tokenizer.batch_decode(tokens[:, -16:], skip_special_tokens=True)
+    return torch.tensor([any(s in t for s in stop) for t in tails], dtype=torch.bool)

@@ -15,7 +15,8 @@ import torch
 from agentmesh.c2c.fuser import Fuser, FusionMode, SharerSpan, fuse
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import CheckpointError, ConfigError
-from agentmesh.models.inference import GenerationConfig, Streamer, decode, left_pad, pad_sequences, prefill
+from agentmesh.models.inference import (
+    GenerationConfig, Streamer, decode, left_pad, next_token_logits, pad_sequences, prefill)
 
 Messages = Sequence[dict[str, str]]
 
@@ -96,6 +97,14 @@ class C2CModel:
         spans = [self.sharer_span(i, span_ids, span_mask, given[i]) for i in range(len(self.sharers))]
         with torch.no_grad():
             return fuse(cache, spans, self.mode)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               sharer_inputs: Sequence[SharerInput | None] | None = None) -> torch.Tensor:
+        """The receiver's next-token logits (B, V) after the fused prompt: what decoding starts from."""
+        ids, mask = left_pad(input_ids, attention_mask)
+        cache = self.prefill_fused(ids, mask, sharer_inputs)
+        return next_token_logits(self.receiver, cache, ids[:, -1:], mask[:, -1:])
 
     # ---- generation ----------------------------------------------------------------------------
     def generation_config(self, **overrides: Any) -> GenerationConfig:

@@ -130,6 +130,15 @@ def prefill(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return cache
 
 
+@torch.no_grad()
+def next_token_logits(lm: Any, past: KVCache | None, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, V) for the token after `input_ids` (B, k) read after `past`."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
+    logits, _ = _forward(lm, input_ids, mask, past, logits=True)
+    return logits
+
+
 # ---- sampling ----------------------------------------------------------------------------------
 def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Repetition penalty on the tokens in `seen` (B, S): divide positive logits, multiply negative."""

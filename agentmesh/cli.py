@@ -1,0 +1,95 @@
+"""The `agentmesh` command line. Every error agentmesh raises on purpose becomes one line on stderr
+and exit status 2; nothing prints a traceback at a user."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from agentmesh.errors import AgentMeshError
+
+app = typer.Typer(
+    name="agentmesh", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    help="LLM agents that talk through their KV caches (Cache-to-Cache fusion).")
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(error: AgentMeshError) -> None:
+    """Print `error` as one line and exit with status 2."""
+    err.print(f"[bold red]error:[/] {error}", markup=True)
+    raise typer.Exit(2)
+
+
+def read_text_arg(value: str | None, what: str) -> str:
+    """A text argument, '-' for standard input."""
+    if value == "-" or value is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise typer.BadParameter(f"give the {what} as an argument, or '-' to read it from standard input")
+        return sys.stdin.read()
+    return value
+
+
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="The user message; '-' reads standard input."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Receiver: built-in name, folder, .gguf or hub id."),
+    sharer: list[str] = typer.Option([], "--sharer", "-s", help="A sharer model (repeat for several)."),
+    fuser: list[Path] = typer.Option([], "--fuser", "-f", help="A fuser folder or hf:// ref, one per sharer (repeat)."),
+    mode: str = typer.Option("parallel", help="Multi-sharer fusion: parallel or sequential."),
+    system: Optional[str] = typer.Option(None, help="A system message."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0),
+    temperature: float = typer.Option(0.0, help="0 decodes greedily; above 0 samples."),
+    top_k: int = typer.Option(0, help="Sample among the k likeliest tokens (0: all)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    repetition_penalty: float = typer.Option(1.0),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated."),
+) -> None:
+    """Answer PROMPT with a receiver model, optionally fused with sharers' KV caches."""
+    from agentmesh.c2c.pretrained import build_c2c_model
+    from agentmesh.models.streaming import TextDecoder
+
+    text = read_text_arg(prompt, "prompt")
+    try:
+        c2c = build_c2c_model(model, sharers=sharer, fusers=[str(f) for f in fuser], mode=mode, dtype=dtype)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        on_token = None
+        if stream:
+            decoder = TextDecoder(c2c.tokenizer)
+            eos = set(c2c.receiver.eos_token_ids)
+            on_token = lambda step, tok: None if int(tok[0]) in eos else print(  # noqa: E731
+                decoder.push(int(tok[0])), end="", flush=True)
+        answer = c2c.chat(messages, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                          temperature=temperature if temperature > 0 else None, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, seed=seed, on_token=on_token)
+    except AgentMeshError as e:
+        fail(e)
+    print() if stream else print(answer)
+
+
+def _mount() -> None:
+    """Attach the sub-command groups; each lives next to the code it drives."""
+    from agentmesh.c2c.fuser_cli import app as fuser_app
+    from agentmesh.graph.cli import app as graph_app
+
+    app.add_typer(graph_app, name="graph", help="Check and show pipeline files.")
+    app.add_typer(fuser_app, name="fuser", help="Inspect, convert and download fusers.")
+
+
+def main() -> None:
+    _mount()
+    try:
+        app()
+    except AgentMeshError as e:  # raised outside a command's own handler
+        err.print(f"[bold red]error:[/] {e}", markup=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

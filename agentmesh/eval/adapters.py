@@ -1,0 +1,156 @@
+"""The methods' `Generator` / `CacheGenerator` protocols over the real engine (`C2CModel`,
+`prefill`, `decode`). This is the only module of `agentmesh.eval` that runs models.
+
+Engine functions used (and nothing else):
+  * `C2CModel(receiver, sharers, fusers).generate(input_ids (1, N), attention_mask, *,
+    max_new_tokens, on_token=fn(step, tokens (B,)), sharer_inputs=[SharerInput | None])`
+    -> new tokens (1, T); `.encode_chat([messages])` for cross-tokenizer sharers;
+    `.generation_config(max_new_tokens=...)` for EOS defaults.
+  * `prefill(lm, input_ids (1, N)) -> KVCache` and `decode(lm, cache, input_ids (1, k), mask,
+    gen, pad_token_id=, on_token=, prompt_ids=)` for `prefix`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from agentmesh.cache.kv import KVCache, ModelSignature
+from agentmesh.errors import ConfigError
+from agentmesh.eval.methods import CacheGeneration, Messages, OnToken
+from agentmesh.eval.prompts import passage_preamble
+
+
+def kv_nbytes(signature: ModelSignature, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of a full-depth K+V cache of `tokens` tokens (what `KVCache.nbytes` reports)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * signature.num_layers * signature.num_kv_heads * signature.head_dim * tokens * itemsize
+
+
+def cache_wire_nbytes(cache: KVCache, wire_dtype: torch.dtype | None) -> int:
+    """`cache.nbytes` as it would be sent in `wire_dtype` (its own dtype when None)."""
+    if wire_dtype is None or wire_dtype == cache.dtype:
+        return cache.nbytes
+    scale = torch.empty((), dtype=wire_dtype).element_size()
+    return cache.nbytes // cache.keys[0].element_size() * scale
+
+
+def sharer_context_ids(sharer: Any, passage: str) -> list[int]:
+    """The tokens a sharer reads before the shared prompt when it holds a private passage.
+
+    The sharer's input is `sharer_context_ids(...) + prompt_ids[:-1]`; the last N positions are
+    the fused span. Fuser training on the context task must build the sharer input the same way.
+    """
+    return list(sharer.encode(passage_preamble(passage)))
+
+
+def _token_callback(tokenizer: Any, on_token: OnToken | None) -> Callable[[int, torch.Tensor], None] | None:
+    """An engine `on_token(step, tokens (B,))` that reports each new token's text to `on_token`."""
+    if on_token is None:
+        return None
+    from agentmesh.models.streaming import TextDecoder
+
+    decoder = TextDecoder(tokenizer)
+
+    def callback(_step: int, tokens: torch.Tensor) -> None:
+        on_token(decoder.push(int(tokens.reshape(-1)[0])))
+
+    return callback
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+class ModelGenerator:
+    """`Generator` over one `LoadedModel` (the receiver or the sharer alone), greedy."""
+
+    def __init__(self, lm: Any, *, name: str | None = None):
+        from agentmesh.c2c.model import C2CModel
+
+        self.lm = lm
+        self.name = name or lm.name
+        self._engine = C2CModel(lm)
+
+    def generate_text(self, messages: Messages, *, max_new_tokens: int, on_token: OnToken | None = None) -> str:
+        ids = torch.tensor([self.lm.chat_ids(messages)], dtype=torch.long)  # (1, N)
+        out = self._engine.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                    on_token=_token_callback(self.lm.tokenizer, on_token))
+        return self.lm.decode(out[0]).strip()
+
+
+class C2CGenerator:
+    """`CacheGenerator` over a `C2CModel` with sharers and fusers.
+
+    Bytes exchanged: every sharer's K/V for the fused span (the prompt minus its last token; the
+    private passage stays with the sharer), in `wire_dtype` (default: the sharer's dtype).
+    """
+
+    def __init__(self, model: Any, *, wire_dtype: torch.dtype | None = None, name: str = "c2c"):
+        if not model.sharers:
+            raise ConfigError("c2c needs a C2CModel with at least one sharer and its fuser")
+        self.model = model
+        self.wire_dtype = wire_dtype
+        self.name = name
+
+    def generate_with_cache(self, messages: Messages, *, sharer_context: str | None, max_new_tokens: int,
+                            on_token: OnToken | None = None) -> CacheGeneration:
+        model = self.model
+        receiver = model.receiver
+        if sharer_context:
+            if not all(model.shares_vocab):
+                raise ConfigError("a private sharer passage needs sharers that share the receiver's tokenizer; "
+                                  "cross-tokenizer passages are not supported yet")
+            from agentmesh.c2c.model import SharerInput
+
+            prompt = receiver.chat_ids(messages)
+            ids = torch.tensor([prompt], dtype=torch.long)  # (1, N)
+            mask = torch.ones_like(ids)
+            sharer_inputs: Sequence[Any] | None = []
+            for sharer in model.sharers:
+                row = torch.tensor([sharer_context_ids(sharer, sharer_context) + prompt[:-1]], dtype=torch.long)
+                sharer_inputs.append(SharerInput(row, torch.ones_like(row)))  # (1, P + N - 1)
+        else:
+            ids, mask, sharer_inputs = model.encode_chat([messages])
+        out = model.generate(ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             on_token=_token_callback(receiver.tokenizer, on_token), sharer_inputs=sharer_inputs)
+        span = int(mask[0].sum()) - 1
+        sent = sum(kv_nbytes(s.signature, span, self.wire_dtype or s.dtype) for s in model.sharers)
+        return CacheGeneration(receiver.decode(out[0]).strip(), sent)
+
+
+class PrefixGenerator:
+    """`CacheGenerator` for `prefix`: the sharer (same weights as the receiver) prefills the whole
+    prompt but its last token; the receiver reads that token after the sharer's cache and decodes.
+    Bytes exchanged: that cache, in `wire_dtype` (default: the model's dtype)."""
+
+    def __init__(self, sharer: Any, receiver: Any | None = None, *, wire_dtype: torch.dtype | None = None,
+                 name: str = "prefix"):
+        receiver = receiver if receiver is not None else sharer
+        if receiver.signature.fingerprint != sharer.signature.fingerprint:
+            raise ConfigError(f"prefix needs the same model on both ends; receiver {receiver.name!r} and sharer "
+                              f"{sharer.name!r} differ (use c2c with a fuser instead)")
+        from agentmesh.c2c.model import C2CModel
+
+        self.sharer, self.receiver = sharer, receiver
+        self.wire_dtype = wire_dtype
+        self.name = name
+        self._engine = C2CModel(receiver)  # for the receiver's generation defaults (EOS tokens)
+
+    def generate_with_cache(self, messages: Messages, *, sharer_context: str | None, max_new_tokens: int,
+                            on_token: OnToken | None = None) -> CacheGeneration:
+        from agentmesh.models.inference import decode, prefill
+
+        if sharer_context:
+            messages = [{**m} for m in messages]
+            messages[-1]["content"] = passage_preamble(sharer_context) + messages[-1]["content"]
+        prompt = self.receiver.chat_ids(messages)
+        ids = torch.tensor([prompt], dtype=torch.long)  # (1, N)
+        if ids.shape[1] < 2:
+            raise ConfigError("prefix needs a prompt of at least two tokens")
+        cache = prefill(self.sharer, ids[:, :-1])  # the sharer's work: (1, H, N-1, D) per layer
+        gen = self._engine.generation_config(max_new_tokens=max_new_tokens, do_sample=False)
+        out = decode(self.receiver, cache, ids[:, -1:], None, gen, pad_token_id=_pad_id(self.receiver.tokenizer),
+                     on_token=_token_callback(self.receiver.tokenizer, on_token), prompt_ids=ids)
+        return CacheGeneration(self.receiver.decode(out.tokens[0]).strip(), cache_wire_nbytes(cache, self.wire_dtype))

@@ -1,0 +1,68 @@
+"""Command line of `agentmesh.eval`: `eval CONFIG.yaml` and `make-context-task OUT_DIR`.
+
+`app` is a typer app meant to be mounted into the main CLI (`app.add_typer(eval_cli.app)` merges
+its commands). Every agentmesh error becomes one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from agentmesh.errors import AgentMeshError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate methods of agent communication.")
+
+
+def _fail(error: AgentMeshError) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command("eval")
+def eval_command(
+    config: Path = typer.Argument(..., help="evaluation config (YAML)"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="evaluate at most N items"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (overrides the config's 'output')"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+) -> None:
+    """Run every configured method on the same items; write summary.json, items.csv and plots."""
+    from agentmesh.eval.report import format_table
+    from agentmesh.eval.runner import evaluate, load_config
+
+    try:
+        cfg = load_config(config)
+        if limit is not None:
+            cfg = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"limit": limit})})
+        if out is not None:
+            cfg = cfg.model_copy(update={"output": out})
+        summary = evaluate(cfg, progress=progress)
+    except AgentMeshError as e:
+        _fail(e)
+        return
+    typer.echo(format_table(summary))
+    typer.echo(f"report written to {cfg.output}")
+
+
+@app.command("make-context-task")
+def make_context_task_command(
+    out_dir: Path = typer.Argument(..., help="folder for train.jsonl and test.jsonl"),
+    seed: int = typer.Option(0, "--seed"),
+    n_train: int = typer.Option(2000, "--n-train", min=0),
+    n_test: int = typer.Option(200, "--n-test", min=0),
+    mc: bool = typer.Option(False, "--mc/--short", help="multiple choice (4 choices) instead of short answers"),
+    min_facts: int = typer.Option(3, "--min-facts", help="fewest facts per passage"),
+    max_facts: int = typer.Option(6, "--max-facts", help="most facts per passage"),
+) -> None:
+    """Generate the context-transfer task (seeded, no download)."""
+    from agentmesh.eval.context_task import write_context_task
+
+    try:
+        paths = write_context_task(out_dir, seed=seed, n_train=n_train, n_test=n_test, multiple_choice=mc,
+                                   min_facts=min_facts, max_facts=max_facts)
+    except AgentMeshError as e:
+        _fail(e)
+        return
+    for split, path in paths.items():
+        typer.echo(f"{split}: {path}")

@@ -1,0 +1,177 @@
+"""The compared methods: receiver alone, sharer alone, text-to-text, cache-to-cache and prefix.
+
+A method turns an `Item` into a `MethodOutput`: the receiver's final text, the wall time of the
+whole exchange (sharer stage included, batch 1, `time.perf_counter`), the time to the receiver's
+first generated token, and the bytes that went from sharer to receiver. Methods only see models
+through two small protocols, `Generator` (one model writes text) and `CacheGenerator` (a sharer's
+cache reaches the receiver), so their logic is testable with fakes; `agentmesh.eval.adapters`
+implements both over the real engine.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from agentmesh.eval import prompts
+from agentmesh.eval.datasets import Item
+
+Messages = list[dict[str, str]]
+OnToken = Callable[[str], None]  # called with each new token's text, as soon as it exists
+
+
+class Generator(Protocol):
+    """One model answering chat messages greedily."""
+
+    name: str
+
+    def generate_text(self, messages: Messages, *, max_new_tokens: int, on_token: OnToken | None = None) -> str: ...
+
+
+@dataclass(frozen=True)
+class CacheGeneration:
+    text: str
+    bytes_exchanged: int  # size of the sharer KV cache that reached the receiver, in the wire dtype
+
+
+class CacheGenerator(Protocol):
+    """A receiver answering `messages` with a sharer's KV cache of the same prompt.
+
+    `sharer_context` is a private passage only the sharer reads, ahead of the shared prompt.
+    """
+
+    name: str
+
+    def generate_with_cache(self, messages: Messages, *, sharer_context: str | None, max_new_tokens: int,
+                            on_token: OnToken | None = None) -> CacheGeneration: ...
+
+
+@dataclass(frozen=True)
+class MethodOutput:
+    text: str
+    latency_s: float
+    ttft_s: float | None
+    bytes_exchanged: int
+    error: str | None = None
+
+
+class Method(Protocol):
+    name: str
+
+    def run(self, item: Item) -> MethodOutput: ...
+
+
+class Stopwatch:
+    """Wall time since creation, and the time of the first token reported to `on_token`."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first_token: float | None = None
+
+    def on_token(self, _piece: str) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+
+    def output(self, text: str, bytes_exchanged: int = 0) -> MethodOutput:
+        end = time.perf_counter()
+        ttft = None if self.first_token is None else self.first_token - self.start
+        return MethodOutput(text=text, latency_s=end - self.start, ttft_s=ttft, bytes_exchanged=bytes_exchanged)
+
+
+@dataclass
+class ReceiverOnly:
+    """The receiver answers alone; it never sees the sharer's passage."""
+
+    receiver: Generator
+    max_new_tokens: int = 64
+    name: str = "receiver"
+
+    def run(self, item: Item) -> MethodOutput:
+        clock = Stopwatch()
+        text = self.receiver.generate_text(prompts.receiver_messages(item), max_new_tokens=self.max_new_tokens,
+                                           on_token=clock.on_token)
+        return clock.output(text)
+
+
+@dataclass
+class SharerOnly:
+    """The sharer answers alone, with its private passage when the item has one."""
+
+    sharer: Generator
+    max_new_tokens: int = 64
+    name: str = "sharer"
+
+    def run(self, item: Item) -> MethodOutput:
+        clock = Stopwatch()
+        text = self.sharer.generate_text(prompts.sharer_messages(item), max_new_tokens=self.max_new_tokens,
+                                         on_token=clock.on_token)
+        return clock.output(text)
+
+
+@dataclass
+class TextToText:
+    """Spec §8 T2T: the sharer writes background (<= `background_tokens`), the receiver answers
+    with it. Bytes exchanged are the UTF-8 bytes of the background text."""
+
+    sharer: Generator
+    receiver: Generator
+    max_new_tokens: int = 64
+    background_tokens: int = 256
+    name: str = "t2t"
+
+    def run(self, item: Item) -> MethodOutput:
+        clock = Stopwatch()
+        background = self.sharer.generate_text(prompts.background_messages(item),
+                                               max_new_tokens=self.background_tokens)
+        text = self.receiver.generate_text(prompts.receiver_background_messages(item, background),
+                                           max_new_tokens=self.max_new_tokens, on_token=clock.on_token)
+        return clock.output(text, len(background.strip().encode("utf-8")))
+
+
+@dataclass
+class CacheToCache:
+    """C2C: the receiver reads only the question; the sharer (with its passage) prefills the same
+    prompt and a fuser writes its cache into the receiver's. The receiver's cache does not grow."""
+
+    model: CacheGenerator
+    max_new_tokens: int = 64
+    name: str = "c2c"
+
+    def run(self, item: Item) -> MethodOutput:
+        clock = Stopwatch()
+        out = self.model.generate_with_cache(prompts.receiver_messages(item), sharer_context=item.context,
+                                             max_new_tokens=self.max_new_tokens, on_token=clock.on_token)
+        return clock.output(out.text, out.bytes_exchanged)
+
+
+@dataclass
+class Prefix:
+    """Same model on both ends: the sharer prefills the passage and the question (all but the last
+    token), the receiver continues from that cache. An upper bound: the receiver's cache grows by
+    the whole passage, which is exactly what it would have computed had it read the passage."""
+
+    model: CacheGenerator
+    max_new_tokens: int = 64
+    name: str = "prefix"
+
+    def run(self, item: Item) -> MethodOutput:
+        clock = Stopwatch()
+        out = self.model.generate_with_cache(prompts.sharer_messages(item), sharer_context=None,
+                                             max_new_tokens=self.max_new_tokens, on_token=clock.on_token)
+        return clock.output(out.text, out.bytes_exchanged)
+
+
+def describe_error(error: BaseException) -> str:
+    """`Type: first line of the message`, for reports."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def run_safely(method: Method, item: Item) -> MethodOutput:
+    """`method.run(item)`, with any exception turned into an output that carries the error."""
+    start = time.perf_counter()
+    try:
+        return method.run(item)
+    except Exception as e:  # one bad item must not end the run; it is reported and counted wrong
+        return MethodOutput(text="", latency_s=time.perf_counter() - start, ttft_s=None, bytes_exchanged=0,
+                            error=describe_error(e))

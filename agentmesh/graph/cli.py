@@ -1,0 +1,76 @@
+"""`agentmesh graph check|show`: check pipeline files and show them as a table or a mermaid chart.
+
+Mounted by the main CLI as `agentmesh graph`; also runnable as `python -m agentmesh.graph.cli`.
+Every failure is one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agentmesh.errors import AgentMeshError
+from agentmesh.graph.graph import Graph
+from agentmesh.graph.render import describe, mermaid
+
+app = typer.Typer(help="Check and show pipeline graphs (YAML).", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+
+
+class Format(str, enum.Enum):
+    text = "text"
+    mermaid = "mermaid"
+
+
+def _fuser_info(ref: str) -> tuple[str, str] | None:
+    # The checkpoint code may offer a metadata reader (no weights loaded). It is imported only when
+    # a graph has fuse edges, so that checking other graphs never imports torch.
+    import importlib
+
+    try:
+        checkpoints = importlib.import_module("agentmesh.c2c.checkpoints")
+    except ModuleNotFoundError as exc:
+        if exc.name != "agentmesh.c2c.checkpoints":
+            raise
+        return None
+    info = getattr(checkpoints, "fuser_info", None)
+    return info(ref) if callable(info) else None
+
+
+def _load(file: Path) -> Graph:
+    return Graph.from_yaml(file, fuser_info=_fuser_info)
+
+
+@app.command()
+def check(files: Annotated[list[Path], typer.Argument(help="pipeline files to check")]) -> None:
+    """Check pipeline files: prints `ok FILE (N agents, M edges)` for each good one."""
+    failed = False
+    for file in files:
+        try:
+            g = _load(file)
+        except AgentMeshError as exc:
+            typer.echo(str(exc), err=True)
+            failed = True
+            continue
+        typer.echo(f"ok {file} ({len(g.agents)} agents, {len(g.edges)} edges)")
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def show(file: Annotated[Path, typer.Argument(help="pipeline file")],
+         format: Annotated[Format, typer.Option("--format", "-f", help="text table or mermaid flowchart")]
+         = Format.text) -> None:
+    """Show a pipeline: agents, edges, run order (text) or a mermaid flowchart."""
+    try:
+        g = _load(file)
+    except AgentMeshError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(describe(g) if format is Format.text else mermaid(g), nl=False)
+
+
+if __name__ == "__main__":
+    app()

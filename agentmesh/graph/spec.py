@@ -1,0 +1,257 @@
+"""The pipeline file schema (pydantic v2, extra keys forbidden everywhere).
+
+This is the user-facing edge of the graph package: a YAML file is checked against these models, then
+turned into a `Graph` (plain dataclasses) by `Graph.from_spec`. Semantic checks that need the whole
+graph (unknown agents, cycles, fusers, placeholders) live in `validate.py`; this module only checks
+the shape and the value of each key.
+
+A pipeline file, every key shown (most are optional):
+
+    version: 1
+    name: programmer_writer
+    models:   {smol: {ref: smollm2-135m-instruct, dtype: auto, device: cpu}}
+    fusers:   {ctx: {path: fusers/smollm2_context, receiver: smol, sharer: smol}}
+    agents:
+      programmer: {model: smol, role: "...", context_file: assets/page.html}
+      writer:     {model: smol, prompt: "{input}", max_new_tokens: 96, host: edge}
+    edges:    [{from: programmer, to: writer, type: cache, mode: prefix}]
+    fusion:   {writer: parallel}
+    hosts:    {edge: {broker: mqtt://10.0.0.2:1883}}
+    broker:   {url: mqtt://localhost:1883, username: mesh, password_env: MQTT_PASSWORD}
+    inputs:   {input: "Write the intro"}
+    outputs:  [writer]
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+# Must equal agentmesh.models.builtin.DEFAULT_MODEL; repeated here so that reading a pipeline file
+# never imports torch/transformers.
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SPEC_VERSION = 1
+
+IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+IDENT_RE = re.compile(IDENT_PATTERN)
+IDENT_HINT = "names start with a letter or _, then letters, digits, _ or -"
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+BROKER_URL_RE = re.compile(r"^(mqtts?)://([^:/@\s]+|\[[0-9A-Fa-f:]+\])(?::(\d{1,5}))?/?$")
+DEVICE_RE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
+
+Name = Annotated[str, StringConstraints(pattern=IDENT_PATTERN)]
+TextEdgeType = Literal["text", "cache"]
+CacheMode = Literal["fuse", "prefix"]
+FusionMode = Literal["parallel", "sequential"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+_DTYPE_SYNONYMS = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def custom_error(message: str, hint: str | None = None) -> PydanticCustomError:
+    """A pydantic error whose message is ours; the hint travels in ctx and is shown as `(hint: ...)`."""
+    # pydantic substitutes "{key}" for ctx keys only, so braces in the message stay as written.
+    return PydanticCustomError("agentmesh", message, {"agentmesh_hint": hint} if hint else None)
+
+
+def check_broker_url(url: str) -> str:
+    if "@" in url:
+        raise custom_error("the broker url must not carry credentials",
+                           "use username: and password_env: instead of user:pass@ in the url")
+    if not BROKER_URL_RE.match(url):
+        raise custom_error(f"invalid broker url {url!r}", "write mqtt://HOST:PORT or mqtts://HOST:PORT")
+    return url
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=False)
+
+
+class ModelSpec(_Spec):
+    """A model the agents can name by alias."""
+
+    ref: str = Field(min_length=1, description="builtin name, local folder, .gguf file or hub id (org/name, hf://org/name)")
+    dtype: Dtype = "auto"
+    device: str = "cpu"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        # `small: smollm2-135m-instruct` is short for `small: {ref: smollm2-135m-instruct}`.
+        return {"ref": data} if isinstance(data, str) else data
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_synonyms(cls, v: Any) -> Any:
+        return _DTYPE_SYNONYMS.get(v, v) if isinstance(v, str) else v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_RE.match(v):
+            raise custom_error(f"unknown device {v!r}", "use cpu, cuda, cuda:N, mps or auto")
+        return v
+
+
+class FuserSpec(_Spec):
+    """A trained fuser: a local checkpoint folder or `hf://org/repo[/subfolder]`."""
+
+    path: str = Field(min_length=1)
+    receiver: Name | None = Field(default=None, description="model alias the fuser was trained for as receiver")
+    sharer: Name | None = Field(default=None, description="model alias the fuser was trained for as sharer")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"path": data} if isinstance(data, str) else data
+
+
+class AgentSpec(_Spec):
+    """One agent: a model, a role, private context, a prompt template and generation settings."""
+
+    model: str | None = Field(default=None, min_length=1, description=f"model alias or ref; default {DEFAULT_MODEL}")
+    role: str | None = Field(default=None, description="system prompt")
+    context: str | None = Field(default=None, description="private text only this agent sees")
+    context_file: str | None = Field(default=None, min_length=1, description="file with the private text, relative to the YAML file")
+    prompt: str | None = Field(default=None, description="template with {input}, {<input name>} and {<upstream text agent>}")
+    max_new_tokens: int = Field(default=128, ge=1, le=1_000_000)
+    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy decoding")
+    top_k: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    stop: list[str] = Field(default_factory=list, description="stop strings")
+    host: Name | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_context(self) -> AgentSpec:
+        if self.context is not None and self.context_file is not None:
+            raise custom_error("both context and context_file are set", "keep one of them")
+        return self
+
+
+class EdgeSpec(_Spec):
+    """A channel from one agent to another: `text` (generated text) or `cache` (KV cache)."""
+
+    sender: Name = Field(alias="from")
+    receiver: Name = Field(alias="to")
+    type: TextEdgeType = "text"
+    mode: CacheMode | None = Field(default=None, description="cache edges only; default fuse")
+    fuser: str | None = Field(default=None, min_length=1, description="fuse edges only: fuser alias or path/hf:// ref")
+
+    @model_validator(mode="after")
+    def _default_mode(self) -> EdgeSpec:
+        # A cache edge without a mode is C2C fusion; spelled out so that dumps are explicit.
+        if self.type == "cache" and self.mode is None:
+            self.mode = "fuse"
+        return self
+
+
+class TLSSpec(_Spec):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = Field(default=False, description="skip certificate verification (testing only)")
+
+
+class BrokerSpec(_Spec):
+    """The MQTT broker that links hosts. Secrets come from the environment, never from the file."""
+
+    url: str = Field(description="mqtt://host:port or mqtts://host:port")
+    username: str | None = None
+    password_env: str | None = Field(default=None, description="environment variable holding the password")
+    password: str | None = Field(default=None, exclude=True, description="rejected: use password_env")
+    tls: TLSSpec | None = None
+    topic_prefix: str = Field(default="agentmesh", pattern=r"^[A-Za-z0-9_\-/]+$")
+    keepalive_s: int = Field(default=60, ge=1)
+    timeout_s: float = Field(default=60.0, gt=0)
+    chunk_bytes: int = Field(default=256 * 1024, ge=1024)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_broker_url(v)
+
+    @field_validator("password")
+    @classmethod
+    def _no_password(cls, v: str | None) -> None:
+        if v is not None:
+            raise custom_error("a password must not be written in a pipeline file",
+                               "put it in an environment variable and name it with password_env: MQTT_PASSWORD")
+        return None
+
+    @field_validator("password_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not ENV_NAME_RE.match(v):
+            raise custom_error(f"{v!r} is not an environment variable name",
+                               "name the variable that holds the password, e.g. MQTT_PASSWORD")
+        return v
+
+    @field_validator("tls", mode="before")
+    @classmethod
+    def _tls_bool(cls, v: Any) -> Any:
+        # `tls: true` = TLS with the system's CA store; `tls: false` = none.
+        if v is True:
+            return {}
+        if v is False:
+            return None
+        return v
+
+
+class HostSpec(_Spec):
+    """A machine that runs some of the agents (a worker process joins as this host)."""
+
+    broker: str | None = Field(default=None, description="mqtt:// url for this host; default: the top-level broker")
+    description: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null(cls, data: Any) -> Any:
+        return {} if data is None else data
+
+    @field_validator("broker")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return None if v is None else check_broker_url(v)
+
+
+class GraphSpec(_Spec):
+    """A whole pipeline file."""
+
+    version: Literal[1]
+    name: Name
+    description: str | None = None
+    models: dict[Name, ModelSpec] = Field(default_factory=dict)
+    fusers: dict[Name, FuserSpec] = Field(default_factory=dict)
+    agents: dict[Name, AgentSpec] = Field(min_length=1)
+    edges: list[EdgeSpec] = Field(default_factory=list)
+    fusion: dict[Name, FusionMode] = Field(default_factory=dict, description="multi-sharer fusion mode per receiver")
+    hosts: dict[Name, HostSpec] = Field(default_factory=dict)
+    broker: BrokerSpec | None = None
+    inputs: dict[Name, str] = Field(default_factory=dict, description="input name -> default text")
+    outputs: list[Name] | None = Field(default=None, description="agents whose outputs a run returns; default the sinks")
+
+    @field_validator("agents", mode="before")
+    @classmethod
+    def _null_agents(cls, v: Any) -> Any:
+        # `writer:` with nothing under it = an agent with every default.
+        if isinstance(v, dict):
+            return {k: ({} if a is None else a) for k, a in v.items()}
+        return v
+
+    @field_validator("models", "fusers", "hosts", "inputs", "fusion", mode="before")
+    @classmethod
+    def _null_table(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    @field_validator("edges", mode="before")
+    @classmethod
+    def _null_edges(cls, v: Any) -> Any:
+        return [] if v is None else v

@@ -1,0 +1,699 @@
+"""`MqttLink`: channels over an MQTT broker (aiomqtt), for agents on different hosts.
+
+Topics: `{topic_root}/{graph}/{channel}/msg`, so an edge channel `"{run}/{edge}"` (see
+`edge_channel`) lives on `agentmesh/{graph}/{run}/{edge}/msg`.
+
+Every message travels as one or more chunks of at most `chunk_size` payload bytes, each framed by
+a 72-byte binary header (so MQTT 3.1.1 brokers carry it as well as MQTT 5 ones):
+
+    magic b"AMC1" | message id (16) | chunk index u32 | chunk count u32 | total size u64 |
+    SHA-256 of the whole payload (32) | header-JSON length u32      (little-endian)
+
+followed by the message headers as JSON (chunk 0 only) and the chunk's bytes. The receiver
+reassembles by (message id, index): redelivered chunks (QoS 1 is at-least-once) are counted and
+dropped, a message whose chunks stop coming for `reassembly_timeout` s fails, and a completed
+message must match its SHA-256. Message ids of finished messages are remembered so a late
+duplicate never delivers a message twice.
+
+Delivery: QoS 1 (configurable), MQTT 5 with a message expiry interval when the broker speaks it
+(else 3.1.1), persistent sessions (so a broker with persistence keeps queued chunks across its
+restart), reconnection with bounded exponential backoff and resubscription. A send resumes after a
+reconnect from the first chunk the broker had not acknowledged. Every wait is bounded; failures
+raise `TransportError` with a one-line message.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import os
+import random
+import re
+import ssl
+import struct
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+from urllib.parse import urlsplit
+
+import aiomqtt
+import paho.mqtt.client as paho_mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from agentmesh.errors import ConfigError, TransportError
+from agentmesh.transport.link import (
+    DEFAULT_MAX_MESSAGE_BYTES, Link, LinkMessage, decode_headers, encode_headers, validate_channel,
+    validate_segment, wait_bounded)
+
+log = logging.getLogger(__name__)
+
+FRAME = struct.Struct("<4s16sIIQ32sI")
+FRAME_MAGIC = b"AMC1"
+_MAX_PARTIALS = 64
+_MAX_DONE_IDS = 16384
+_HASH_IN_THREAD = 4 << 20  # hash big payloads off the event loop
+# CONNACK codes: 3.1.1 (4 bad credentials, 5 not authorised) and MQTT 5 (0x86, 0x87).
+_AUTH_CODES = {4, 5, 134, 135}
+_BAD_PROTOCOL_CODES = {1, 132}
+
+
+class MqttConfig(BaseModel):
+    """How to reach the broker. Secrets never live here: `password_env` names the environment
+    variable that holds the password."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password_env: str | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_insecure: bool = False
+    client_id: str | None = None
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    qos: Literal[0, 1, 2] = 1
+    keepalive: int = Field(30, ge=5, le=3600)
+    topic_root: str = "agentmesh"
+    chunk_size: int = Field(256 * 1024, ge=1024, le=64 << 20)
+    max_inflight: int = Field(16, ge=1, le=1024)
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1)
+    connect_timeout: float = Field(10.0, gt=0)
+    send_timeout: float = Field(120.0, gt=0)
+    receive_timeout: float = Field(300.0, gt=0)
+    reassembly_timeout: float = Field(60.0, gt=0)
+    message_expiry_s: int = Field(600, ge=1)
+    session_expiry_s: int = Field(600, ge=0)
+    reconnect_min_s: float = Field(0.2, gt=0)
+    reconnect_max_s: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"broker url {url!r} must start with mqtt:// or mqtts://")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"broker url {url!r} must not carry credentials; set `username` and name "
+                             "the environment variable holding the password in `password_env`")
+        if not parts.hostname:
+            raise ValueError(f"broker url {url!r} has no host; write mqtt://HOST:PORT")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"broker url {url!r} must be just mqtt[s]://HOST[:PORT]")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError(f"broker url {url!r} has an invalid port") from None
+        return url
+
+    @field_validator("password_env")
+    @classmethod
+    def _check_env(cls, name: str | None) -> str | None:
+        if name is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            raise ValueError(f"password_env {name!r} must be the NAME of an environment variable "
+                             "(letters, digits, underscores), not the password itself")
+        return name
+
+    @field_validator("topic_root")
+    @classmethod
+    def _check_root(cls, root: str) -> str:
+        validate_segment(root, "topic_root")
+        return root
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> "MqttConfig":
+        if not self.tls and (self.tls_ca or self.tls_cert or self.tls_key or self.tls_insecure):
+            raise ValueError(f"TLS options are set but url {self.url!r} is plain mqtt://; use mqtts://")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("tls_key is set without tls_cert")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+    def password(self) -> str | None:
+        """The password, read from the environment variable `password_env` at connect time."""
+        if self.password_env is None:
+            return None
+        value = os.environ.get(self.password_env)
+        if value is None:
+            raise ConfigError(f"environment variable {self.password_env!r} (MQTT password_env) is not set")
+        return value
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        try:
+            ctx = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
+            if self.tls_cert:
+                ctx.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load MQTT TLS files (tls_ca={self.tls_ca}, tls_cert={self.tls_cert}, "
+                              f"tls_key={self.tls_key}): {exc}") from None
+        if self.tls_insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+class _AuthRefused(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class _Connection:
+    client: aiomqtt.Client
+    protocol: aiomqtt.ProtocolVersion
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(eq=False)
+class _Partial:
+    channel: str
+    count: int
+    total: int
+    sha256: bytes
+    last_progress: float
+    chunks: dict[int, memoryview] = field(default_factory=dict)
+    received: int = 0
+    headers: dict[str, str] | None = None
+
+
+class _ChunkRejected(Exception):
+    pass
+
+
+class Framer:
+    """Cuts a payload into chunk frames on demand (`framer(i)` is frame i), copying one chunk at a time."""
+
+    def __init__(self, payload: bytes | bytearray | memoryview, *, chunk_size: int,
+                 digest: bytes | None = None, headers: bytes = b"", message_id: bytes | None = None) -> None:
+        self.data = memoryview(payload).cast("B")
+        self.chunk_size = chunk_size
+        self.count = max(1, math.ceil(len(self.data) / chunk_size))
+        self.digest = digest if digest is not None else hashlib.sha256(self.data).digest()
+        self.headers = headers
+        self.message_id = message_id or uuid.uuid4().bytes
+
+    def __call__(self, index: int) -> bytes:
+        extra = self.headers if index == 0 else b""
+        size = self.chunk_size
+        return b"".join([FRAME.pack(FRAME_MAGIC, self.message_id, index, self.count, len(self.data),
+                                    self.digest, len(extra)),
+                         extra, self.data[index * size:(index + 1) * size]])
+
+
+def split_frames(payload: bytes, *, chunk_size: int, headers: Mapping[str, str] | None = None) -> list[bytes]:
+    """Every chunk frame of one message, as `MqttLink.send` would publish them."""
+    framer = Framer(payload, chunk_size=chunk_size, headers=encode_headers(headers))
+    return [framer(i) for i in range(framer.count)]
+
+
+class MqttLink(Link):
+    """Channels of one graph over an MQTT broker. `async with MqttLink(cfg, graph="g") as link:`."""
+
+    def __init__(self, config: MqttConfig | str, *, graph: str) -> None:
+        super().__init__()
+        self.config = MqttConfig(url=config) if isinstance(config, str) else config
+        self.graph = validate_segment(graph, "graph name")
+        self.default_timeout = self.config.receive_timeout
+        self.client_id = self.config.client_id or f"agentmesh-{uuid.uuid4().hex[:16]}"
+        self._queues: dict[str, asyncio.Queue[LinkMessage | TransportError]] = {}
+        self._subscriptions: set[str] = set()
+        self._partials: dict[bytes, _Partial] = {}
+        self._done: OrderedDict[bytes, None] = OrderedDict()
+        self._conn: _Connection | None = None
+        self._protocol: aiomqtt.ProtocolVersion | None = {
+            "auto": None, "5": aiomqtt.ProtocolVersion.V5, "3.1.1": aiomqtt.ProtocolVersion.V311,
+        }[self.config.protocol]
+        self._connected: asyncio.Event | None = None
+        self._closed: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_error = "never connected"
+        self.reconnects = 0
+
+    # ---- public facts ----------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.lost.is_set()
+
+    @property
+    def protocol(self) -> str | None:
+        """"5" or "3.1.1" once connected."""
+        if self._protocol is None:
+            return None
+        return "5" if self._protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1"
+
+    def topic(self, channel: str) -> str:
+        return f"{self.config.topic_root}/{self.graph}/{validate_channel(channel)}/msg"
+
+    def _channel_of(self, topic: str) -> str | None:
+        head = f"{self.config.topic_root}/{self.graph}/"
+        if topic.startswith(head) and topic.endswith("/msg") and len(topic) > len(head) + 4:
+            return topic[len(head):-4]
+        return None
+
+    # ---- connection ------------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._closed is not None:
+            raise TransportError("MqttLink cannot be opened twice; make a new one")
+        self._connected, self._closed = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.connect_timeout
+        attempt = 0
+        while True:
+            try:
+                conn = await self._connect(clean=True, deadline=deadline)
+                break
+            except _AuthRefused as exc:
+                self._closed.set()
+                raise TransportError(str(exc)) from None
+            except (aiomqtt.MqttError, OSError, asyncio.TimeoutError) as exc:
+                self._last_error = _describe(exc)
+            delay = self._backoff(attempt)
+            attempt += 1
+            if loop.time() + delay >= deadline:
+                self._closed.set()
+                raise TransportError(f"cannot reach MQTT broker {self.config.url} within "
+                                     f"{self.config.connect_timeout:.1f} s: {self._last_error}")
+            await asyncio.sleep(delay)
+        self._set_connection(conn)
+        self._tasks = [asyncio.create_task(self._run(conn), name=f"mqtt-link-{self.client_id}"),
+                       asyncio.create_task(self._sweep(), name=f"mqtt-sweep-{self.client_id}")]
+
+    async def close(self) -> None:
+        if self._closed is None or (self._closed.is_set() and not self._tasks):
+            if self._closed is None:
+                self._closed = asyncio.Event()
+            self._closed.set()
+            return
+        self._closed.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await _disconnect(conn)
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.config.reconnect_max_s, self.config.reconnect_min_s * 2 ** min(attempt, 30))
+        return cap * random.uniform(0.5, 1.0)  # jitter: peers that lost the broker together spread out
+
+    def _set_connection(self, conn: _Connection) -> None:
+        self._conn = conn
+        assert self._connected is not None
+        self._connected.set()
+
+    async def _connect(self, *, clean: bool, deadline: float) -> _Connection:
+        """Connect once (trying MQTT 5 then 3.1.1 when `protocol` is auto) and resubscribe."""
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        password = cfg.password()
+        tls = cfg.ssl_context()
+        versions = [self._protocol] if self._protocol is not None else \
+            [aiomqtt.ProtocolVersion.V5, aiomqtt.ProtocolVersion.V311]
+        last: BaseException | None = None
+        for version in versions:
+            v5 = version == aiomqtt.ProtocolVersion.V5
+            props = None
+            if v5:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = cfg.session_expiry_s
+            remaining = max(0.05, deadline - loop.time())
+            client = aiomqtt.Client(
+                cfg.host, cfg.port, username=cfg.username, password=password, identifier=self.client_id,
+                protocol=version, clean_session=None if v5 else False,
+                clean_start=clean if v5 else paho_mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                keepalive=cfg.keepalive, timeout=remaining, properties=props, tls_context=tls,
+                max_inflight_messages=cfg.max_inflight)
+            client.pending_calls_threshold = 2 * cfg.max_inflight + 8  # our window bounds them already
+            try:
+                await asyncio.wait_for(client.__aenter__(), remaining + 1.0)
+            except aiomqtt.MqttCodeError as exc:
+                rc = _rc(exc)
+                if rc in _AUTH_CODES:
+                    raise _AuthRefused(
+                        f"MQTT broker {cfg.url} refused the credentials of user {cfg.username!r} "
+                        f"({_describe(exc)}); check username and the password in ${cfg.password_env}"
+                        if cfg.username else
+                        f"MQTT broker {cfg.url} refused an anonymous connection ({_describe(exc)}); "
+                        "set username and password_env") from None
+                if rc in _BAD_PROTOCOL_CODES and len(versions) > 1 and v5:
+                    last = exc
+                    continue
+                raise
+            conn = _Connection(client, version)
+            try:
+                await self._subscribe_topics(conn, sorted(self._subscriptions), deadline)
+            except BaseException:
+                await _disconnect(conn)
+                raise
+            self._protocol = version
+            return conn
+        assert last is not None
+        raise last
+
+    async def _run(self, conn: _Connection) -> None:
+        """Read messages; when the connection drops, reconnect with backoff until closed."""
+        assert self._closed is not None and self._connected is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async for message in conn.client.messages:
+                    try:
+                        await self._on_message(message)
+                    except Exception:  # a bad frame must never stop the link
+                        log.exception("dropping an MQTT message on %s", message.topic)
+            except aiomqtt.MqttError as exc:
+                self._last_error = _describe(exc)
+                log.warning("MQTT link %s lost the broker %s: %s", self.client_id, self.config.url,
+                            self._last_error)
+            conn.lost.set()
+            self._connected.clear()
+            await _disconnect(conn)
+            attempt = 0
+            while True:
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+                try:
+                    conn = await self._connect(clean=False, deadline=loop.time() + self.config.connect_timeout)
+                    break
+                except (_AuthRefused, aiomqtt.MqttError, OSError, asyncio.TimeoutError, ConfigError) as exc:
+                    self._last_error = str(exc) if isinstance(exc, _AuthRefused) else _describe(exc)
+            self.reconnects += 1
+            log.info("MQTT link %s reconnected to %s", self.client_id, self.config.url)
+            self._set_connection(conn)
+
+    async def _wait_connected(self, deadline: float, what: str) -> _Connection:
+        assert self._closed is not None and self._connected is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            self._check_open()
+            conn = self._conn
+            if conn is not None and not conn.lost.is_set():
+                return conn
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TransportError(f"{what}: not connected to MQTT broker {self.config.url} "
+                                     f"(last error: {self._last_error})")
+            try:
+                await wait_bounded(self._connected.wait(), remaining, self._closed, what)
+            except TransportError:
+                self._check_open()
+
+    def _check_open(self) -> None:
+        if self._closed is None:
+            raise TransportError("MqttLink is not open; use `async with MqttLink(...)` or await open()")
+        if self._closed.is_set():
+            raise TransportError(f"MqttLink to {self.config.url} is closed")
+
+    # ---- subscriptions ---------------------------------------------------------------------------
+    async def _subscribe_topics(self, conn: _Connection, channels: list[str], deadline: float) -> None:
+        if not channels:
+            return
+        remaining = max(0.05, deadline - asyncio.get_running_loop().time())
+        topics = [(self.topic(ch), self.config.qos) for ch in channels]
+        try:
+            codes = await conn.client.subscribe(topics, timeout=remaining)
+        except aiomqtt.MqttError as exc:
+            raise aiomqtt.MqttError(f"subscribing to {len(topics)} topic(s) failed: {_describe(exc)}") from None
+        for ch, code in zip(channels, codes):
+            value = code.value if hasattr(code, "value") else int(code)
+            if value >= 0x80:
+                raise TransportError(f"MQTT broker {self.config.url} refused the subscription to "
+                                     f"{self.topic(ch)!r} (code {value}); check its ACLs")
+
+    async def subscribe(self, channel: str, *, timeout: float | None = None) -> None:
+        self._check_open()
+        validate_channel(channel)
+        self._queue(channel)
+        if channel in self._subscriptions:
+            return
+        self._subscriptions.add(channel)  # from now on every reconnect resubscribes it
+        deadline = asyncio.get_running_loop().time() + self._timeout(timeout)
+        while True:
+            conn = await self._wait_connected(deadline, f"subscribing to channel {channel!r}")
+            try:
+                await self._subscribe_topics(conn, [channel], deadline)
+                return
+            except TransportError:
+                self._subscriptions.discard(channel)
+                raise
+            except aiomqtt.MqttError as exc:  # lost the connection meanwhile: the reconnect resubscribes
+                self._last_error = _describe(exc)
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise TransportError(f"subscribing to channel {channel!r} timed out: {self._last_error}") from None
+                await asyncio.sleep(0.05)
+
+    def _queue(self, channel: str) -> asyncio.Queue[LinkMessage | TransportError]:
+        return self._queues.setdefault(channel, asyncio.Queue())
+
+    # ---- sending ---------------------------------------------------------------------------------
+    async def send(self, channel: str, payload: bytes | bytearray | memoryview, *,
+                   headers: Mapping[str, str] | None = None, timeout: float | None = None) -> str:
+        self._check_open()
+        topic = self.topic(channel)
+        data = memoryview(payload).cast("B")
+        if len(data) > self.config.max_message_bytes:
+            raise TransportError(f"message on channel {channel!r} is {len(data)} bytes, over the limit of "
+                                 f"{self.config.max_message_bytes} (max_message_bytes)")
+        head = encode_headers(headers)
+        loop = asyncio.get_running_loop()
+        t = self.config.send_timeout if timeout is None else self._timeout(timeout)
+        deadline = loop.time() + t
+        frame = Framer(data, chunk_size=self.config.chunk_size, digest=await _sha256(data), headers=head)
+        count = frame.count
+        stats = self._state.channel(channel)
+        pending = set(range(count))
+        losses = 0
+        what = f"sending {len(data)} bytes on channel {channel!r}"
+        while pending:
+            conn = await self._wait_connected(deadline, what)
+            window = asyncio.Semaphore(self.config.max_inflight)
+
+            async def one(i: int, conn: _Connection = conn, window: asyncio.Semaphore = window) -> None:
+                async with window:
+                    if conn.lost.is_set():
+                        return
+                    body = frame(i)
+                    await self._publish(conn, topic, body, deadline, what)
+                    pending.discard(i)
+                    stats.chunks_sent += 1
+                    stats.wire_bytes_sent += len(body)
+
+            results = await asyncio.gather(*(one(i) for i in sorted(pending)), return_exceptions=True)
+            for r in results:
+                if isinstance(r, TransportError):
+                    raise TransportError(f"{r.message} ({count - len(pending)}/{count} chunks acknowledged, "
+                                         f"{losses} connection loss(es))") from None
+                if isinstance(r, BaseException) and not isinstance(r, aiomqtt.MqttError):
+                    raise r
+            if pending:
+                losses += 1
+                if loop.time() >= deadline:
+                    raise TransportError(f"{what}: timed out after {t:.1f} s with {count - len(pending)}/"
+                                         f"{count} chunks acknowledged (last error: {self._last_error})")
+                if self._conn is conn and not conn.lost.is_set():
+                    # The broker rejected a publish without dropping us; do not spin.
+                    await asyncio.sleep(min(1.0, self.config.reconnect_min_s))
+        stats.messages_sent += 1
+        stats.bytes_sent += len(data)
+        return frame.message_id.hex()
+
+    async def _publish(self, conn: _Connection, topic: str, body: bytes, deadline: float, what: str) -> None:
+        """Publish one frame and wait for the broker's ack, the connection's loss, or the deadline."""
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TransportError(f"{what}: timed out")
+        props = None
+        if conn.protocol == aiomqtt.ProtocolVersion.V5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = self.config.message_expiry_s
+        publish = asyncio.ensure_future(
+            conn.client.publish(topic, body, qos=self.config.qos, properties=props, timeout=remaining + 1.0))
+        lost = asyncio.ensure_future(conn.lost.wait())
+        try:
+            done, _ = await asyncio.wait({publish, lost}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if publish in done:
+            try:
+                publish.result()
+            except aiomqtt.MqttError as exc:
+                self._last_error = _describe(exc)
+                raise
+            return
+        publish.cancel()
+        if lost in done:
+            raise aiomqtt.MqttError("connection lost while publishing")
+        raise TransportError(f"{what}: timed out waiting for the broker to acknowledge a chunk")
+
+    # ---- receiving -------------------------------------------------------------------------------
+    async def receive_message(self, channel: str, timeout: float | None = None) -> LinkMessage:
+        self._check_open()
+        assert self._closed is not None
+        t = self._timeout(timeout)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await self.subscribe(channel, timeout=t)
+        remaining = t - (loop.time() - start)
+        try:
+            item = await wait_bounded(self._queue(channel).get(), max(remaining, 0.001), self._closed,
+                                      f"no message on channel {channel!r}")
+        except TransportError as exc:
+            raise TransportError(f"{exc.message}{self._progress(channel)}") from None
+        if isinstance(item, TransportError):
+            raise item
+        return item
+
+    def _progress(self, channel: str) -> str:
+        parts = [f"{len(p.chunks)}/{p.count} chunks" for p in self._partials.values() if p.channel == channel]
+        state = "connected" if self.connected else f"disconnected: {self._last_error}"
+        return f" (broker {self.config.url} {state}" + (f"; partial message: {', '.join(parts)})" if parts else ")")
+
+    async def _on_message(self, message: aiomqtt.Message) -> None:
+        channel = self._channel_of(message.topic.value)
+        raw = message.payload
+        if channel is None or not isinstance(raw, (bytes, bytearray)):
+            return
+        stats = self._state.channel(channel)
+        stats.wire_bytes_received += len(raw)
+        try:
+            done = self._take_chunk(channel, memoryview(raw))
+        except _ChunkRejected as exc:
+            log.warning("dropping a chunk on %s: %s", message.topic.value, exc)
+            return
+        if done is None:
+            return
+        msg_id, part = done
+        await self._finish(msg_id, part)
+
+    def _take_chunk(self, channel: str, raw: memoryview) -> tuple[bytes, _Partial] | None:
+        """Store one chunk; the message id and its parts once every chunk is in."""
+        if len(raw) < FRAME.size:
+            raise _ChunkRejected(f"{len(raw)} bytes, shorter than a chunk header")
+        magic, msg_id, index, count, total, digest, head_len = FRAME.unpack_from(raw, 0)
+        if magic != FRAME_MAGIC:
+            raise _ChunkRejected(f"bad magic {bytes(magic)!r}")
+        stats = self._state.channel(channel)
+        if msg_id in self._done:
+            stats.duplicate_chunks += 1
+            return None
+        body = raw[FRAME.size + head_len:]
+        if FRAME.size + head_len > len(raw) or index >= count or count > max(1, total) \
+                or total > self.config.max_message_bytes or len(body) > total:
+            raise _ChunkRejected(f"inconsistent chunk {index}/{count} of {total} bytes")
+        part = self._partials.get(msg_id)
+        if part is None:
+            if len(self._partials) >= _MAX_PARTIALS:
+                oldest = min(self._partials, key=lambda k: self._partials[k].last_progress)
+                self._fail(oldest, "dropped: too many messages were being reassembled at once")
+            part = _Partial(channel, count, total, digest, asyncio.get_running_loop().time())
+            self._partials[msg_id] = part
+        elif (part.channel, part.count, part.total, part.sha256) != (channel, count, total, digest):
+            raise _ChunkRejected(f"chunk {index} disagrees with earlier chunks of its message")
+        if index in part.chunks:
+            stats.duplicate_chunks += 1
+            return None
+        if part.received + len(body) > total:
+            raise _ChunkRejected(f"chunk {index} overflows the message size {total}")
+        if index == 0:
+            try:
+                part.headers = decode_headers(raw[FRAME.size:FRAME.size + head_len])
+            except TransportError as exc:
+                raise _ChunkRejected(exc.message) from None
+        part.chunks[index] = body
+        part.received += len(body)
+        part.last_progress = asyncio.get_running_loop().time()
+        stats.chunks_received += 1
+        if len(part.chunks) < count:
+            return None
+        del self._partials[msg_id]
+        self._remember(msg_id)
+        return msg_id, part
+
+    async def _finish(self, msg_id: bytes, part: _Partial) -> None:
+        stats = self._state.channel(part.channel)
+        queue = self._queue(part.channel)
+        if part.received != part.total:
+            stats.failed_messages += 1
+            queue.put_nowait(TransportError(
+                f"message {msg_id.hex()} on channel {part.channel!r}: chunks hold {part.received} bytes, "
+                f"its header says {part.total}"))
+            return
+        payload = b"".join(part.chunks[i] for i in range(part.count))
+        if await _sha256(memoryview(payload)) != part.sha256:
+            stats.failed_messages += 1
+            queue.put_nowait(TransportError(
+                f"message {msg_id.hex()} on channel {part.channel!r} is corrupted: its SHA-256 does not match"))
+            return
+        stats.messages_received += 1
+        stats.bytes_received += len(payload)
+        queue.put_nowait(LinkMessage(part.channel, payload, part.headers or {}, msg_id.hex()))
+
+    def _remember(self, msg_id: bytes) -> None:
+        self._done[msg_id] = None
+        while len(self._done) > _MAX_DONE_IDS:
+            self._done.popitem(last=False)
+
+    def _fail(self, msg_id: bytes, why: str) -> None:
+        part = self._partials.pop(msg_id)
+        self._remember(msg_id)
+        self._state.channel(part.channel).failed_messages += 1
+        self._queue(part.channel).put_nowait(TransportError(
+            f"message {msg_id.hex()} on channel {part.channel!r} ({len(part.chunks)}/{part.count} chunks, "
+            f"{part.received}/{part.total} bytes) {why}"))
+
+    async def _sweep(self) -> None:
+        """Fail messages whose chunks stopped coming for `reassembly_timeout` s."""
+        limit = self.config.reassembly_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            now = loop.time()
+            for msg_id in [k for k, p in self._partials.items() if now - p.last_progress > limit]:
+                self._fail(msg_id, f"failed: no new chunk for {limit:.1f} s (reassembly_timeout)")
+
+
+async def _sha256(data: memoryview) -> bytes:
+    if len(data) >= _HASH_IN_THREAD:  # hashlib drops the GIL, the event loop keeps running
+        return await asyncio.to_thread(lambda: hashlib.sha256(data).digest())
+    return hashlib.sha256(data).digest()
+
+
+async def _disconnect(conn: _Connection) -> None:
+    """Leave the broker politely if it is there, without waiting long if it is not."""
+    try:
+        await asyncio.wait_for(conn.client.__aexit__(None, None, None), 2.0)
+    except (aiomqtt.MqttError, OSError, asyncio.TimeoutError, RuntimeError):
+        pass
+
+
+def _rc(exc: aiomqtt.MqttCodeError) -> int | None:
+    rc: Any = exc.rc
+    if rc is None:
+        return None
+    return rc.value if hasattr(rc, "value") else int(rc)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())

@@ -1,0 +1,336 @@
+"""The KV cache wire codec: exact round trips, quantization bounds, and rejection of bad payloads."""
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+
+import orjson
+import pytest
+import torch
+from safetensors.torch import load as st_load
+
+from agentmesh.cache.codec import (
+    MAGIC, PREFIX, decode_cache, encode_cache, fp8_supported, read_header, wire_size)
+from agentmesh.cache.kv import KVCache, ModelSignature
+from agentmesh.errors import CodecError
+
+SIG = ModelSignature(name="tiny-a", model_type="qwen3", num_layers=4, num_kv_heads=2, head_dim=8,
+                     vocab_size=100, fingerprint="a" * 16)
+OTHER = ModelSignature(name="tiny-b", model_type="llama", num_layers=4, num_kv_heads=2, head_dim=8,
+                       vocab_size=100, fingerprint="b" * 16)
+
+
+def make_cache(dtype=torch.float32, *, batch=2, tokens=7, layers=4, seed=0, meta=True) -> KVCache:
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, SIG.num_kv_heads, tokens, SIG.head_dim)
+    keys = [torch.randn(shape, generator=g).to(dtype) * 3 for _ in range(layers)]
+    values = [torch.randn(shape, generator=g).to(dtype) for _ in range(layers)]
+    extra = {}
+    if meta:
+        mask = torch.ones(batch, tokens, dtype=torch.long)
+        mask[0, :2] = 0  # left padding in the first row
+        extra = dict(token_ids=torch.randint(0, 100, (batch, tokens), generator=g),
+                     positions=(mask.cumsum(1) - 1).clamp(min=0) + 3, attention_mask=mask)
+    return KVCache(keys=keys, values=values, signature=SIG, **extra)
+
+
+def split(payload: bytes) -> tuple[tuple, dict, bytes]:
+    fields = PREFIX.unpack_from(payload, 0)
+    header_len = fields[3]
+    header = orjson.loads(payload[PREFIX.size:PREFIX.size + header_len])
+    return fields, header, payload[PREFIX.size + header_len:]
+
+
+def rebuild(fields: tuple, header: dict, body: bytes) -> bytes:
+    """A payload with a rewritten header and a correct CRC, as a forger would make it."""
+    raw = orjson.dumps(header)
+    magic, version, flags, _, _, _, reserved = fields
+    return PREFIX.pack(magic, version, flags, len(raw), len(body), zlib.crc32(raw), reserved) + raw + body
+
+
+def assert_same(a: KVCache, b: KVCache) -> None:
+    assert a.layer_ids == b.layer_ids
+    for x, y in zip((*a.keys, *a.values), (*b.keys, *b.values)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x, y)
+    for name in ("token_ids", "positions", "attention_mask"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+# ---- round trips ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,wire", [(torch.float32, "fp32"), (torch.bfloat16, "bf16"),
+                                        (torch.float16, "fp16")])
+def test_round_trip_is_bit_exact_when_wire_dtype_is_the_source_dtype(dtype, wire):
+    kv = make_cache(dtype)
+    out = decode_cache(encode_cache(kv, dtype=wire), expected=SIG)
+    assert_same(kv, out)
+    assert out.signature == SIG
+    # bit-exact, not merely equal: compare raw bits (distinguishes -0.0 and nan payloads)
+    for x, y in zip(kv.keys, out.keys):
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(x.view(bits), y.view(bits))
+
+
+def test_source_dtype_is_the_default_decode_dtype_and_widening_is_exact():
+    kv = make_cache(torch.bfloat16)
+    payload = encode_cache(kv, dtype="fp32")
+    assert read_header(payload).wire_dtype == "fp32"
+    assert_same(kv, decode_cache(payload))
+    as_fp32 = decode_cache(payload, dtype=torch.float32)
+    assert as_fp32.dtype == torch.float32
+    assert torch.equal(as_fp32.keys[0], kv.keys[0].float())
+    lossless = encode_cache(kv, dtype=None)  # None: keep the cache's own dtype
+    assert read_header(lossless).wire_dtype == "bf16"
+
+
+def test_cache_without_metadata_or_signature_round_trips():
+    kv = make_cache(meta=False).replace(signature=None)
+    out = decode_cache(encode_cache(kv, dtype="fp32"), expected=SIG)  # shapes still checked
+    assert_same(kv, out)
+    assert out.signature is None and out.token_ids is None
+
+
+def test_bf16_wire_from_fp32_source_is_a_plain_cast():
+    kv = make_cache(torch.float32)
+    out = decode_cache(encode_cache(kv, dtype="bf16"))
+    assert out.dtype == torch.float32
+    assert torch.equal(out.values[2], kv.values[2].to(torch.bfloat16).float())
+
+
+def test_empty_token_axis_round_trips():
+    kv = make_cache(tokens=0, meta=False)
+    for wire in ("bf16", "int8"):
+        out = decode_cache(encode_cache(kv, dtype=wire))
+        assert out.keys[0].shape == (2, 2, 0, 8)
+
+
+def test_layer_subset_sends_only_those_layers():
+    kv = make_cache(torch.bfloat16, tokens=64)
+    full, part = encode_cache(kv, dtype="bf16"), encode_cache(kv, dtype="bf16", layers=[3, 1])
+    out = decode_cache(part, expected=SIG)
+    assert out.layer_ids == (3, 1)
+    assert torch.equal(out.layer(1)[0], kv.layer(1)[0]) and torch.equal(out.layer(3)[1], kv.layer(3)[1])
+    assert len(part) < 0.6 * len(full)
+    assert wire_size(kv, dtype="bf16", layers=[3, 1]) < wire_size(kv, dtype="bf16")
+    with pytest.raises(CodecError, match="not layer 7"):
+        encode_cache(kv, layers=[7])
+
+
+def test_body_is_a_plain_safetensors_file():
+    kv = make_cache(torch.float16)
+    payload = encode_cache(kv, dtype="fp16")
+    tensors = st_load(split(payload)[2])
+    assert torch.equal(tensors["k.2"], kv.keys[2]) and torch.equal(tensors["positions"], kv.positions)
+
+
+# ---- quantization ----------------------------------------------------------------------------
+def _group_scale(x: torch.Tensor, axis: str, qmax: float) -> torch.Tensor:
+    dims = (2, 3) if axis == "per_head" else (2,)
+    return x.abs().amax(dim=dims, keepdim=True) / qmax
+
+
+@pytest.mark.parametrize("axis", ["per_head", "per_channel"])
+def test_int8_error_is_within_half_a_scale_step(axis):
+    kv = make_cache(torch.float32, tokens=64)
+    payload = encode_cache(kv, dtype="int8", int8_scale=axis)
+    header = read_header(payload)
+    assert header.quant.scheme == "int8" and header.quant.axis == axis
+    out = decode_cache(payload, expected=SIG)
+    assert out.dtype == torch.float32
+    for x, y in zip((*kv.keys, *kv.values), (*out.keys, *out.values)):
+        bound = _group_scale(x, axis, 127.0) / 2 * (1 + 1e-5)
+        err = (x - y).abs()
+        assert bool((err <= bound).all()), f"max excess {(err - bound).max().item()}"
+        assert err.max() > 0  # it really was quantized
+    assert_same(kv.replace(keys=out.keys, values=out.values), out)  # metadata stays exact
+    assert len(payload) < 0.4 * len(encode_cache(kv, dtype="fp32"))
+
+
+def test_per_channel_scales_beat_per_head_on_channel_outliers():
+    kv = make_cache(torch.float32, meta=False)
+    # One key channel far larger than the rest, as real key caches have.
+    keys = tuple(k.clone() for k in kv.keys)
+    for k in keys:
+        k[..., 5] = 200.0
+    kv = kv.replace(keys=keys)
+    err = {}
+    for axis in ("per_head", "per_channel"):
+        out = decode_cache(encode_cache(kv, dtype="int8", int8_scale=axis))
+        err[axis] = max((a - b).abs()[..., :5].max().item() for a, b in zip(kv.keys, out.keys))
+    assert err["per_channel"] < err["per_head"] / 5
+
+
+def test_int8_decodes_into_the_source_dtype_within_its_rounding():
+    kv = make_cache(torch.bfloat16)
+    out = decode_cache(encode_cache(kv, dtype="int8", int8_scale="per_channel"))
+    assert out.dtype == torch.bfloat16
+    for x, y in zip(kv.keys, out.keys):
+        x32 = x.float()
+        bound = _group_scale(x32, "per_channel", 127.0) / 2 * (1 + 1e-5) + x32.abs() * 2 ** -8 * 1.01
+        assert bool(((x32 - y.float()).abs() <= bound).all())
+
+
+def test_int8_refuses_non_finite_values():
+    kv = make_cache()
+    bad = kv.keys[0].clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(CodecError, match="inf or nan"):
+        encode_cache(kv.replace(keys=(bad, *kv.keys[1:])), dtype="int8")
+
+
+@pytest.mark.skipif(not fp8_supported(), reason="torch build without float8_e4m3fn")
+@pytest.mark.parametrize("axis", ["per_head", "per_channel"])
+def test_fp8_error_is_within_its_relative_bound(axis):
+    kv = make_cache(torch.float32, tokens=64)
+    payload = encode_cache(kv, dtype="fp8", int8_scale=axis)
+    out = decode_cache(payload)
+    for x, y in zip((*kv.keys, *kv.values), (*out.keys, *out.values)):
+        s = _group_scale(x, axis, 448.0)
+        bound = (x.abs() * 2 ** -4 + s * 2 ** -10) * (1 + 1e-5)
+        assert bool(((x - y).abs() <= bound).all())
+    assert len(payload) < 0.4 * len(encode_cache(kv, dtype="fp32"))
+
+
+# ---- rejected payloads -------------------------------------------------------------------------
+def test_corrupted_body_byte_fails_the_checksum():
+    payload = bytearray(encode_cache(make_cache(), dtype="fp32"))
+    payload[-100] ^= 0x01
+    with pytest.raises(CodecError, match="SHA-256"):
+        decode_cache(bytes(payload))
+
+
+def test_corrupted_header_byte_fails_the_crc():
+    payload = bytearray(encode_cache(make_cache(), dtype="fp32"))
+    payload[PREFIX.size + 20] ^= 0x20
+    with pytest.raises(CodecError, match="header is corrupted"):
+        decode_cache(bytes(payload))
+
+
+def test_truncated_and_padded_payloads_are_rejected():
+    payload = encode_cache(make_cache(), dtype="bf16")
+    with pytest.raises(CodecError, match=f"truncated: header says {len(payload)} bytes, got {len(payload) - 10}"):
+        decode_cache(payload[:-10])
+    with pytest.raises(CodecError, match="truncated"):
+        decode_cache(payload[:12])
+    with pytest.raises(CodecError, match="trailing"):
+        decode_cache(payload + b"\0")
+
+
+def test_oversized_payload_is_rejected_before_parsing():
+    payload = encode_cache(make_cache(), dtype="bf16")
+    with pytest.raises(CodecError, match=f"{len(payload)} bytes, over the limit of 1000"):
+        decode_cache(payload, max_bytes=1000)
+    # garbage over the limit is rejected for its size, before its magic is even looked at
+    with pytest.raises(CodecError, match="over the limit"):
+        decode_cache(b"x" * 2000, max_bytes=1000)
+    # a prefix that claims a huge body is rejected from the prefix alone
+    fields, header, body = split(payload)
+    raw = payload[PREFIX.size:PREFIX.size + fields[3]]
+    huge = PREFIX.pack(MAGIC, 1, 0, len(raw), 1 << 40, zlib.crc32(raw), 0) + raw + body
+    with pytest.raises(CodecError, match="over the limit"):
+        decode_cache(huge)
+
+
+def test_wrong_magic_and_version_are_rejected():
+    payload = encode_cache(make_cache(), dtype="bf16")
+    with pytest.raises(CodecError, match="not an agentmesh cache payload"):
+        decode_cache(b"PK\x03\x04" + payload[4:])
+    fields, header, body = split(payload)
+    with pytest.raises(CodecError, match="format version 2 is not supported"):
+        decode_cache(rebuild((fields[0], 2, *fields[2:]), header, body))
+    header["version"] = 2
+    with pytest.raises(CodecError, match="'version' is invalid"):
+        decode_cache(rebuild(fields, header, body))
+
+
+def test_header_lying_about_shapes_is_caught_before_tensors_are_built():
+    payload = encode_cache(make_cache(), dtype="bf16")
+    fields, header, body = split(payload)
+    header["layers"][1]["tokens"] = 6
+    with pytest.raises(CodecError, match=r"tensor 'k\.1' has shape \[2, 2, 7, 8\]; the header says \[2, 2, 6, 8\]"):
+        decode_cache(rebuild(fields, header, body))
+    _, header, _ = split(payload)
+    header["layers"][0]["heads"] = 4096  # would need far more bytes than the body holds
+    with pytest.raises(CodecError, match="has shape"):
+        decode_cache(rebuild(fields, header, body))
+    _, header, _ = split(payload)
+    header["wire_dtype"], header["quant"] = "fp16", {"scheme": "none"}
+    with pytest.raises(CodecError, match="is BF16; the header says F16"):
+        decode_cache(rebuild(fields, header, body))
+    _, header, _ = split(payload)
+    header["layer_ids"] = [0, 1, 2, 2]
+    with pytest.raises(CodecError, match="repeats a layer id"):
+        decode_cache(rebuild(fields, header, body))
+    _, header, _ = split(payload)
+    header["layers"][0]["tokens"] = "7"  # strict schema: no coercion
+    with pytest.raises(CodecError, match="layers.0.tokens"):
+        decode_cache(rebuild(fields, header, body))
+    _, header, _ = split(payload)
+    header["extra"] = 1
+    with pytest.raises(CodecError, match="'extra' is invalid"):
+        decode_cache(rebuild(fields, header, body))
+
+
+def test_safetensors_entries_must_tile_the_body_exactly():
+    payload = encode_cache(make_cache(meta=False), dtype="fp32")
+    fields, header, body = split(payload)
+    (n,) = struct.unpack_from("<Q", body, 0)
+    table = orjson.loads(body[8:8 + n])
+    a, b = table["k.0"]["data_offsets"], table["v.0"]["data_offsets"]
+    table["k.0"]["data_offsets"], table["v.0"]["data_offsets"] = b, b  # overlap, leaving a gap
+    raw = orjson.dumps(table)
+    raw += b" " * (-len(raw) % 8)
+    forged = struct.pack("<Q", len(raw)) + raw + body[8 + n:]
+    header["body_sha256"], header["body_bytes"] = hashlib.sha256(forged).hexdigest(), len(forged)
+    assert a != b
+    with pytest.raises(CodecError, match="overlap or leave a gap"):
+        decode_cache(rebuild(fields, header, forged))
+
+
+def test_payload_from_another_model_is_rejected():
+    payload = encode_cache(make_cache(), dtype="bf16")
+    with pytest.raises(CodecError, match="made by model 'tiny-a'.*expected 'tiny-b'"):
+        decode_cache(payload, expected=OTHER)
+    narrow = ModelSignature(**{**SIG.to_dict(), "num_kv_heads": 4})
+    anonymous = encode_cache(make_cache().replace(signature=None), dtype="bf16")
+    with pytest.raises(CodecError, match="layer 0 has 2 heads of dim 8"):
+        decode_cache(anonymous, expected=narrow)
+    shallow = ModelSignature(**{**SIG.to_dict(), "num_layers": 2})
+    with pytest.raises(CodecError, match="layer 2 has"):
+        decode_cache(payload, expected=shallow)
+
+
+def test_failed_decode_leaves_the_receivers_cache_untouched():
+    receiver = make_cache(torch.bfloat16, seed=1)
+    snapshot = receiver.clone()
+    incoming = bytearray(encode_cache(make_cache(torch.bfloat16, seed=2), dtype="bf16"))
+    incoming[-1] ^= 0xFF
+
+    def accept(current: KVCache, payload: bytes) -> KVCache:
+        """What a receiver does: replace its span with the incoming cache, or keep its own."""
+        try:
+            other = decode_cache(payload, expected=SIG)
+        except CodecError:
+            return current
+        return current.replace(keys=other.keys, values=other.values)
+
+    kept = accept(receiver, bytes(incoming))
+    assert kept is receiver
+    assert_same(receiver, snapshot)
+    changed = accept(receiver, encode_cache(make_cache(torch.bfloat16, seed=2), dtype="bf16"))
+    assert not torch.equal(changed.keys[0], snapshot.keys[0])
+    assert_same(receiver, snapshot)
+
+
+def test_bad_encode_arguments_are_codec_errors():
+    kv = make_cache()
+    with pytest.raises(CodecError, match="wire dtype 'int4'"):
+        encode_cache(kv, dtype="int4")  # type: ignore[arg-type]
+    with pytest.raises(CodecError, match="int8_scale 'per_token'"):
+        encode_cache(kv, dtype="int8", int8_scale="per_token")  # type: ignore[arg-type]
+    with pytest.raises(CodecError, match="decode dtype 'int4'"):
+        decode_cache(encode_cache(kv), dtype="int4")

@@ -35,9 +35,11 @@ def read_text_arg(value: str | None, what: str) -> str:
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The user message; '-' reads standard input."),
-    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Receiver: built-in name, folder, .gguf or hub id."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m",
+        help="Receiver: built-in name, folder, .gguf or hub id. Default: the fuser's receiver, else smollm2-135m-instruct."),
     sharer: list[str] = typer.Option([], "--sharer", "-s", help="A sharer model (repeat for several)."),
-    fuser: list[Path] = typer.Option([], "--fuser", "-f", help="A fuser folder or hf:// ref, one per sharer (repeat)."),
+    fuser: list[str] = typer.Option([], "--fuser", "-f", help="A fuser folder or hf:// ref, one per sharer (repeat)."),
     mode: str = typer.Option("parallel", help="Multi-sharer fusion: parallel or sequential."),
     system: Optional[str] = typer.Option(None, help="A system message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0),
@@ -55,7 +57,7 @@ def generate(
 
     text = read_text_arg(prompt, "prompt")
     try:
-        c2c = build_c2c_model(model, sharers=sharer, fusers=[str(f) for f in fuser], mode=mode, dtype=dtype)
+        c2c = build_c2c_model(model, sharers=sharer, fusers=fuser, mode=mode, dtype=dtype)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         on_token = None
         if stream:

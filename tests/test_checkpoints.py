@@ -20,8 +20,8 @@ from agentmesh.c2c.fuser_cli import app
 from agentmesh.c2c.layer_map import layer_map
 from agentmesh.c2c.model import C2CModel
 from agentmesh.c2c.projector import C2CProjector
-from agentmesh.c2c.pretrained import from_pretrained
-from agentmesh.errors import CheckpointError
+from agentmesh.c2c.pretrained import build_c2c_model, from_pretrained
+from agentmesh.errors import CheckpointError, ConfigError
 from agentmesh.models import ModelPool
 from agentmesh.models.tiny import save_tiny_model
 
@@ -162,7 +162,7 @@ CORRUPTIONS = {
     "wrong_class": (lambda f: _edit_json(f / "final/projector_0.json", lambda d: d.update({"class": "NotAProjector"})),
                     r"projector_0\.json: unknown projector class 'NotAProjector'"),
     "wrong_dims": (lambda f: _edit_json(f / "final/projector_2.json", lambda d: d["init_args"].update(source_dim=16)),
-                   r"projector_2\.json: source_dim=16 but the sharer .* has 32 head dim"),
+                   r"projector_2\.json: source_dim=16 but the sharer .* has head dim 32"),
     "bad_init_args": (lambda f: _edit_json(f / "final/projector_1.json", lambda d: d["init_args"].update(wings=2)),
                       r"projector_1\.json: bad init_args for projector 'C2CProjector'"),
     "no_config": (lambda f: (f / "config.json").unlink(), r"holds neither fuser\.json .* nor config\.json"),
@@ -361,6 +361,7 @@ def test_hf_ref_served_from_the_cache_offline(env, tmp_path, monkeypatch):
     ids = prompt(model)
     assert torch.equal(model.generate(ids, max_new_tokens=4), reference.generate(ids, max_new_tokens=4))
     assert load_any(PAIR).num_parameters() == reference.fusers[0].num_parameters()  # a bare pair name
+    assert load_any(Path(f"hf://nics-efc/C2C_Fuser/{PAIR}")).num_parameters() > 0  # "hf:/..." once a Path
     assert load_any(f"hf://nics-efc/C2C_Fuser/{PAIR}@main").config.routes == reference.fusers[0].config.routes
     pulled = CliRunner().invoke(app, ["pull", PAIR])
     assert pulled.exit_code == 0 and pulled.stdout.strip() == str(repo / "snapshots" / sha / PAIR)
@@ -388,3 +389,16 @@ def test_pair_folders_for_different_receivers_are_rejected(env):
     with pytest.raises(CheckpointError, match=rf"fuser {e['pub']} was trained for receiver '{e['receiver']}', "
                                               rf"fuser {e['pub_b']} for receiver '{e['receiver_b']}'"):
         from_pretrained([env["pub"], env["pub_b"]], pool=env["pool"])
+
+
+def test_build_c2c_model_takes_models_from_the_fuser_unless_given(env):
+    recorded = build_c2c_model(None, fusers=[str(env["pub"])], pool=env["pool"])
+    assert recorded.receiver.source == str(env["receiver"]) and recorded.sharers[0].source == str(env["sharer"])
+    given = build_c2c_model(str(env["receiver"]), sharers=[str(env["sharer"])], fusers=[str(env["pub"])],
+                            pool=env["pool"])
+    assert given.receiver is recorded.receiver and given.sharers[0] is recorded.sharers[0]
+    with pytest.raises(ConfigError, match="no fuser"):
+        build_c2c_model(str(env["receiver"]), sharers=[str(env["sharer"])], pool=env["pool"])
+    with pytest.raises(CheckpointError, match=r"was trained for receiver .*4 layers.* but the receiver is .*5 layers"):
+        build_c2c_model(str(env["sharer2"]), sharers=[str(env["sharer"])], fusers=[load_published(env["pub"])],
+                        pool=env["pool"])

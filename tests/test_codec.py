@@ -101,6 +101,16 @@ def test_bf16_wire_from_fp32_source_is_a_plain_cast():
     assert torch.equal(out.values[2], kv.values[2].to(torch.bfloat16).float())
 
 
+def test_views_of_a_larger_cache_round_trip():
+    kv = make_cache(torch.bfloat16, tokens=12)
+    window = kv.slice_tokens(3, 9)  # non-contiguous views; positions expanded from a broadcast
+    window = window.replace(positions=torch.arange(3, 9).expand(2, 6))
+    assert not window.keys[0].is_contiguous()
+    out = decode_cache(encode_cache(window, dtype="bf16"))
+    assert_same(window, out)
+    assert read_header(encode_cache(window)).span.model_dump() == {"tokens": 6, "start": 3, "stop": 9}
+
+
 def test_empty_token_axis_round_trips():
     kv = make_cache(tokens=0, meta=False)
     for wire in ("bf16", "int8"):

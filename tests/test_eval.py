@@ -519,7 +519,7 @@ def test_adapters_on_tiny_models(tiny_model_factory: Callable[..., Any]) -> None
         messages, sharer_context="The capital of Veltoria is Marrowby.", max_new_tokens=6)
     assert with_passage.bytes_exchanged > prefix.bytes_exchanged  # the cache grows by the passage
     with pytest.raises(ConfigError, match="same model"):
-        PrefixGenerator(sharer, tiny_model_factory("llama", seed=0, num_layers=3))
+        PrefixGenerator(sharer, receiver)  # same architecture, other weights
 
     # A fresh fuser has closed gates (logits 0): C2C answers like the receiver alone; the sharer's
     # span cache is what crosses, whether or not the sharer holds a passage.
@@ -529,3 +529,32 @@ def test_adapters_on_tiny_models(tiny_model_factory: Callable[..., Any]) -> None
         got = c2c.generate_with_cache(messages, sharer_context=context, max_new_tokens=6)
         assert got.text == alone
         assert got.bytes_exchanged == kv_nbytes(sharer.signature, n_prompt - 1, sharer.dtype)
+
+
+def test_evaluate_builds_real_methods(tmp_path: Path, tiny_model_factory: Callable[..., Any],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentmesh.c2c.fuser import Fuser
+    from agentmesh.eval import runner
+    from agentmesh.models.pool import ModelPool
+
+    model = tiny_model_factory("llama", seed=0)
+    pool = ModelPool()
+    pool.put("tiny", model)
+    monkeypatch.setattr(runner, "load_fuser", lambda ref, receiver, sharer: Fuser.build(
+        receiver.signature, sharer.signature, hidden_dim=16, intermediate_dim=16))
+    paths = write_context_task(tmp_path / "ctx", seed=0, n_train=0, n_test=3)
+    config = parse_config({
+        "receiver": "tiny", "sharer": "tiny", "fuser": "unused", "methods": ["receiver", "sharer", "t2t", "c2c", "prefix"],
+        "dataset": {"path": str(paths["test"])}, "max_new_tokens": 3, "t2t_background_tokens": 3,
+        "output": str(tmp_path / "out"), "wire_dtype": "bfloat16"})
+    summary = evaluate(config, pool=pool, progress=False)
+    assert list(summary.methods) == ["receiver", "sharer", "t2t", "c2c", "prefix"]
+    assert len(summary.results) == 15 and all(r.error is None for r in summary.results)
+    by_method = {m: [r for r in summary.results if r.method == m] for m in summary.methods}
+    # A closed-gate fuser leaves the receiver's answers unchanged.
+    assert [r.output for r in by_method["c2c"]] == [r.output for r in by_method["receiver"]]
+    per_token = 2 * model.signature.num_layers * model.signature.num_kv_heads * model.signature.head_dim * 2  # bf16
+    assert all(r.bytes_exchanged > 0 and r.bytes_exchanged % per_token == 0 for r in by_method["c2c"] + by_method["prefix"])
+    assert all(p.bytes_exchanged > c.bytes_exchanged for p, c in zip(by_method["prefix"], by_method["c2c"]))
+    assert all(r.ttft_s is not None and r.ttft_s <= r.latency_s for r in summary.results)
+    assert (tmp_path / "out" / "summary.json").is_file() and (tmp_path / "out" / "subject_accuracy.png").is_file()

@@ -568,6 +568,8 @@ def test_cli_check_all_shipped_graphs():
     lines = result.stdout.splitlines()
     assert len(lines) == len(GRAPH_FILES)
     assert "ok " + str(ROOT / "graphs" / "programmer_writer.yaml") + " (2 agents, 1 edges)" in lines
+    folder = CliRunner().invoke(app, ["check", str(ROOT / "graphs")])
+    assert folder.exit_code == 0 and folder.stdout.splitlines() == lines
 
 
 @pytest.mark.parametrize("case", ["misspelt_key", "cycle", "password_literal", "fuse_without_fuser"])

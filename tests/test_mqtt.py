@@ -76,7 +76,9 @@ def test_channels_and_configs_are_validated():
     with pytest.raises(TransportError, match="valid topic level"):
         edge_channel("run+1", "a")
     with pytest.raises(TransportError, match="valid topic level"):
-        InProcessLink().topic = None or edge_channel("run", "a/#")  # type: ignore[attr-defined]
+        edge_channel("run", "a/b")
+    with pytest.raises(TransportError, match="valid topic level"):
+        MqttLink(MqttConfig(), graph="g").topic("r/#")
     with pytest.raises(ValidationError, match="must not carry credentials"):
         MqttConfig(url="mqtt://user:hunter2@127.0.0.1:1883")
     with pytest.raises(ValidationError, match="mqtt:// or mqtts://"):
@@ -119,6 +121,22 @@ def broker():
         pytest.skip(str(exc))
     with LocalBroker() as b:
         yield b
+
+
+def test_missing_mosquitto_says_how_to_install_it():
+    with pytest.raises(TransportError, match="apt-get install -y mosquitto"):
+        find_mosquitto("mosquitto-not-installed-here")
+
+
+@pytest.mark.mqtt
+def test_local_broker_refuses_a_taken_port_and_restarts_on_its_own(broker):
+    with pytest.raises(TransportError, match=f"cannot start mosquitto on 127.0.0.1:{broker.port}"):
+        LocalBroker(port=broker.port).start()
+    with LocalBroker() as other:
+        port = other.port
+        other.restart()
+        assert other.running and other.port == port and other.url == f"mqtt://127.0.0.1:{port}"
+    assert not other.running
 
 
 @pytest.mark.mqtt
@@ -214,7 +232,44 @@ def test_mqtt_311_and_no_sender_timeout(broker):
             with pytest.raises(TransportError, match=r"timed out after 0.3 s \(broker .* connected\)"):
                 await rx.receive(ch, timeout=0.3)
             assert time.monotonic() - t < 1.5
+            waiting = asyncio.create_task(rx.receive(ch, timeout=5))
+            await asyncio.sleep(0.05)
+            await rx.close()
+            with pytest.raises(TransportError, match="closed"):
+                await waiting
+            with pytest.raises(TransportError, match="closed"):
+                await rx.send(ch, b"late")
     run(go())
+
+
+@pytest.mark.mqtt
+def test_auto_protocol_falls_back_to_311_when_the_broker_refuses_mqtt5(broker, monkeypatch):
+    tried: list[aiomqtt.ProtocolVersion] = []
+
+    class OldBrokerClient(aiomqtt.Client):
+        """Acts as if the broker answered CONNACK 0x84 (unsupported protocol version) to MQTT 5."""
+
+        def __init__(self, *args: Any, protocol: aiomqtt.ProtocolVersion, **kw: Any) -> None:
+            super().__init__(*args, protocol=protocol, **kw)
+            self.wanted = protocol
+            tried.append(protocol)
+
+        async def __aenter__(self) -> "OldBrokerClient":
+            if self.wanted == aiomqtt.ProtocolVersion.V5:
+                raise aiomqtt.MqttCodeError(132, "Unsupported protocol version")
+            return await super().__aenter__()
+
+    monkeypatch.setattr(aiomqtt, "Client", OldBrokerClient)
+
+    async def go() -> None:
+        async with MqttLink(config(broker.url), graph="g") as link:
+            assert link.protocol == "3.1.1"
+            ch = edge_channel("r", "fallback")
+            await link.subscribe(ch)
+            await link.send(ch, b"x" * 3000)
+            assert await link.receive(ch, timeout=5) == b"x" * 3000
+    run(go())
+    assert tried == [aiomqtt.ProtocolVersion.V5, aiomqtt.ProtocolVersion.V311]
 
 
 @pytest.mark.mqtt
@@ -257,6 +312,7 @@ def test_broker_restart_mid_transfer_completes_or_fails_within_the_timeout():
         assert not isinstance(outcome, BaseException) or isinstance(outcome, TransportError), outcome
     if not isinstance(got, BaseException):
         assert got == data
+    print(f"\nbroker restart mid-transfer: {'completed' if got == data else got} after {elapsed:.1f} s")
 
 
 @pytest.mark.mqtt

@@ -43,8 +43,9 @@ Messages = Sequence[Mapping[str, Any]]
 
 GATHER_STRATEGIES: tuple[str, ...] = ("last", "first", "longest")
 _EMPTY = (0, 0)
-# Private-use code points: no template writes them, no template trims or escapes them.
-_PLACEHOLDER = "\ue000agentmesh-content-{}\ue001"
+# Private-use code points around digits: no template writes them, and trimming, escaping or
+# changing case leaves them as they are.
+_PLACEHOLDER = "\ue000{}\ue001"
 
 
 # ---- rendering -------------------------------------------------------------------------------

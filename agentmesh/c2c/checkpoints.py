@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from agentmesh.c2c.fuser import Fuser, FuserConfig, Route
-from agentmesh.c2c.layer_map import LAYER_MAPS, layer_map as make_layer_map
+from agentmesh.c2c.layer_map import LAYER_MAPS
 from agentmesh.c2c.projector import dtype_name, parse_dtype
 from agentmesh.c2c.registry import build_projector, projector_class, projector_name
 from agentmesh.cache.kv import ModelSignature
@@ -80,8 +80,10 @@ PUBLISHED_PAIRS: Mapping[str, PublishedPair] = MappingProxyType({p.folder: p for
 
 # ---- small helpers ----------------------------------------------------------------------------------
 def _first_line(error: BaseException) -> str:
+    """The error's first sentence, short enough for a one-line message."""
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    text = lines[0].split(". ")[0] if lines else ""
+    return f"{type(error).__name__}: {text if len(text) <= 160 else text[:157] + '...'}"
 
 
 def _keys(keys: Sequence[str]) -> str:
@@ -259,15 +261,15 @@ def _load_strict(module: nn.Module, state: Any, file: str, prefix: str = "") -> 
 def _check_projector_dims(args: dict[str, Any], receiver: ModelSignature, sharer: ModelSignature,
                           where: str) -> None:
     """The projector's declared K/V sizes against the models it will join (args it lacks are skipped)."""
-    wants = (("source_dim", sharer.head_dim, "sharer", "head dim"),
-             ("source_num_heads", sharer.num_kv_heads, "sharer", "KV heads"),
-             ("target_dim", receiver.head_dim, "receiver", "head dim"),
-             ("target_num_heads", receiver.num_kv_heads, "receiver", "KV heads"))
+    wants = (("source_dim", sharer.head_dim, "sharer", "head dim {}"),
+             ("source_num_heads", sharer.num_kv_heads, "sharer", "{} KV heads"),
+             ("target_dim", receiver.head_dim, "receiver", "head dim {}"),
+             ("target_num_heads", receiver.num_kv_heads, "receiver", "{} KV heads"))
     for key, want, role, what in wants:
         if key in args and args[key] != want:
             sig = sharer if role == "sharer" else receiver
             raise CheckpointError(
-                f"{where}: {key}={args[key]!r} but the {role} {_describe(sig)} has {want} {what}; "
+                f"{where}: {key}={args[key]!r} but the {role} {sig.name!r} has {what.format(want)}; "
                 f"this fuser was trained for another {role}")
 
 
@@ -317,9 +319,11 @@ def _check_routes(routes: tuple[Route, ...], path: Path, receiver: ModelSignatur
                   mapping: Any) -> None:
     layers = [r.receiver_layer for r in routes]
     if len(set(layers)) != len(layers) or sorted(layers) != list(range(receiver.num_layers)):
+        trained = (f"this fuser was trained for a receiver with {len(layers)} layers"
+                   if sorted(layers) == list(range(len(layers))) else "expected one route per receiver layer")
         raise CheckpointError(
             f"{path} routes receiver layers {_ranges(layers)} but the receiver {_describe(receiver)} has layers "
-            f"0-{receiver.num_layers - 1}; this fuser was trained for a receiver with {len(set(layers))} layers")
+            f"0-{receiver.num_layers - 1}; {trained}")
     for r in routes:
         if r.sharer_layer >= sharer.num_layers:
             raise CheckpointError(
@@ -741,6 +745,8 @@ def locate(ref: FuserRef, *, subfolder: str | None = None) -> FuserLocation:
     """Where fuser `ref` is on disk: a folder of either layout, the published `final/` (or
     `checkpoint-N/`) folder itself, a published pair name, or "hf://org/repo/<pair>[@revision]"."""
     sub = subfolder or DEFAULT_SUBFOLDER
+    if str(ref).startswith("hf:/") and not str(ref).startswith("hf://"):
+        ref = "hf://" + str(ref)[len("hf:/"):]  # what Path() makes of "hf://...", e.g. a typer Path option
     if isinstance(ref, str) and (ref.startswith("hf://") or (ref in PUBLISHED_PAIRS and not Path(ref).exists())):
         repo_id, pair, revision = parse_hub_ref(ref if ref.startswith("hf://") else PUBLISHED_PAIRS[ref].ref)
         return FuserLocation(download_pair(repo_id, pair, revision=revision, subfolder=sub), "published", sub)

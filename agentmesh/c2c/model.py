@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from agentmesh.c2c.alignment import align_batch, same_vocabulary
 from agentmesh.c2c.fuser import Fuser, FusionMode, SharerSpan, fuse
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import CheckpointError, ConfigError
@@ -60,7 +61,19 @@ class C2CModel:
         self.fusers = tuple(f.eval() for f in fusers)
         self.mode = mode
         # Whether each sharer can read the receiver's token ids as they are (spec §5).
-        self.shares_vocab = tuple(_same_vocabulary(receiver.tokenizer, s.tokenizer) for s in self.sharers)
+        # A sharer whose vocabulary only lacks some of the receiver's added tokens (Qwen2.5 against
+        # Qwen3's <think> tokens) still reads the receiver's ids, as the published fusers were trained.
+        self.shares_vocab = tuple(same_vocabulary(receiver.tokenizer, s.tokenizer, allow_extension=True)
+                                  for s in self.sharers)
+
+    @classmethod
+    def from_pretrained(cls, ref: Any, **kwargs: Any) -> "C2CModel":
+        """Load fusers (a folder, a published pair folder, or ``hf://nics-efc/C2C_Fuser/<pair>``;
+        a list for several sharers) with the receiver and sharers they were trained for.
+        See `agentmesh.c2c.pretrained.from_pretrained` for the options."""
+        from agentmesh.c2c.pretrained import from_pretrained
+
+        return from_pretrained(ref, **kwargs)
 
     @property
     def tokenizer(self) -> Any:
@@ -146,7 +159,6 @@ class C2CModel:
         ids, mask = pad_sequences(rows, self._pad_id())
         if all(self.shares_vocab):
             return ids, mask, None
-        from agentmesh.c2c.alignment import align_batch  # only cross-tokenizer pairs need it
         inputs: list[SharerInput | None] = []
         for sharer, fuser, same in zip(self.sharers, self.fusers, self.shares_vocab):
             inputs.append(None if same else align_batch(
@@ -178,9 +190,3 @@ class C2CModel:
     def __repr__(self) -> str:
         names = ", ".join(s.name for s in self.sharers) or "none"
         return f"C2CModel(receiver={self.receiver.name!r}, sharers=[{names}], mode={self.mode!r})"
-
-
-def _same_vocabulary(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from agentmesh.c2c.checkpoints import (
-    FuserRef, bind_models, check_models, fuser_model_ids, load_any, locate, pair_models, resolve_model_path,
+    FuserRef, bind_models, check_models, load_any, locate, pair_models, resolve_model_path,
 )
 from agentmesh.c2c.fuser import Fuser, FusionMode
 from agentmesh.c2c.model import C2CModel
@@ -148,4 +148,4 @@ def build_c2c_model(
                            device=device, subfolder=subfolder)
 
 
-__all__ = ["build_c2c_model", "fuser_model_ids", "from_pretrained"]
+__all__ = ["build_c2c_model", "from_pretrained"]

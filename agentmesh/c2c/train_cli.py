@@ -15,7 +15,7 @@ from agentmesh.errors import AgentMeshError
 app = typer.Typer(help="Train a fuser (only the projectors learn) from a recipe YAML.", add_completion=False)
 
 
-@app.callback(invoke_without_command=True)
+@app.callback(invoke_without_command=True, context_settings={"allow_interspersed_args": True})
 def train_command(
     recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/smollm2_context.yaml)"),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="optimizer steps (overrides the recipe)"),

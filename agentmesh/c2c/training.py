@@ -72,8 +72,17 @@ class InitRecipe(_Strict):
     zero_init: bool = False  # zero the output layers: a fresh fuser is then the identity
 
 
+class ContextTaskRecipe(_Strict):
+    """The built-in context-transfer task's train split, generated in memory (seeded, no download)."""
+
+    n: int = Field(2000, ge=1)
+    seed: int = 0
+    min_facts: int = Field(3, ge=2)
+    max_facts: int = Field(6, ge=2)
+
+
 class DataRecipe(_Strict):
-    """Chats to learn from: a local JSONL file or a Hugging Face dataset.
+    """Chats to learn from: a local JSONL file, a Hugging Face dataset, or the context task.
 
     Rows hold `messages` (role/content) or OpenHermes-2.5 `conversations` (from/value), and an
     optional `context` (a passage only the sharer reads). The final turn must be the assistant's.
@@ -82,6 +91,7 @@ class DataRecipe(_Strict):
     path: Path | None = None
     dataset: str | None = None           # Hugging Face dataset id, e.g. teknium/OpenHermes-2.5
     dataset_config: str | None = None
+    context_task: ContextTaskRecipe | None = None
     split: str = "train"
     limit: int | None = Field(None, ge=1)
     max_length: int = Field(2048, ge=2)  # prompt + answer tokens; longer rows are skipped
@@ -91,9 +101,15 @@ class DataRecipe(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataRecipe":
-        if (self.path is None) == (self.dataset is None):
-            raise ValueError("give exactly one of data.path (a chat JSONL file) or data.dataset (a Hugging Face id)")
+        if sum(x is not None for x in (self.path, self.dataset, self.context_task)) != 1:
+            raise ValueError("give exactly one of data.path (a chat JSONL file), data.dataset (a Hugging Face id) "
+                             "or data.context_task (the built-in task)")
         return self
+
+    def describe(self) -> str:
+        if self.context_task is not None:
+            return f"context task (train split, n={self.context_task.n}, seed={self.context_task.seed})"
+        return str(self.path or self.dataset)
 
 
 class TrainRecipe(_Strict):
@@ -240,12 +256,27 @@ def _read_hf(data: DataRecipe) -> list[tuple[str, Any]]:
     return [(f"{data.dataset}[{i}]", row) for i, row in enumerate(ds)]
 
 
+def _context_task_rows(data: DataRecipe) -> list[tuple[str, Any]]:
+    from agentmesh.eval.context_task import generate_split
+
+    task = data.context_task
+    assert task is not None
+    n = task.n if data.limit is None else min(task.n, data.limit)
+    records = generate_split("train", n, seed=task.seed, min_facts=task.min_facts, max_facts=task.max_facts)
+    return [(f"context task record {r['id']}", r) for r in records]
+
+
 def load_rows(data: DataRecipe, *, seed: int = 0) -> tuple[list[ChatRow], list[ChatRow]]:
     """(train rows, held-out rows). Without `eval_path`, a seeded `eval_fraction` of the data is held out."""
-    raw = _read_jsonl(data.path, data.limit) if data.path is not None else _read_hf(data)
+    if data.path is not None:
+        raw = _read_jsonl(data.path, data.limit)
+    elif data.dataset is not None:
+        raw = _read_hf(data)
+    else:
+        raw = _context_task_rows(data)
     rows = [r for where, x in raw if (r := chat_row(x, where)) is not None]
     if not rows:
-        raise ConfigError(f"data {data.path or data.dataset}: no row ends with an assistant turn to learn from")
+        raise ConfigError(f"data {data.describe()}: no row ends with an assistant turn to learn from")
     if data.eval_path is not None:
         held = [r for where, x in _read_jsonl(data.eval_path, data.eval_limit) if (r := chat_row(x, where))]
         return rows, held
@@ -293,11 +324,11 @@ class Batch:
 def sharer_context_ids(sharer: Any, context: str) -> list[int]:
     """The sharer's tokens for a private context, read before the shared prompt span.
 
-    The text is the evaluation's passage preamble, so a fuser is trained on what it is used on.
+    The evaluation's own function, so a fuser is trained on exactly what it is evaluated on.
     """
-    from agentmesh.eval.prompts import passage_preamble  # the one definition of that text
+    from agentmesh.eval.adapters import sharer_context_ids as eval_sharer_context_ids
 
-    return list(sharer.encode(passage_preamble(context)))
+    return list(eval_sharer_context_ids(sharer, context))
 
 
 def prepend_context(given: SharerInput, context_ids: Sequence[Sequence[int]], pad_id: int) -> SharerInput:
@@ -672,7 +703,7 @@ def train(recipe: TrainRecipe | Mapping[str, Any], *, pool: Any = None, progress
 
     receiver, sharer = _load_models(recipe, pool)
     train_rows, eval_rows = load_rows(recipe.data, seed=recipe.seed)
-    what = str(recipe.data.path or recipe.data.dataset)
+    what = recipe.data.describe()
     tok = dict(sharer_context=recipe.sharer_context, max_length=recipe.data.max_length)
     train_ex, skipped = tokenize_rows(train_rows, receiver, sharer, what=what, **tok)
     eval_ex, eval_skipped = tokenize_rows(eval_rows, receiver, sharer, what=f"{what} (held out)", **tok)
@@ -795,7 +826,7 @@ def _version(dist: str) -> str | None:
 
 
 __all__ = [
-    "Batch", "ChatRow", "DataRecipe", "Example", "InitRecipe", "ProjectorRecipe", "TrainRecipe", "TrainResult",
+    "Batch", "ChatRow", "ContextTaskRecipe", "DataRecipe", "Example", "InitRecipe", "ProjectorRecipe", "TrainRecipe", "TrainResult",
     "TrainState", "batch_loss", "chat_row", "collate", "data_fingerprint", "held_out_loss", "load_rows",
     "lr_factor", "micro_batch", "plot_loss_curve", "prepend_context", "sharer_context_ids", "tokenize_rows",
     "train",

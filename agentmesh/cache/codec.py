@@ -263,7 +263,7 @@ def encode_cache(
 ) -> bytes:
     """Serialize `kv` (or its `layers`, by model layer id) for the wire.
 
-    `dtype` is the wire dtype (None: the cache's own dtype, always lossless); `int8_scale` picks
+    `dtype` is the wire dtype (None: the cache's own fp32/bf16/fp16 dtype, lossless); `int8_scale` picks
     the scale groups of "int8" and "fp8" (see the module docstring for the error bounds). The
     cache's tensors are read, never modified; the bytes are assembled with one copy.
     """

@@ -128,7 +128,10 @@ class PrefixGenerator:
     def __init__(self, sharer: Any, receiver: Any | None = None, *, wire_dtype: torch.dtype | None = None,
                  name: str = "prefix"):
         receiver = receiver if receiver is not None else sharer
-        if receiver.signature.fingerprint != sharer.signature.fingerprint:
+        # Same architecture is not enough: the weights must be the same too (same object or files).
+        same = receiver is sharer or (receiver.source == sharer.source
+                                      and receiver.signature.fingerprint == sharer.signature.fingerprint)
+        if not same:
             raise ConfigError(f"prefix needs the same model on both ends; receiver {receiver.name!r} and sharer "
                               f"{sharer.name!r} differ (use c2c with a fuser instead)")
         from agentmesh.c2c.model import C2CModel

@@ -62,7 +62,8 @@ def plot_accuracy_latency(summary: Summary, path: Path) -> Path:
     ax.set_xlabel("mean latency per question (s)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    ax.set_xlim(left=0)
+    slowest = max((s.latency_mean_s or 0.0 for s in summary.methods.values()), default=0.0)
+    ax.set_xlim(0, slowest * 1.2 if slowest > 0 else 1.0)  # room for the labels right of the points
     ax.grid(alpha=0.3)
     ax.set_title("accuracy vs latency (95 % Wilson intervals)")
     ax.legend(fontsize=8, loc="best")
@@ -75,7 +76,8 @@ def plot_subjects(summary: Summary, path: Path) -> Path:
     """Per-subject accuracy, bars grouped by subject with one bar per method."""
     subjects = sorted({s for m in summary.methods.values() for s in m.per_subject})
     methods = list(summary.methods)
-    fig = _figure(max(6.0, 0.6 * len(subjects) * max(1, len(methods)) / 2 + 2), 4.5)
+    # Wide enough for every bar, capped so that 57 MMLU subjects still make a sane image.
+    fig = _figure(min(30.0, max(6.0, 0.25 * len(subjects) * max(1, len(methods)) + 2)), 4.5)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(methods))
     for j, name in enumerate(methods):

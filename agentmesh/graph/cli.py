@@ -43,11 +43,18 @@ def _load(file: Path) -> Graph:
     return Graph.from_yaml(file, fuser_info=_fuser_info)
 
 
+def _expand(paths: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for path in paths:
+        out += sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
+    return out
+
+
 @app.command()
-def check(files: Annotated[list[Path], typer.Argument(help="pipeline files to check")]) -> None:
+def check(files: Annotated[list[Path], typer.Argument(help="pipeline files (or folders of *.yaml) to check")]) -> None:
     """Check pipeline files: prints `ok FILE (N agents, M edges)` for each good one."""
     failed = False
-    for file in files:
+    for file in _expand(files):
         try:
             g = _load(file)
         except AgentMeshError as exc:

@@ -14,8 +14,8 @@ them on demand. Everything the scheduler needs to plan a run is answered here: `
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,8 +24,7 @@ import networkx as nx
 from agentmesh.errors import ConfigError, GraphError
 from agentmesh.graph import template
 from agentmesh.graph.source import KeyPath, SourceMap, choices_hint, graph_error
-from agentmesh.graph.spec import (BROKER_URL_RE, DEFAULT_MODEL, IDENT_HINT, IDENT_RE, AgentSpec, BrokerSpec,
-                                  EdgeSpec, FuserSpec, GraphSpec, HostSpec, ModelSpec, TLSSpec)
+from agentmesh.graph.spec import BROKER_URL_RE, DEFAULT_MODEL, IDENT_HINT, IDENT_RE, AgentSpec, GraphSpec
 
 if TYPE_CHECKING:
     from agentmesh.graph.validate import FuserInfo
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
 EdgeType = Literal["text", "cache"]
 CacheMode = Literal["fuse", "prefix"]
 FusionMode = Literal["parallel", "sequential"]
-AgentRef = "Agent | str"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from agentmesh.errors import GraphError
 from agentmesh.graph.source import one_line
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def describe(graph: Graph) -> str:
         lines += ["", "hosts:", *_table(rows)]
     try:
         order = ", ".join(a.name for a in graph.order())
-    except Exception:  # noqa: BLE001 - a view of an invalid graph still shows what it can
+    except GraphError:  # a view of an invalid graph still shows what it can
         order = "(cycle)"
     lines += ["", f"order: {order}", f"outputs: {', '.join(a.name for a in graph.output_agents())}"]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ from agentmesh.graph import template
 from agentmesh.graph.source import KeyPath, choices_hint, graph_error
 
 if TYPE_CHECKING:
-    from agentmesh.graph.graph import Edge, Graph
+    from agentmesh.graph.graph import Graph
 
 FuserInfo = Callable[[str], "tuple[str, str] | None"]
 

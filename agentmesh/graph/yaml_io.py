@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from agentmesh.errors import GraphError
-from agentmesh.graph.source import KeyPath, SourceMap, did_you_mean, format_key_path, graph_error, one_line
+from agentmesh.graph.source import KeyPath, SourceMap, did_you_mean, graph_error, one_line
 from agentmesh.graph.spec import IDENT_HINT, IDENT_PATTERN, GraphSpec
 
 if TYPE_CHECKING:
@@ -237,5 +237,4 @@ def dump_spec(spec: GraphSpec) -> str:
                      default_flow_style=False)
 
 
-__all__ = ["read_yaml", "spec_from_data", "load_spec", "load_graph", "dump_spec", "spec_to_data",
-           "format_key_path"]
+__all__ = ["read_yaml", "spec_from_data", "load_spec", "load_graph", "dump_spec", "spec_to_data"]

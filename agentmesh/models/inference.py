@@ -86,30 +86,49 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
-def _positions(mask: torch.Tensor, past: KVCache | None) -> torch.Tensor:
-    """Rotary positions (B, N) of new tokens: real tokens count up from the past's real length."""
-    start = 0 if past is None or past.attention_mask is None else past.attention_mask.sum(-1, keepdim=True)
-    return (start + mask.cumsum(-1) - 1).clamp(min=0)
-
-
 # ---- one forward pass --------------------------------------------------------------------------
-def _forward(lm: Any, input_ids: torch.Tensor, mask: torch.Tensor, past: KVCache | None,
-             *, logits: bool) -> tuple[torch.Tensor | None, KVCache]:
-    """Run `input_ids` (B, N) after `past`; return last-position logits (B, V) and the full cache."""
-    positions = _positions(mask, past)
-    full_mask = mask if past is None else torch.cat([past.attention_mask, mask], dim=1)
-    out = lm.model(
-        input_ids=input_ids.to(lm.device), attention_mask=full_mask.to(lm.device),
-        position_ids=positions.to(lm.device),
-        past_key_values=None if past is None else to_hf(past, lm.config),
-        use_cache=True, logits_to_keep=1)  # prefill needs no logits; 1 is the fewest
-    join = lambda old, new: new if old is None else torch.cat([old, new], dim=1)  # noqa: E731
-    cache = from_hf(
-        out.past_key_values, signature=lm.signature,
-        token_ids=join(None if past is None else past.token_ids, input_ids),
-        positions=join(None if past is None else past.positions, positions),
-        attention_mask=full_mask)
-    return (out.logits[:, -1].float() if logits else None), cache
+@dataclass
+class _Running:
+    """A transformers cache being extended in place, with the metadata `KVCache` keeps beside it.
+
+    Decoding holds one of these for its whole loop, so the cache is converted from and back to a
+    `KVCache` once per call rather than once per token.
+    """
+
+    hf: Any                      # transformers cache object, or None before the first forward
+    token_ids: torch.Tensor      # (B, N)
+    positions: torch.Tensor      # (B, N)
+    mask: torch.Tensor           # (B, N)
+
+    @classmethod
+    def start(cls, lm: Any, past: KVCache | None, batch: int) -> "_Running":
+        if past is None:
+            empty = torch.zeros(batch, 0, dtype=torch.long)
+            return cls(None, empty, empty, empty)
+        mask = past.attention_mask
+        if mask is None:
+            mask = torch.ones(past.batch_size, past.seq_len, dtype=torch.long)
+        ids = past.token_ids if past.token_ids is not None else torch.zeros_like(mask)
+        pos = past.positions if past.positions is not None else (mask.cumsum(-1) - 1).clamp(min=0)
+        return cls(to_hf(past.replace(attention_mask=mask), lm.config), ids.cpu(), pos.cpu(), mask.cpu())
+
+    def step(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Read `input_ids` (B, k) with their `mask`; return the last position's logits (B, V)."""
+        start = self.mask.sum(-1, keepdim=True)
+        positions = (start + mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count on from the past
+        self.mask = torch.cat([self.mask, mask], dim=1)
+        out = lm.model(
+            input_ids=input_ids.to(lm.device), attention_mask=self.mask.to(lm.device),
+            position_ids=positions.to(lm.device), past_key_values=self.hf, use_cache=True,
+            logits_to_keep=1)  # only the last position's logits are ever needed
+        self.hf = out.past_key_values
+        self.token_ids = torch.cat([self.token_ids, input_ids.cpu()], dim=1)
+        self.positions = torch.cat([self.positions, positions.cpu()], dim=1)
+        return out.logits[:, -1].float()
+
+    def cache(self, lm: Any) -> KVCache:
+        return from_hf(self.hf, signature=lm.signature, token_ids=self.token_ids,
+                       positions=self.positions, attention_mask=self.mask)
 
 
 @torch.no_grad()
@@ -124,10 +143,9 @@ def prefill(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
             raise ConfigError("prefill got an empty prompt and no past cache; give at least one token")
         return past
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
-    if past is not None and past.attention_mask is None:
-        past = past.replace(attention_mask=torch.ones(past.batch_size, past.seq_len, dtype=torch.long))
-    _, cache = _forward(lm, input_ids, mask, past, logits=False)
-    return cache
+    run = _Running.start(lm, past, input_ids.shape[0])
+    run.step(lm, input_ids, mask)
+    return run.cache(lm)
 
 
 @torch.no_grad()
@@ -135,8 +153,7 @@ def next_token_logits(lm: Any, past: KVCache | None, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, V) for the token after `input_ids` (B, k) read after `past`."""
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
-    logits, _ = _forward(lm, input_ids, mask, past, logits=True)
-    return logits
+    return _Running.start(lm, past, input_ids.shape[0]).step(lm, input_ids, mask)
 
 
 # ---- sampling ----------------------------------------------------------------------------------
@@ -188,9 +205,10 @@ def decode(lm: Any, cache: KVCache, input_ids: torch.Tensor, attention_mask: tor
     seen = prompt_ids if prompt_ids is not None else input_ids
     finished = torch.zeros(batch, dtype=torch.bool)
     out: list[torch.Tensor] = []
-    step_ids, step_mask, past = input_ids, mask, cache
+    step_ids, step_mask = input_ids, mask
+    run = _Running.start(lm, cache, batch)
     for step in range(gen.max_new_tokens):
-        logits, past = _forward(lm, step_ids, step_mask, past, logits=True)
+        logits = run.step(lm, step_ids, step_mask)
         tok = next_tokens(logits.cpu(), gen, seen, generator)
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
         out.append(tok)
@@ -210,7 +228,8 @@ def decode(lm: Any, cache: KVCache, input_ids: torch.Tensor, attention_mask: tor
         streamer.end()
     tokens = torch.stack(out, 1) if out else torch.empty(batch, 0, dtype=torch.long)
     # The cache holds the prompt and every new token but the last (which was never read back).
-    return DecodeOutput(tokens=tokens, cache=past if return_cache else None, finished=finished)
+    return DecodeOutput(tokens=tokens, cache=run.cache(lm) if return_cache and run.hf is not None else None,
+                        finished=finished)
 
 
 def _hit_stop(lm: Any, tokens: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:

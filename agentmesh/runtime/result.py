@@ -65,6 +65,7 @@ class RunResult(Mapping[str, AgentResult]):
     trace: Trace | None = None
     error: RunError | None = None
     latency_s: float = 0.0
+    prompts: dict[str, str] = field(default_factory=dict)  # each decoding agent's user message
 
     # ---- mapping --------------------------------------------------------------------------------
     def __getitem__(self, agent: str) -> AgentResult:

@@ -102,6 +102,13 @@ class LocalBroker:
         raise AssertionError("unreachable")
 
     def _launch(self, binary: str) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # Without this a broker already on the port would answer our readiness check.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((HOST, self.port))
+            except OSError as exc:
+                raise TransportError(f"cannot start mosquitto on {HOST}:{self.port}: {exc}") from None
         work = self._workdir
         lines = [f"listener {self.port} {HOST}", f"user {getpass.getuser()}",
                  f"log_dest file {work / 'mosquitto.log'}", "log_type error", "log_type warning",
@@ -122,15 +129,16 @@ class LocalBroker:
             lines += ["allow_anonymous true"]
         conf = work / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
-        self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        # stderr goes to a file: a pipe nobody reads could fill up and stall the broker.
+        with open(work / "stderr.log", "ab") as err:
+            self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                          stderr=err, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                err = (self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else "")
                 self._proc = None
                 raise TransportError(f"mosquitto exited while starting on {HOST}:{self.port}: "
-                                     f"{' '.join((err or self._log_tail()).split())[-300:]}")
+                                     f"{self._log_tail()}")
             try:
                 with socket.create_connection((HOST, self.port), timeout=0.2):
                     return
@@ -141,10 +149,13 @@ class LocalBroker:
                              f"{self.startup_timeout:.1f} s: {self._log_tail()}")
 
     def _log_tail(self) -> str:
-        try:
-            return " ".join(self.log_path.read_text(errors="replace").split())[-300:]
-        except OSError:
-            return "(no log)"
+        text = ""
+        for name in ("stderr.log", "mosquitto.log"):
+            try:
+                text += (self._workdir / name).read_text(errors="replace")
+            except OSError:
+                pass
+        return " ".join(text.split())[-300:] or "(no log)"
 
     def stop(self) -> None:
         """Stop mosquitto (SIGTERM, so it saves its persistence database; SIGKILL after 5 s)."""
@@ -158,8 +169,6 @@ class LocalBroker:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
-        if proc.stderr:
-            proc.stderr.close()
 
     def restart(self) -> None:
         """Stop and start again on the same port, keeping sessions when `persistence` is on."""

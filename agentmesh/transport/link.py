@@ -139,7 +139,10 @@ class Link(ABC):
     @abstractmethod
     async def send(self, channel: str, payload: bytes | bytearray | memoryview, *,
                    headers: Mapping[str, str] | None = None, timeout: float | None = None) -> str:
-        """Deliver `payload` on `channel`; returns the message id. Raises `TransportError`."""
+        """Deliver `payload` on `channel`; returns the message id. Raises `TransportError`.
+
+        The payload must not change until `send` returns (large payloads are not copied first).
+        """
 
     @abstractmethod
     async def receive_message(self, channel: str, timeout: float | None = None) -> LinkMessage:

@@ -236,6 +236,7 @@ class MqttLink(Link):
         self.client_id = self.config.client_id or f"agentmesh-{uuid.uuid4().hex[:16]}"
         self._queues: dict[str, asyncio.Queue[LinkMessage | TransportError]] = {}
         self._subscriptions: set[str] = set()
+        self._subscribing: dict[str, asyncio.Future[None]] = {}
         self._partials: dict[bytes, _Partial] = {}
         self._done: OrderedDict[bytes, None] = OrderedDict()
         self._conn: _Connection | None = None
@@ -395,8 +396,10 @@ class MqttLink(Link):
                 try:
                     conn = await self._connect(clean=False, deadline=loop.time() + self.config.connect_timeout)
                     break
-                except (_AuthRefused, aiomqtt.MqttError, OSError, asyncio.TimeoutError, ConfigError) as exc:
-                    self._last_error = str(exc) if isinstance(exc, _AuthRefused) else _describe(exc)
+                except Exception as exc:  # keep trying: waiters are bounded by their own timeouts
+                    self._last_error = _describe(exc)
+                    if not isinstance(exc, (aiomqtt.MqttError, OSError, asyncio.TimeoutError)):
+                        log.warning("MQTT link %s cannot reconnect: %s", self.client_id, self._last_error)
             self.reconnects += 1
             log.info("MQTT link %s reconnected to %s", self.client_id, self.config.url)
             self._set_connection(conn)
@@ -444,22 +447,40 @@ class MqttLink(Link):
         self._check_open()
         validate_channel(channel)
         self._queue(channel)
+        t = self._timeout(timeout)
+        what = f"subscribing to channel {channel!r}"
+        if channel in self._subscribing:  # another call is subscribing it: wait for that one
+            assert self._closed is not None
+            await wait_bounded(asyncio.shield(self._subscribing[channel]), t, self._closed, what)
+            return
         if channel in self._subscriptions:
             return
         self._subscriptions.add(channel)  # from now on every reconnect resubscribes it
-        deadline = asyncio.get_running_loop().time() + self._timeout(timeout)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._subscribing[channel] = done
+        try:
+            await self._subscribe_once(channel, t, what)
+            done.set_result(None)
+        except BaseException as exc:
+            self._subscriptions.discard(channel)
+            done.set_exception(exc if isinstance(exc, TransportError) else TransportError(f"{what}: failed"))
+            done.exception()  # retrieved here, so asyncio does not warn when nobody else waits
+            raise
+        finally:
+            del self._subscribing[channel]
+
+    async def _subscribe_once(self, channel: str, timeout: float, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
-            conn = await self._wait_connected(deadline, f"subscribing to channel {channel!r}")
+            conn = await self._wait_connected(deadline, what)
             try:
                 await self._subscribe_topics(conn, [channel], deadline)
                 return
-            except TransportError:
-                self._subscriptions.discard(channel)
-                raise
             except aiomqtt.MqttError as exc:  # lost the connection meanwhile: the reconnect resubscribes
                 self._last_error = _describe(exc)
-                if asyncio.get_running_loop().time() >= deadline:
-                    raise TransportError(f"subscribing to channel {channel!r} timed out: {self._last_error}") from None
+                if loop.time() >= deadline:
+                    raise TransportError(f"{what} timed out: {self._last_error}") from None
                 await asyncio.sleep(0.05)
 
     def _queue(self, channel: str) -> asyncio.Queue[LinkMessage | TransportError]:

@@ -1,0 +1,160 @@
+"""`agentmesh run FILE.yaml` and `agentmesh chat FILE.yaml`.
+
+The main app registers them with `app.command("run")(run_command)` and
+`app.command("chat")(chat_command)`; this module's own `app` holds both too (for tests and
+`python -m agentmesh.runtime.cli`). Every error is one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import orjson
+import typer
+
+from agentmesh.errors import AgentMeshError, RunError
+
+
+def _fail(error: BaseException | str) -> NoReturn:
+    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
+    raise typer.Exit(2)
+
+
+def _load(file: Path) -> Any:
+    from agentmesh.graph import Graph
+
+    return Graph.from_yaml(file)
+
+
+def _read_input(value: str | None) -> str | None:
+    if value != "-":
+        return value
+    return sys.stdin.read().strip()
+
+
+def _is_terminal() -> bool:
+    return bool(getattr(sys.stdout, "isatty", lambda: False)())
+
+
+def run_command(
+    file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).", show_default=False)],
+    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Text for {input}; '-' reads standard input. "
+                                                 "Default: the file's inputs.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result (outputs, timings, bytes, trace) as JSON.")]
+    = False,
+    trace: Annotated[Optional[Path], typer.Option("--trace", help="Write a Chrome trace of the run (open it in "
+                                                  "Perfetto).")] = None,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Show tokens as they come "
+                                                   "(default: on a terminal).")] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Stop the run after this many seconds.")]
+    = None,
+) -> None:
+    """Run a pipeline once and print each output agent's text, then latency and bytes per edge."""
+    from agentmesh.runtime.display import LiveView, PlainStream, footer, print_outputs
+    from agentmesh.runtime.plan import build_plan
+    from agentmesh.runtime.scheduler import run_graph
+
+    try:
+        graph = _load(file)
+        plan = build_plan(graph, validate=False)
+        text = _read_input(input)
+        graph.resolve_inputs(text)  # a missing input fails here, before any model loads
+    except AgentMeshError as e:
+        _fail(e)
+    terminal = _is_terminal() and not json_out
+    live_view = stream if stream is not None else terminal
+    try:
+        if terminal:
+            from rich.console import Console
+            from rich.live import Live
+
+            view = LiveView(plan, show_tokens=live_view)
+            with Live(view, console=Console(), refresh_per_second=8, transient=False):
+                result = run_graph(graph, text, on_event=view.on_event, timeout=timeout, validate=False)
+        elif live_view and not json_out:
+            plain = PlainStream(plan.outputs, sys.stdout.write, sys.stdout.flush)
+            result = run_graph(graph, text, on_event=plain.on_event, timeout=timeout, validate=False)
+            plain.end()
+        else:
+            result = run_graph(graph, text, timeout=timeout, validate=False)
+    except AgentMeshError as e:
+        _fail(e)
+    if trace is not None and result.trace is not None:
+        try:
+            result.trace.save_chrome(trace)
+        except OSError as e:
+            _fail(f"cannot write the trace to {trace}: {e.strerror or e}")
+    if json_out:
+        sys.stdout.write(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        if not live_view:  # otherwise the text was shown as it came
+            print_outputs(result, sys.stdout)
+        sys.stdout.write(footer(result) + "\n")
+    sys.stdout.flush()
+    if result.error is not None:
+        _fail(result.error)
+
+
+def chat_command(
+    file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).", show_default=False)],
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Show tokens as they come "
+                                                   "(default: on a terminal).")] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Stop a turn after this many seconds.")]
+    = None,
+) -> None:
+    """Chat with a pipeline: each line you type is one turn ({input}); 'exit' or end of input stops.
+
+    The conversation is kept, and every agent reuses its cache from the turn before.
+    """
+    from agentmesh.runtime.display import PlainStream
+    from agentmesh.runtime.session import ChatSession
+
+    try:
+        graph = _load(file)
+        session = ChatSession(graph, timeout=timeout)
+    except AgentMeshError as e:
+        _fail(e)
+    interactive = bool(getattr(sys.stdin, "isatty", lambda: False)())
+    live = stream if stream is not None else _is_terminal()
+    outputs = session.plan.outputs
+    failed: RunError | None = None
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.lower() in ("exit", "quit"):
+            break
+        plain = PlainStream(outputs, sys.stdout.write, sys.stdout.flush) if live else None
+        try:
+            result = session.send(text, on_event=None if plain is None else plain.on_event)
+        except AgentMeshError as e:
+            _fail(e)
+        if plain is not None:
+            plain.end()
+        else:
+            for name in outputs:
+                if name in result.agents:
+                    sys.stdout.write(f"{name}: {result.agents[name].text}\n")
+        sys.stdout.flush()
+        if result.error is not None:
+            failed = result.error
+            typer.echo(f"error: {' '.join(str(result.error).split())}", err=True)
+    if failed is not None:
+        raise typer.Exit(2)
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Run pipelines and chat with them.")
+app.command("run")(run_command)
+app.command("chat")(chat_command)
+
+
+if __name__ == "__main__":
+    app()

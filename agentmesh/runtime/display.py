@@ -1,0 +1,128 @@
+"""How the CLI shows a run: a live rich view on a terminal, plain text otherwise, and the footer."""
+from __future__ import annotations
+
+from typing import Any, Callable, TextIO
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from agentmesh.runtime.events import (AgentFailed, AgentFinished, AgentStarted, Event, PhaseStarted, Step, Token)
+from agentmesh.runtime.plan import RunPlan
+from agentmesh.runtime.result import RunResult
+
+_PHASES = {"load": "loading", "read": "reading", "prefill": "prefilling", "share": "sharing", "fuse": "fusing",
+           "decode": "decoding", "transfer": "sending", "text": "sending"}
+_STYLE = {"waiting": "dim", "done": "green", "failed": "bold red"}
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+class LiveView:
+    """A rich renderable updated from run events: one status row per agent, the outputs' text."""
+
+    def __init__(self, plan: RunPlan, *, show_tokens: bool = True):
+        self.plan = plan
+        self.show_tokens = show_tokens
+        self.status = {n: "waiting" for n in plan.agents}
+        self.tokens = {n: 0 for n in plan.agents}
+        self.text = {n: "" for n in plan.outputs}
+        self.detail: dict[str, str] = {}
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, AgentStarted):
+            self.status[event.agent] = "started"
+        elif isinstance(event, PhaseStarted):
+            self.status[event.agent] = _PHASES.get(event.kind, event.kind)
+        elif isinstance(event, Token):
+            self.tokens[event.agent] = self.tokens.get(event.agent, 0) + 1
+            if event.agent in self.text:
+                self.text[event.agent] += event.text
+        elif isinstance(event, Step) and event.span.kind == "decode":
+            self.tokens[event.agent] = event.span.tokens
+        elif isinstance(event, AgentFinished):
+            self.status[event.agent] = "done"
+            r = event.result
+            self.detail[event.agent] = (f"{r.latency_s:.2f} s" + (f", {r.tokens} tok" if r.tokens else "")
+                                        + (f", {r.prompt_tokens} read" if r.prompt_tokens else ""))
+            if event.agent in self.text:
+                self.text[event.agent] = event.text
+        elif isinstance(event, AgentFailed):
+            self.status[event.agent] = "failed"
+            self.detail[event.agent] = str(event.error)
+
+    def __rich__(self) -> Group:
+        table = Table(box=None, show_header=False, pad_edge=False)
+        table.add_column("agent", style="bold")
+        table.add_column("status")
+        table.add_column("detail", style="dim")
+        for name, status in self.status.items():
+            style = _STYLE.get(status, "yellow")
+            busy = status not in ("waiting", "done", "failed")
+            label = status + (f" ({self.tokens[name]} tok)" if busy and status == "decoding" else "")
+            table.add_row(name, Text(("… " if busy else "") + label, style=style), self.detail.get(name, ""))
+        parts: list[Any] = [table]
+        if self.show_tokens:
+            for name, text in self.text.items():
+                if text:
+                    parts.append(Panel(Text(text), title=name, title_align="left", border_style="cyan"))
+        return Group(*parts)
+
+
+class PlainStream:
+    """Streams the output agents' tokens as plain text: `name: text...` one agent at a time."""
+
+    def __init__(self, outputs: tuple[str, ...], write: Callable[[str], Any], flush: Callable[[], Any]):
+        self.outputs = set(outputs)
+        self.write = write
+        self.flush = flush
+        self.current: str | None = None
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, Token) and event.agent in self.outputs:
+            if self.current != event.agent:
+                self.write(("\n" if self.current is not None else "") + f"{event.agent}: ")
+                self.current = event.agent
+            self.write(event.text)
+            self.flush()
+
+    def end(self) -> None:
+        if self.current is not None:
+            self.write("\n")
+            self.flush()
+            self.current = None
+
+
+def print_outputs(result: RunResult, out: TextIO) -> None:
+    """Each output agent's text (under its name when there are several)."""
+    names = [n for n in result.outputs if n in result.agents]
+    for name in names:
+        if len(names) > 1:
+            out.write(f"== {name} ==\n")
+        out.write(result.agents[name].text + "\n")
+
+
+def footer(result: RunResult) -> str:
+    """Latency per output agent and bytes per edge, a few short lines."""
+    lines = ["---"]
+    parts = []
+    for name in result.outputs:
+        r = result.agents.get(name)
+        if r is not None:
+            ttft = f", first token {r.ttft_s:.2f} s" if r.ttft_s is not None else ""
+            parts.append(f"{name} {r.latency_s:.2f} s ({r.tokens} tokens{ttft})")
+    lines.append(f"latency {result.latency_s:.2f} s" + (f": {'; '.join(parts)}" if parts else ""))
+    if result.trace is not None:
+        for key, n in result.trace.bytes_by_edge().items():
+            edge = result.trace.edges.get(key)
+            kind = edge.label if edge is not None else ""
+            lines.append(f"edge {key} [{kind}] {human_bytes(n)}")
+    return "\n".join(lines)

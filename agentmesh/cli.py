@@ -3,13 +3,12 @@ and exit status 2; nothing prints a traceback at a user."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-from agentmesh.errors import AgentMeshError
+from agentmesh.errors import AgentMeshError, ConfigError
 
 app = typer.Typer(
     name="agentmesh", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -57,6 +56,8 @@ def generate(
 
     text = read_text_arg(prompt, "prompt")
     try:
+        if mode not in ("parallel", "sequential"):
+            raise ConfigError(f"--mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
         c2c = build_c2c_model(model, sharers=sharer, fusers=fuser, mode=mode, dtype=dtype)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         on_token = None
@@ -76,21 +77,34 @@ def generate(
 def _mount() -> None:
     """Attach the sub-command groups; each lives next to the code it drives."""
     from agentmesh.c2c.fuser_cli import app as fuser_app
+    from agentmesh.eval.cli import app as eval_app
     from agentmesh.graph.cli import app as graph_app
+    from agentmesh.runtime.cli import chat_command, run_command
 
+    app.command("run")(run_command)
+    app.command("chat")(chat_command)
     app.add_typer(graph_app, name="graph", help="Check and show pipeline files.")
     app.add_typer(fuser_app, name="fuser", help="Inspect, convert and download fusers.")
+    app.add_typer(eval_app)  # `eval` and `make-context-task`
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click's multi-line usage errors become one line too."""
     _mount()
+    command = typer.main.get_command(app)
     try:
-        app()
+        code = command.main(args=argv, prog_name="agentmesh", standalone_mode=False)
+    except typer.TyperException as e:  # click's usage errors, as typer vendors them
+        ctx = getattr(e, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        err.print(f"[bold red]error:[/] {e.format_message()}{where}", markup=True)
+        code = getattr(e, "exit_code", 2)
     except AgentMeshError as e:  # raised outside a command's own handler
         err.print(f"[bold red]error:[/] {e}", markup=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+        code = 2
+    except (KeyboardInterrupt, typer.Abort):
+        code = 130
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

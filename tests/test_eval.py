@@ -107,6 +107,11 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     ("The answer is a hat", None),
     ("None of these", None),
     ("The correct answer is E", None),       # out of range for 4 choices
+    ("The correct answer is A/B/C/D.", None),  # the prompt's format echoed back
+    ("B/C/D", None),
+    ("B/D", None),
+    ("B/Woldholt", "B"),
+    ("B. The correct answer is B.", "B"),
 ])
 def test_extract_letter(text: str, expected: str | None) -> None:
     assert extract_letter(text, 4) == expected

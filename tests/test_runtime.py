@@ -18,8 +18,7 @@ from agentmesh.graph import Graph
 from agentmesh.models.inference import GenerationConfig, decode, prefill
 from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.pool import ModelPool
-from agentmesh.runtime import (AgentFinished, ChatSession, RunFinished, Step, Token, arun_graph, build_plan,
-                               run_graph, stream_graph)
+from agentmesh.runtime import AgentFinished, ChatSession, RunFinished, Step, Token, build_plan, run_graph, stream_graph
 from agentmesh.runtime.prompts import reading_messages
 
 pytestmark = pytest.mark.timeout(120)
@@ -156,11 +155,15 @@ def test_independent_agents_run_concurrently(pool: ModelPool) -> None:
 
 
 # ---- prefix edges -------------------------------------------------------------------------------------
-def test_prefix_gives_the_same_greedy_tokens_as_one_prompt(pool: ModelPool, tiny: LoadedModel) -> None:
+@pytest.mark.parametrize("tokenizer", ["tiny", "smol"])
+def test_prefix_gives_the_same_greedy_tokens_as_one_prompt(pool: ModelPool, tiny_model_factory: Any,
+                                                          tokenizer: str) -> None:
+    tiny = tiny_model_factory("qwen3", tokenizer, seed=2)
+    pool.put("m", tiny)
     g = Graph("pw")
-    g.agent("programmer", model="tiny", role="You are a web programmer.",
+    g.agent("programmer", model="m", role="You are a web programmer.",
             context="<html><body><h1>Bakery</h1><p id=\"intro\"></p></body></html>")
-    g.agent("writer", model="tiny", role="You are a copywriter.", max_new_tokens=12)
+    g.agent("writer", model="m", role="You are a copywriter.", max_new_tokens=12)
     g.cache("programmer", "writer", mode="prefix")
     r = run_graph(g, "Write the intro paragraph.", pool=pool)
     assert r.ok, r.error
@@ -304,6 +307,17 @@ def test_a_failing_agent_ends_the_run_cleanly(pool: ModelPool) -> None:
     assert any(type(e).__name__ == "AgentFailed" and e.agent == "b" for e in events)
     with pytest.raises(KeyError, match="the run failed"):
         r["c"]
+
+
+def test_a_failure_does_not_wait_for_a_busy_thread(pool: ModelPool, tiny: LoadedModel) -> None:
+    pool.put("sleepy", _wrap(tiny, "sleepy", delay=6.0))
+    g = Graph("busy")
+    g.agent("a", model="sleepy", max_new_tokens=3)   # one uninterruptible 6 s forward pass
+    g.agent("b", model="broken", max_new_tokens=3)
+    t0 = time.perf_counter()
+    r = run_graph(g, "go", pool=pool)
+    assert time.perf_counter() - t0 < 4
+    assert r.error is not None and r.error.agent == "b" and "a" not in r
 
 
 def test_a_failing_sharer_is_named(pool: ModelPool, fuser_dir: Path) -> None:
@@ -463,6 +477,32 @@ def test_cli_run_json_and_trace(tmp_path: Path, tiny_dir: Path) -> None:
     plain = CliRunner().invoke(app, ["run", str(f), "--input", "Other words."])
     assert plain.exit_code == 0, plain.output
     assert "p->w" in plain.stdout and "latency" in plain.stdout
+    piped = CliRunner().invoke(app, ["run", str(f), "--input", "-", "--stream", "--json"], input="From stdin.")
+    assert piped.exit_code == 0 and json.loads(piped.stdout)["ok"]
+    streamed = CliRunner().invoke(app, ["run", str(f), "--stream"])
+    assert streamed.exit_code == 0 and streamed.stdout.startswith("w: ")
+
+
+def test_cli_run_failure_is_one_line_and_exit_2(tmp_path: Path, tiny_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from agentmesh.runtime.cli import app
+
+    f = tmp_path / "f.yaml"
+    f.write_text(f"""version: 1
+name: nofuser
+models:
+  t: {{ref: {tiny_dir}}}
+agents:
+  s: {{model: t}}
+  w: {{model: t, max_new_tokens: 3}}
+edges:
+  - {{from: s, to: w, type: cache, mode: fuse, fuser: ./missing_fuser}}
+""")
+    out = CliRunner().invoke(app, ["run", str(f), "--input", "x"])
+    assert out.exit_code == 2
+    assert out.stderr.startswith("error: agent w failed:") and "missing_fuser" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.output
 
 
 def test_cli_errors_are_one_line_with_exit_2(tmp_path: Path, tiny_dir: Path) -> None:
@@ -489,3 +529,41 @@ def test_cli_chat_keeps_history(tmp_path: Path, tiny_dir: Path) -> None:
     assert out.exit_code == 0, out.output
     answers = [line for line in out.stdout.splitlines() if line.startswith("w:")]
     assert len(answers) == 2
+
+
+# ---- caches over a link -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("wire", [None, "int8"])
+def test_linked_endpoint_sends_caches_over_a_link_and_counts_wire_bytes(pool: ModelPool, fuser_dir: Path,
+                                                                      wire: str | None) -> None:
+    from agentmesh.runtime import make_endpoints
+    from agentmesh.runtime.linked import LinkedEndpoint
+    from agentmesh.transport import InProcessLink
+
+    g = Graph("linked")
+    g.agent("p", model="tiny", context="<html>" + "<p>The quick brown fox jumps.</p>" * 20 + "</html>")
+    g.agent("helper", model="tiny2", context="hint")
+    g.agent("w", model="tiny", max_new_tokens=6)
+    g.agent("n", model="tiny", max_new_tokens=4)
+    g.cache("p", "w", mode="prefix")
+    g.cache("helper", "n", mode="fuse", fuser=str(fuser_dir))
+    question = "Please answer the question step by step. " * 10
+    local = run_graph(g, question, pool=pool)
+
+    async def main() -> Any:
+        async with InProcessLink(default_timeout=30) as link:
+            endpoints = make_endpoints(build_plan(g), pool)
+            for name in ("p", "helper"):
+                endpoints[name] = LinkedEndpoint(endpoints[name], link, wire_dtype=wire)
+            return await g.arun(question, endpoints=endpoints)
+
+    linked = asyncio.run(main())
+    assert linked.ok, linked.error
+    sizes, in_process = linked.bytes_by_edge(), local.bytes_by_edge()
+    assert len(linked.trace.of(kind="transfer")) == 2
+    for edge in ("p->w", "helper->n"):
+        if wire is None:   # lossless: the tensor bytes plus token ids, positions, mask and the header
+            assert in_process[edge] < sizes[edge] < 1.1 * in_process[edge] + 8192
+        else:              # int8: a quarter of the float32 tensor bytes, plus scales, token ids and the header
+            assert sizes[edge] < in_process[edge] / 2
+    if wire is None:
+        assert linked["w"].token_ids == local["w"].token_ids and linked["n"].token_ids == local["n"].token_ids

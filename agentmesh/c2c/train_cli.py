@@ -22,10 +22,17 @@ def train_command(
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (overrides the recipe)"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue from the newest checkpoint"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                          help="CPU threads for torch (1 is fastest on a busy machine)"),
 ) -> None:
     """Train a fuser; writes OUT/fuser (the fuser), checkpoints, history.json and loss_curve.png."""
     try:
+        import torch
+
         from agentmesh.c2c.training import TrainRecipe, train
+
+        if threads is not None:
+            torch.set_num_threads(threads)
 
         loaded = TrainRecipe.from_yaml(recipe)
         changes = {k: v for k, v in (("steps", steps), ("output", out)) if v is not None}

@@ -138,6 +138,7 @@ class TrainRecipe(_Strict):
     save_every: int = Field(100, ge=0)   # optimizer steps; 0: only at the end
     keep_checkpoints: int = Field(2, ge=1)
     gradient_checkpointing: bool = False
+    save_dtype: str | None = None  # dtype of the saved fuser (e.g. bfloat16 halves its size); None: as trained
     output: Path = Path("runs/fuser")
 
     @model_validator(mode="after")
@@ -484,13 +485,21 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def micro_batch(n: int, batch_size: int, seed: int, index: int) -> list[int]:
-    """Row indices of micro-batch `index`: each epoch is a fresh seeded shuffle of the n rows."""
+def micro_batch(n: int, batch_size: int, seed: int, index: int,
+                orders: dict[int, list[int]] | None = None) -> list[int]:
+    """Row indices of micro-batch `index`: each epoch is a fresh seeded shuffle of the n rows.
+
+    `orders` memoises the epochs' shuffles for one run (pass the same dict on every call).
+    """
     per_epoch = math.ceil(n / batch_size)
     epoch, k = divmod(index, per_epoch)
-    order = list(range(n))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order[k * batch_size:(k + 1) * batch_size]
+    orders = {} if orders is None else orders
+    if epoch not in orders:
+        order = list(range(n))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        orders.clear()  # only the current epoch is ever needed again
+        orders[epoch] = order
+    return orders[epoch][k * batch_size:(k + 1) * batch_size]
 
 
 def total_steps(recipe: TrainRecipe, num_rows: int) -> int:
@@ -732,64 +741,57 @@ def train(recipe: TrainRecipe | Mapping[str, Any], *, pool: Any = None, progress
             state.eval_losses.append([state.step, loss])
 
     end = steps if stop_at is None else min(steps, stop_at)
+    orders: dict[int, list[int]] = {}
     params = [p for p in fuser.parameters() if p.requires_grad]
     from tqdm.auto import tqdm
 
+    if state.step == 0:
+        evaluate()  # the receiver as if unfused: a fresh fuser's gates are closed at inference
     bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="train fuser", unit="step",
                dynamic_ncols=True)
-    evaluate()  # step 0: the receiver as if unfused (gates start closed at inference)
     try:
         with checkpointed_projectors(fuser, recipe.gradient_checkpointing):
             while state.step < end:
                 started = time.perf_counter()
+                first = state.step * recipe.grad_accum
                 micro = [collate([train_ex[i] for i in micro_batch(len(train_ex), recipe.batch_size, recipe.seed,
-                                                                  state.step * recipe.grad_accum + j)],
+                                                                  first + j, orders)],
                                  c2c, sharer_context=recipe.sharer_context)
                          for j in range(recipe.grad_accum)]
-                n_labels = sum(b.num_labels for b in micro)
-                loss_sum = 0.0
-                for b in micro:
-                    ce = batch_loss(c2c, b)
-                    (ce / n_labels).backward()  # token-weighted, as one batch of all micro-batches
-                    loss_sum += float(ce.detach())
-                if recipe.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-                lr = sched.get_last_lr()[0]
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                loss, lr = _optimizer_step(c2c, micro, opt, sched, params, recipe.grad_clip)
                 state.step += 1
                 fuser.update_temperature(state.step)
                 elapsed = time.perf_counter() - started
                 tokens = sum(b.num_tokens for b in micro)
-                state.losses.append(loss_sum / n_labels)
+                state.losses.append(loss)
                 state.lrs.append(lr)
                 state.tokens += tokens
                 state.seconds += elapsed
                 bar.update(1)
-                bar.set_postfix(loss=f"{state.losses[-1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
                 if recipe.eval_every and state.step % recipe.eval_every == 0:
                     evaluate()
-                    bar.set_postfix(loss=f"{state.losses[-1]:.3f}", eval=f"{state.eval_losses[-1][1]:.3f}")
+                    bar.set_postfix(loss=f"{loss:.3f}", eval=f"{state.eval_losses[-1][1]:.3f}")
                 if recipe.save_every and state.step % recipe.save_every == 0 and state.step < end:
                     save_checkpoint(out, fuser=fuser, opt=opt, sched=sched, state=state, recipe=recipe,
                                     data_sha256=fingerprint, keep=recipe.keep_checkpoints)
     finally:
         bar.close()
 
-    if state.step >= steps:
+    done = state.step >= steps
+    if done:
         evaluate()
     save_checkpoint(out, fuser=fuser, opt=opt, sched=sched, state=state, recipe=recipe,
                     data_sha256=fingerprint, keep=recipe.keep_checkpoints)
     (out / "history.json").write_text(json.dumps(state.__dict__), encoding="utf-8")
     plot_loss_curve(state, out / "loss_curve.png", title=f"{receiver.name} <- {sharer.name}")
-    final_eval = state.eval_losses[-1][1] if state.eval_losses and state.step >= steps else None
+    final_eval = state.eval_losses[-1][1] if state.eval_losses and done else None
     final_train = _final_train_loss(state.losses)
     fuser_dir = None
-    if state.step >= steps:
+    if done:
         provenance = {
             "trained_by": "agentmesh train", "recipe": recipe.model_dump(mode="json"),
-            "data_sha256": fingerprint, "train_rows": len(train_ex), "eval_rows": len(eval_ex),
+            "data": what, "data_sha256": fingerprint, "train_rows": len(train_ex), "eval_rows": len(eval_ex),
             "skipped_rows": {"train": skipped, "eval": eval_skipped}, "steps": state.step,
             "final_train_loss": final_train, "final_eval_loss": final_eval,
             "initial_eval_loss": state.eval_losses[0][1] if state.eval_losses else None,
@@ -805,15 +807,51 @@ def train(recipe: TrainRecipe | Mapping[str, Any], *, pool: Any = None, progress
                        final_eval_loss=final_eval, final_train_loss=final_train, data_sha256=fingerprint)
 
 
+def _optimizer_step(c2c: C2CModel, micro: Sequence[Batch], opt: torch.optim.Optimizer, sched: Any,
+                    params: Sequence[torch.nn.Parameter], grad_clip: float | None) -> tuple[float, float]:
+    """One optimizer step over the micro-batches; returns (loss per answer token, lr used)."""
+    n_labels = sum(b.num_labels for b in micro)
+    loss_sum = 0.0
+    for b in micro:
+        ce = batch_loss(c2c, b)
+        (ce / n_labels).backward()  # token-weighted, as if all micro-batches were one batch
+        loss_sum += float(ce.detach())
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum / n_labels, lr
+
+
 def _save_final(fuser: Fuser, folder: Path, provenance: dict[str, Any], recipe: TrainRecipe) -> Path:
     from agentmesh.c2c.checkpoints import save_fuser
 
     fuser.eval()
+    if recipe.save_dtype is not None:
+        fuser = cast_fuser(fuser, recipe.save_dtype)
     # The model refs the recipe names are what a user passes to load the pair again.
     ids = {"base_model": recipe.receiver, "teacher_model": recipe.sharer}
     fuser.config = replace(fuser.config, provenance={**fuser.config.provenance, **ids})
     save_fuser(fuser, folder, provenance=provenance)
     return folder
+
+
+def cast_fuser(fuser: Fuser, dtype: str | torch.dtype) -> Fuser:
+    """A copy of `fuser` whose projectors are rebuilt in `dtype` (their constructor argument too,
+    so the saved checkpoint says what it holds); the gate temperature buffers stay float32."""
+    from agentmesh.c2c.projector import dtype_name, parse_dtype
+    from agentmesh.c2c.registry import build_projector
+
+    name = dtype_name(parse_dtype(dtype))
+    args = tuple({**a, "dtype": name} for a in fuser.config.projector_args)
+    projectors = []
+    for p, a in zip(fuser.projectors, args):
+        q = build_projector(fuser.config.projector, a)
+        q.load_state_dict(p.state_dict())  # copy_ casts to q's dtypes
+        projectors.append(q.eval())
+    return Fuser(replace(fuser.config, projector_args=args), projectors).eval()
 
 
 def _version(dist: str) -> str | None:
@@ -827,7 +865,7 @@ def _version(dist: str) -> str | None:
 
 __all__ = [
     "Batch", "ChatRow", "ContextTaskRecipe", "DataRecipe", "Example", "InitRecipe", "ProjectorRecipe", "TrainRecipe", "TrainResult",
-    "TrainState", "batch_loss", "chat_row", "collate", "data_fingerprint", "held_out_loss", "load_rows",
+    "TrainState", "batch_loss", "cast_fuser", "chat_row", "collate", "data_fingerprint", "held_out_loss", "load_rows",
     "lr_factor", "micro_batch", "plot_loss_curve", "prepend_context", "sharer_context_ids", "tokenize_rows",
     "train",
 ]

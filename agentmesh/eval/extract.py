@@ -36,9 +36,17 @@ def _follows_word(text: str, end: int) -> bool:
     return len(stripped) < len(rest) and bool(stripped) and stripped[0].isalpha()
 
 
+# "A/B/C/D", "B/D": the format of the prompt echoed back, or a hedge; neither is an answer.
+_SLASH_NEXT = re.compile(r"/[A-Za-z](?![A-Za-z0-9])")
+_SLASH_PREV = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]/$")
+
+
 def _letter_ok(m: re.Match[str], text: str, letters: str) -> str | None:
     letter = m.group("letter")
     if letter.upper() not in letters:
+        return None
+    start, end = m.start("letter"), m.end("letter")
+    if _SLASH_NEXT.match(text, end) or _SLASH_PREV.search(text[:start]):
         return None
     wrapped = bool(m.group("open").strip()) and bool(m.group("close"))
     # "a"/"A" followed by a word is an article ("a cat", "A cat is ..."), not an answer.

@@ -97,12 +97,10 @@ def load_config(path: str | Path) -> EvalConfig:
 
 # ---- building the methods over real models ------------------------------------------------------
 def load_fuser(ref: str, receiver: Any, sharer: Any) -> Any:
-    """The trained fuser at `ref` for (receiver, sharer), through the checkpoints module."""
-    try:
-        from agentmesh.c2c.checkpoints import load_fuser as _load
-    except ImportError:
-        raise ConfigError(f"cannot load fuser {ref!r}: agentmesh.c2c.checkpoints.load_fuser is not available") from None
-    return _load(ref, receiver=receiver, sharer=sharer)
+    """The trained fuser at `ref`, checked against (receiver, sharer)."""
+    from agentmesh.c2c.checkpoints import load_any
+
+    return load_any(ref, receiver_signature=receiver.signature, sharer_signature=sharer.signature)
 
 
 def build_methods(config: EvalConfig, pool: Any = None) -> list[Method]:

@@ -9,9 +9,10 @@ An endpoint serves one agent and offers three async calls:
 * `text(TextRequest, share=[...]) -> TextOutput` — prefill its prompt (fusing its sharers' caches,
   whose prefills it starts concurrently with its own), then decode.
 
-`LocalEndpoint` runs the model in worker threads (`asyncio.to_thread`) so the event loop stays free.
+`LocalEndpoint` runs the model in worker threads (the run's executor) so the event loop stays free.
 A remote endpoint (over `agentmesh.transport` links) implements the same calls; it sets
-`is_local = False` and records its own "transfer" spans with the wire bytes of the caches it moves.
+`is_local = False` and records a "transfer" span (with the wire bytes) for every cache it sends;
+`LinkedEndpoint` (runtime/linked.py) shows how.
 
 Every endpoint keeps the unfused caches it computed and reuses the longest matching token prefix
 of any of them, so an agent never prefills the same tokens twice: its own reading is reused by its
@@ -20,9 +21,11 @@ turn, and in a chat session each turn prefills only what the last turn did not a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
 
 import torch
 
@@ -34,6 +37,8 @@ from agentmesh.models.streaming import TextDecoder
 from agentmesh.runtime.plan import FuseInput
 from agentmesh.runtime.prompts import Messages, cache_ids, common_prefix, extend_ids
 from agentmesh.runtime.trace import Trace, edge_key
+
+T = TypeVar("T")
 
 # (span_ids (1, N), span_mask (1, N), keep_last) -> the sharer's cache of the span's last keep_last positions
 ShareFn = Callable[[torch.Tensor, torch.Tensor, int], Awaitable[KVCache]]
@@ -52,6 +57,7 @@ class ReadRequest:
     messages: Messages = ()
     past: KVCache | None = None
     past_messages: Messages = ()
+    receivers: tuple[str, ...] = ()  # the agents that will continue from this reading (prefix edges)
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,12 @@ class CallContext:
     trace: Trace
     cancel: threading.Event = field(default_factory=threading.Event)
     on_token: Callable[[str, int], None] | None = None
+    executor: concurrent.futures.Executor | None = None  # None: the event loop's default executor
+
+    def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Awaitable[T]:
+        """Run `fn(*args, **kwargs)` in a worker thread. A run owns its executor, so when it stops it
+        never waits for a thread still busy (a model still loading, say) to return."""
+        return asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
     def check(self) -> None:
         if self.cancel.is_set():
@@ -177,17 +189,17 @@ class LocalEndpoint:
     def _load(self, ctx: CallContext) -> Any:
         with self._load_lock:
             if self._lm is None:
-                cached = self.model_ref in self.pool
-                start = ctx.trace.now()
-                lm = self.pool.get(self.model_ref, dtype=self.dtype, device=self.device)
-                if not cached:
-                    ctx.trace.record(self.agent, "load", start, detail=str(getattr(lm, "name", self.model_ref)))
-                self._lm = lm
+                if self.model_ref in self.pool:  # loaded already (or registered): nothing to time
+                    self._lm = self.pool.get(self.model_ref, dtype=self.dtype, device=self.device)
+                else:
+                    with ctx.trace.span(self.agent, "load") as sp:
+                        self._lm = self.pool.get(self.model_ref, dtype=self.dtype, device=self.device)
+                        sp.detail = str(getattr(self._lm, "name", self.model_ref))
         return self._lm
 
     async def load(self, ctx: CallContext) -> None:
         if self._lm is None:
-            await asyncio.to_thread(self._load, ctx)
+            await ctx.in_thread(self._load, ctx)
 
     async def _model(self, ctx: CallContext) -> Any:
         await self.load(ctx)
@@ -260,7 +272,7 @@ class LocalEndpoint:
             cache, _ = self._prefill(lm, ids, req.past, "read", ctx, "read")
             return cache
 
-        return await asyncio.to_thread(work)
+        return await ctx.in_thread(work)
 
     async def share(self, req: ShareRequest, ctx: CallContext) -> KVCache:
         lm = await self._model(ctx)
@@ -278,7 +290,7 @@ class LocalEndpoint:
             assert cache is not None
             return cache.slice_tokens(cache.seq_len - req.keep_last, None)
 
-        return await asyncio.to_thread(work)
+        return await ctx.in_thread(work)
 
     # ---- generating ---------------------------------------------------------------------------------
     def _fuser(self, lm: Any, ref: str) -> Fuser:
@@ -303,13 +315,13 @@ class LocalEndpoint:
         if len(share) != len(req.fuse):
             raise AgentMeshError(f"{self.agent}: {len(req.fuse)} fuse inputs but {len(share)} share functions")
         lm = await self._model(ctx)
-        ids = await asyncio.to_thread(self.prompt_ids, lm, req)
+        ids = await ctx.in_thread(self.prompt_ids, lm, req)
         span = ids[:-1]
         if not req.fuse:
-            cache, computed = await asyncio.to_thread(self._prefill, lm, span, req.past, "text", ctx, "prefill")
-            return await asyncio.to_thread(self._decode, lm, cache, ids, req, ctx, computed, True)
+            cache, computed = await ctx.in_thread(self._prefill, lm, span, req.past, "text", ctx, "prefill")
+            return await ctx.in_thread(self._decode, lm, cache, ids, req, ctx, computed, True)
         cache, computed = await self._fused_prefill(lm, span, req, ctx, share)
-        return await asyncio.to_thread(self._decode, lm, cache, ids, req, ctx, computed, False)
+        return await ctx.in_thread(self._decode, lm, cache, ids, req, ctx, computed, False)
 
     async def _fused_prefill(self, lm: Any, span: list[int], req: TextRequest, ctx: CallContext,
                              share: Sequence[ShareFn]) -> tuple[KVCache | None, int]:
@@ -327,8 +339,8 @@ class LocalEndpoint:
             return old.slice_tokens(0, start), 0
         span_ids = _row(span)
         span_mask = torch.ones_like(span_ids)
-        own = asyncio.to_thread(self._prefill, lm, span, req.past, "raw", ctx, "prefill")
-        fusers = asyncio.to_thread(self._load_fusers, lm, [f.fuser for f in req.fuse], ctx)
+        own = ctx.in_thread(self._prefill, lm, span, req.past, "raw", ctx, "prefill")
+        fusers = ctx.in_thread(self._load_fusers, lm, [f.fuser for f in req.fuse], ctx)
         shared = [fn(span_ids, span_mask, new) for fn in share]
         (raw, computed), loaded, *caches = await gather_or_cancel(own, fusers, *shared)
         ctx.check()
@@ -354,7 +366,7 @@ class LocalEndpoint:
                 self._fused = fused
             return fused
 
-        return await asyncio.to_thread(work), computed
+        return await ctx.in_thread(work), computed
 
     def _decode(self, lm: Any, cache: KVCache | None, ids: list[int], req: TextRequest, ctx: CallContext,
                 computed: int, keep: bool) -> TextOutput:

@@ -83,6 +83,9 @@ class _Run:
         self.emit = emit
         self.loop = asyncio.get_running_loop()
         self.cancel = threading.Event()
+        # Threads are named after the graph, so a trace tells which worker ran each step.
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(8, 3 * len(plan.agents)),
+                                                              thread_name_prefix=f"{plan.graph}")
         self.tasks: dict[tuple[str, str], asyncio.Task[Any]] = {}
         self.results: dict[str, AgentResult] = {}
         self.prompts: dict[str, str] = {}          # each decoding agent's user message this turn
@@ -99,12 +102,12 @@ class _Run:
             pass
 
     def ctx(self, agent: str, *, stream: bool = False) -> CallContext:
-        on_token = None
-        if stream:
-            def on_token(piece: str, token_id: int) -> None:
-                if piece:
-                    self._threadsafe(Token(agent, piece, token_id))
-        return CallContext(agent=agent, trace=self.trace, cancel=self.cancel, on_token=on_token)
+        def on_token(piece: str, token_id: int) -> None:
+            if piece:
+                self._threadsafe(Token(agent, piece, token_id))
+
+        return CallContext(agent=agent, trace=self.trace, cancel=self.cancel, on_token=on_token if stream else None,
+                           executor=self.executor)
 
     def _task(self, kind: str, name: str, make: Callable[[], Any]) -> asyncio.Future[Any]:
         key = (kind, name)
@@ -119,7 +122,7 @@ class _Run:
             return await coro
         except (asyncio.CancelledError, AgentFailure, RunCancelled):
             raise
-        except BaseException as e:  # noqa: BLE001 - every cause is reported, named by its agent
+        except Exception as e:  # noqa: BLE001 - every cause is reported, named by its agent
             raise AgentFailure(name, e) from e
 
     def _start(self, agent: str) -> None:
@@ -128,12 +131,13 @@ class _Run:
             self.emit(AgentStarted(agent))
 
     def _transfer(self, sender: str, receiver: str, cache: KVCache | None, tokens: int) -> None:
-        """Count a cache handed from `sender` to `receiver` in this process (links count their own)."""
+        """Count a cache handed from `sender` to `receiver` in this process. An endpoint that is not
+        local moves the caches it sends itself and records their wire bytes."""
         key = edge_key(sender, receiver)
         if cache is None or key in self._moved:
             return
         self._moved.add(key)
-        if self.endpoints[sender].is_local and self.endpoints[receiver].is_local:
+        if self.endpoints[sender].is_local:
             now = self.trace.now()
             self.trace.record(sender, "transfer", now, now, tokens=tokens, bytes=cache.nbytes, edge=key,
                               detail="in-process")
@@ -179,9 +183,13 @@ class _Run:
             return _Reading(past.cache, messages, past.cache, past.messages)
         self._start(name)
         start = self.trace.now()
-        cache = await self.endpoints[name].reading(ReadRequest(messages, past.cache, past.messages), self.ctx(name))
+        receivers = tuple(n for n, p in self.plan.agents.items() if p.prefix == name)
+        cache = await self.endpoints[name].reading(ReadRequest(messages, past.cache, past.messages, receivers),
+                                                   self.ctx(name))
         if not a.decode:
             self._reader_done(name, start, 0 if cache is None else cache.seq_len)
+            if not a.shares_with:  # a prefix sender's part ends with its reading
+                self._finish_reader(name)
         return _Reading(cache, messages, past.cache, past.messages)
 
     def _reader_done(self, name: str, start: float, prompt_tokens: int) -> None:
@@ -203,7 +211,7 @@ class _Run:
                 cache = await self.endpoints[sharer].share(req, self.ctx(sharer))
             except (asyncio.CancelledError, AgentFailure, RunCancelled):
                 raise
-            except BaseException as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001
                 raise AgentFailure(sharer, e) from e
             self._moved.discard(edge_key(sharer, receiver))  # every share is a new transfer
             self._transfer(sharer, receiver, cache, keep_last)
@@ -262,7 +270,22 @@ class _Run:
         return out.text
 
     # ---- the run ------------------------------------------------------------------------------------
+    def check_fusers(self) -> None:
+        """Fail before any model loads when a fuse edge's local fuser folder is missing or unreadable."""
+        from agentmesh.c2c.checkpoints import locate
+
+        for name, a in self.plan.agents.items():
+            for f in a.fuse:
+                if f.fuser.startswith("hf://"):
+                    continue  # may need a download: the receiver's endpoint fetches it
+                try:
+                    locate(f.fuser)
+                except AgentMeshError as e:
+                    raise AgentFailure(name, e) from e
+
     async def execute(self) -> None:
+        if all(ep.is_local for ep in self.endpoints.values()):
+            self.check_fusers()
         roots: list[Any] = []
         for name, ep in self.endpoints.items():
             roots.append(self._task("load", name, lambda ep=ep, name=name: ep.load(self.ctx(name))))
@@ -276,15 +299,20 @@ class _Run:
         self.finish_readers()
 
     def finish_readers(self) -> None:
-        for name, st in self._readers.items():
-            if name in self.results or "end" not in st:
-                continue
-            spans = [s for s in self.trace.of(name) if s.kind in ("read", "share")]
-            result = AgentResult(agent=name, latency_s=st["end"] - st["start"], prompt_tokens=st["prompt"],
-                                 prefilled_tokens=sum(s.tokens for s in spans), work=st["work"],
-                                 start_s=st["start"], end_s=st["end"])
-            self.results[name] = result
-            self.emit(AgentFinished(name, "", result))
+        """Results for the agents that only read or shared (a sharer is done when the run is)."""
+        for name in list(self._readers):
+            self._finish_reader(name)
+
+    def _finish_reader(self, name: str) -> None:
+        st = self._readers.get(name)
+        if st is None or name in self.results or "end" not in st:
+            return
+        spans = [s for s in self.trace.of(name) if s.kind in ("read", "share")]
+        result = AgentResult(agent=name, latency_s=st["end"] - st["start"], prompt_tokens=st["prompt"],
+                             prefilled_tokens=sum(s.tokens for s in spans), work=st["work"],
+                             start_s=st["start"], end_s=st["end"])
+        self.results[name] = result
+        self.emit(AgentFinished(name, "", result))
 
     async def stop(self) -> None:
         """Cancel every task still running and wait (briefly: threads stop at their next token)."""
@@ -294,15 +322,23 @@ class _Run:
             t.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        # Idle workers exit now; a busy one (a model load cannot be interrupted) finishes on its own.
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     def running(self) -> list[str]:
         return sorted({name for (_, name), t in self.tasks.items() if not t.done()})
 
 
 def _emitter(on_event: EventCallback | None) -> Callable[[Event], None]:
+    closed = False
+
     def emit(event: Event) -> None:
-        if on_event is not None:
-            on_event(event)
+        # Nothing follows RunFinished (a late callback from a stopping thread is dropped).
+        nonlocal closed
+        if on_event is None or closed:
+            return
+        closed = isinstance(event, RunFinished)
+        on_event(event)
 
     return emit
 
@@ -389,12 +425,13 @@ async def stream_graph(graph: Any, inputs: str | Mapping[str, str] | None = None
         queue.put_nowait(event)
 
     task = asyncio.ensure_future(arun_graph(graph, inputs, on_event=on_event, **opts))
+    getter: asyncio.Future[Event] | None = None
     try:
         while True:
             getter = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                # The run ended: raise what stopped it before its first event, or drain the queue.
                 if task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
                 while not queue.empty():
@@ -408,6 +445,8 @@ async def stream_graph(graph: Any, inputs: str | Mapping[str, str] | None = None
             if isinstance(event, RunFinished):
                 return
     finally:
+        if getter is not None and not getter.done():
+            getter.cancel()
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

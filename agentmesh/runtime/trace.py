@@ -144,12 +144,12 @@ class Trace:
         return max((s.end_s for s in spans), default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
+        moved = self.bytes_by_edge()
         return {
             "name": self.name,
             "duration_s": round(self.duration_s, 6),
-            "edges": {k: {"type": e.type, "mode": e.mode, "bytes": b}
-                      for k, e, b in ((k, e, self.bytes_by_edge().get(k, 0)) for k, e in self.edges.items())},
-            "bytes_by_edge": self.bytes_by_edge(),
+            "edges": {k: {"type": e.type, "mode": e.mode, "bytes": moved.get(k, 0)} for k, e in self.edges.items()},
+            "bytes_by_edge": moved,
             "spans": [s.to_dict() for s in self.spans],
         }
 

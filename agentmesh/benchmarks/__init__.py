@@ -1,0 +1,120 @@
+"""Benchmarks: one module per benchmark, shared by `bench/NAME.py` and `agentmesh bench NAME`.
+
+Each module has `NAME`, a frozen `Config` dataclass (defaults = the full run, `Config.quick()`
+= a run under two minutes on two CPU cores) and `run(cfg, ...) -> BenchResult`. `run_named`
+is what both entry points call: it builds the config, runs, prints the table and writes JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from agentmesh.errors import ConfigError
+
+BENCHMARKS: tuple[str, ...] = ("c2c_vs_t2t", "fusion_overhead", "batching", "codec", "mqtt", "scheduler")
+DESCRIPTIONS = {
+    "c2c_vs_t2t": "End-to-end latency per question: text-to-text vs cache-to-cache vs prefix (target >= 2.5x).",
+    "fusion_overhead": "C2C prefill over plain prefills at 256 tokens (target <= 1.15x); projector share per layer.",
+    "batching": "Fused generation throughput at batch 8 vs batch 1 (target >= 3x).",
+    "codec": "Cache codec encode+decode throughput per wire dtype (target >= 1 GB/s bf16, one core); bytes/token.",
+    "mqtt": "A 256-token cache of the embedded model over a loopback mosquitto (target >= 100 MB/s).",
+    "scheduler": "Per-agent scheduler overhead on a ten-agent graph, model time excluded (target <= 2 ms).",
+}
+
+
+def module(name: str) -> Any:
+    """The benchmark module called `name` (dashes or underscores)."""
+    key = name.replace("-", "_")
+    if key not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
+    return importlib.import_module(f"agentmesh.benchmarks.{key}")
+
+
+def make_config(name: str, *, quick: bool = False, device: str | None = None,
+                overrides: Sequence[str] = ()) -> Any:
+    """The `Config` of benchmark `name`: full or quick, with `key=value` overrides applied."""
+    mod = module(name)
+    changes = _parse_overrides(mod.Config, overrides)
+    fields = {f.name for f in dataclasses.fields(mod.Config)}
+    if device is not None:
+        if "device" not in fields:
+            raise ConfigError(f"benchmark {name!r} runs on the CPU only; drop --device")
+        changes["device"] = device
+    return mod.Config.quick(**changes) if quick else mod.Config(**changes)
+
+
+def _parse_overrides(cls: Any, overrides: Sequence[str]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {known}")
+        out[key] = _coerce(hints[key], raw.strip(), key)
+    return out
+
+
+def _coerce(hint: Any, raw: str, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if raw.lower() in ("none", "null", ""):
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if origin is tuple:
+            inner = args[0] if args else str
+            return tuple(_coerce(inner, part.strip(), key) for part in raw.split(",") if part.strip())
+        if hint is bool:
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        return hint(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--set {key}={raw!r}: expected a value of type {hint}") from None
+
+
+def run_named(name: str, *, quick: bool = False, json_path: str | Path | None = None, device: str | None = None,
+              threads: int | None = None, overrides: Sequence[str] = (), console: Any = None) -> Any:
+    """Run benchmark `name`, print its tables and write its JSON; returns the `BenchResult`."""
+    from agentmesh.benchmarks.common import print_result, set_threads, write_json
+
+    set_threads(threads)
+    cfg = make_config(name, quick=quick, device=device, overrides=overrides)
+    result = module(name).run(cfg)
+    result.config["quick"] = quick
+    print_result(result, console)
+    path = write_json(result, json_path)
+    if console is not None:
+        console.print(f"[dim]wrote {path}[/]")
+    else:
+        print(f"wrote {path}")
+    return result
+
+
+def script_main(name: str, argv: Sequence[str] | None = None) -> int:
+    """`python bench/NAME.py [--quick] [--json PATH] [--device D] [--threads N] [--set K=V ...]`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=f"bench/{name}.py", description=DESCRIPTIONS[name])
+    parser.add_argument("--quick", action="store_true", help="the small configuration (under two minutes)")
+    parser.add_argument("--json", dest="json_path", default=None,
+                        help=f"where to write the JSON (default bench/results/{name}.json)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (model benchmarks only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        run_named(name, quick=args.quick, json_path=args.json_path, device=args.device, threads=args.threads,
+                  overrides=args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,279 @@
+"""Benchmark 1: end-to-end latency per question of cache-to-cache against text-to-text.
+
+Same receiver, same sharer (the embedded model on both ends), the held-out questions of the
+context task: the sharer holds a passage, the receiver gets the question.
+
+* `t2t`:      the sharer writes `background_tokens` tokens of background (its EOS ignored, like
+              every other generation here), then the receiver prefills background + question and
+              answers.
+* `t2t_eos`:  the same, but the background stops at the sharer's EOS, as it would in a real run
+              (the embedded model writes one short sentence, about 20 tokens).
+* `c2c`:      the sharer prefills passage + question, the receiver prefills the question, the
+              fuser rewrites the receiver's cache, the receiver answers.
+* `prefix`:   the sharer prefills passage + question, the receiver continues from that cache.
+* `receiver`: the receiver answers alone (no sharer): the floor every method pays.
+
+Every method writes exactly `answer_tokens` answer tokens (EOS is ignored, `eos_token_id=[]`), so
+answers of different lengths never decide the ratio; a randomly initialised fuser (used until a
+trained one exists) would otherwise answer at random lengths. Methods are interleaved per
+question, after a warm-up question that is not counted.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from agentmesh.benchmarks.common import (
+    BenchResult, Target, bench_fuser, embedded_model, interleave, median, pct, sync, timed)
+
+NAME = "c2c_vs_t2t"
+TARGET_RATIO = 2.5
+
+
+@dataclass(frozen=True)
+class Config:
+    questions: int = 30
+    answer_tokens: int = 16
+    background_tokens: int = 64
+    repeats: int = 1                     # rounds per question (each question is a fresh sample)
+    breakdown_questions: int = 5         # questions whose stages are also timed one by one
+    sweep: tuple[int, ...] = (8, 32, 64)  # other answer lengths, t2t and c2c only
+    sweep_questions: int = 5
+    device: str = "cpu"
+    hidden_dim: int | None = None        # fuser width (None: the shipped recipe's)
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "Config":
+        return cls(**{"questions": 5, "breakdown_questions": 0, "sweep": (), **overrides})
+
+
+@dataclass
+class _Setup:
+    receiver: Any
+    sharer: Any
+    fuser: Any
+    fuser_source: str
+    engines: dict[str, Any] = field(default_factory=dict)
+
+
+def load_items(n: int, seed: int = 0) -> list[Any]:
+    """`n` held-out questions of the context task (each with its private passage)."""
+    from agentmesh.eval.context_task import generate_split
+    from agentmesh.eval.datasets import parse_rows
+
+    records = generate_split("test", n, seed=seed)
+    return list(parse_rows(records, shape="auto", source="context-task"))
+
+
+class Methods:
+    """The four methods over one receiver/sharer pair; each call answers one question."""
+
+    def __init__(self, setup: _Setup, cfg: Config):
+        from agentmesh.c2c.model import C2CModel
+
+        self.s, self.cfg = setup, cfg
+        self.sharer_alone = C2CModel(setup.sharer)
+        self.receiver_alone = C2CModel(setup.receiver)
+        self.c2c = C2CModel(setup.receiver, [setup.sharer], [setup.fuser])
+        self.last: dict[str, dict[str, int]] = {}
+
+    def _ids(self, lm: Any, messages: list[dict[str, str]]) -> torch.Tensor:
+        return torch.tensor([lm.chat_ids(messages)], dtype=torch.long)  # (1, N)
+
+    def t2t(self, item: Any, answer_tokens: int, *, stop_at_eos: bool = False) -> torch.Tensor:
+        from agentmesh.eval import prompts
+
+        sharer, receiver = self.s.sharer, self.s.receiver
+        bg_ids = self._ids(sharer, prompts.background_messages(item))
+        bg = self.sharer_alone.generate(bg_ids, max_new_tokens=self.cfg.background_tokens, do_sample=False,
+                                        eos_token_id=None if stop_at_eos else [])
+        background = sharer.decode(bg[0]).strip()
+        ids = self._ids(receiver, prompts.receiver_background_messages(item, background))
+        out = self.receiver_alone.generate(ids, max_new_tokens=answer_tokens, do_sample=False, eos_token_id=[])
+        self.last["t2t_eos" if stop_at_eos else "t2t"] = {
+            "sharer_prompt": bg_ids.shape[1], "background": _length(bg[0], sharer) if stop_at_eos else bg.shape[1],
+            "receiver_prompt": ids.shape[1], "answer": out.shape[1]}
+        return out
+
+    def t2t_eos(self, item: Any, answer_tokens: int) -> torch.Tensor:
+        return self.t2t(item, answer_tokens, stop_at_eos=True)
+
+    def c2c_inputs(self, item: Any) -> tuple[torch.Tensor, list[Any]]:
+        from agentmesh.c2c.model import SharerInput
+        from agentmesh.eval import prompts
+        from agentmesh.eval.adapters import sharer_context_ids
+
+        prompt = self.s.receiver.chat_ids(prompts.receiver_messages(item))
+        row = torch.tensor([sharer_context_ids(self.s.sharer, item.context or "") + prompt[:-1]], dtype=torch.long)
+        return torch.tensor([prompt], dtype=torch.long), [SharerInput(row, torch.ones_like(row))]
+
+    def run_c2c(self, item: Any, answer_tokens: int) -> torch.Tensor:
+        ids, sharer_inputs = self.c2c_inputs(item)
+        out = self.c2c.generate(ids, max_new_tokens=answer_tokens, do_sample=False, eos_token_id=[],
+                                sharer_inputs=sharer_inputs)
+        self.last["c2c"] = {"sharer_prompt": sharer_inputs[0].input_ids.shape[1], "receiver_prompt": ids.shape[1],
+                            "answer": out.shape[1]}
+        return out
+
+    def prefix(self, item: Any, answer_tokens: int) -> torch.Tensor:
+        from agentmesh.eval import prompts
+        from agentmesh.models.inference import decode, prefill
+
+        ids = self._ids(self.s.receiver, prompts.sharer_messages(item))  # passage + question
+        cache = prefill(self.s.sharer, ids[:, :-1])
+        gen = self.receiver_alone.generation_config(max_new_tokens=answer_tokens, eos_token_id=[])
+        out = decode(self.s.receiver, cache, ids[:, -1:], None, gen, pad_token_id=self.receiver_alone._pad_id(),
+                     prompt_ids=ids).tokens
+        self.last["prefix"] = {"sharer_prompt": ids.shape[1] - 1, "receiver_prompt": 1, "answer": out.shape[1]}
+        return out
+
+    def receiver(self, item: Any, answer_tokens: int) -> torch.Tensor:
+        from agentmesh.eval import prompts
+
+        ids = self._ids(self.s.receiver, prompts.receiver_messages(item))
+        out = self.receiver_alone.generate(ids, max_new_tokens=answer_tokens, do_sample=False, eos_token_id=[])
+        self.last["receiver"] = {"receiver_prompt": ids.shape[1], "answer": out.shape[1]}
+        return out
+
+    def table(self, answer_tokens: int, names: tuple[str, ...]) -> dict[str, Callable[[Any], Any]]:
+        every = {"t2t": self.t2t, "t2t_eos": self.t2t_eos, "c2c": self.run_c2c, "prefix": self.prefix,
+                 "receiver": self.receiver}
+        return {n: (lambda item, f=every[n]: f(item, answer_tokens)) for n in names}
+
+    # ---- stage breakdown -----------------------------------------------------------------------
+    def c2c_stages(self, item: Any, answer_tokens: int) -> dict[str, float]:
+        """Seconds of each C2C stage, run one by one (the same work `generate` does)."""
+        from agentmesh.c2c.fuser import fuse
+        from agentmesh.models.inference import decode, prefill
+
+        dev = self.s.receiver.device
+        ids, sharer_inputs = self.c2c_inputs(item)
+        mask = torch.ones_like(ids)
+        span_ids, span_mask = ids[:, :-1], mask[:, :-1]
+        t_sharer, span = timed(lambda: self.c2c.sharer_span(0, span_ids, span_mask, sharer_inputs[0]), dev)
+        t_receiver, cache = timed(lambda: prefill(self.s.receiver, span_ids, span_mask), dev)
+        with torch.no_grad():
+            t_fuse, fused = timed(lambda: fuse(cache, [span], "parallel"), dev)
+        gen = self.c2c.generation_config(max_new_tokens=answer_tokens, eos_token_id=[])
+        t_decode, _ = timed(lambda: decode(self.s.receiver, fused, ids[:, -1:], mask[:, -1:], gen,
+                                           pad_token_id=self.c2c._pad_id(), prompt_ids=ids), dev)
+        return {"sharer_prefill": t_sharer, "receiver_prefill": t_receiver, "fusion": t_fuse, "answer": t_decode}
+
+    def t2t_stages(self, item: Any, answer_tokens: int) -> dict[str, float]:
+        from agentmesh.eval import prompts
+
+        dev = self.s.receiver.device
+        sharer, receiver = self.s.sharer, self.s.receiver
+        bg_ids = self._ids(sharer, prompts.background_messages(item))
+        t_bg, bg = timed(lambda: self.sharer_alone.generate(
+            bg_ids, max_new_tokens=self.cfg.background_tokens, do_sample=False, eos_token_id=[]), dev)
+        background = sharer.decode(bg[0]).strip()
+        ids = self._ids(receiver, prompts.receiver_background_messages(item, background))
+        t_ans, _ = timed(lambda: self.receiver_alone.generate(ids, max_new_tokens=answer_tokens, do_sample=False,
+                                                              eos_token_id=[]), dev)
+        return {"sharer_background": t_bg, "receiver_prefill_and_answer": t_ans}
+
+
+def _length(tokens: torch.Tensor, lm: Any) -> int:
+    """Generated tokens up to and including the first EOS (batch-1 output is never padded)."""
+    eos = set(lm.eos_token_ids)
+    for i, t in enumerate(tokens.tolist()):
+        if t in eos:
+            return i + 1
+    return int(tokens.shape[0])
+
+
+def _measure(methods: Methods, items: list[Any], answer_tokens: int, names: tuple[str, ...], repeats: int,
+             device: str) -> tuple[dict[str, list[float]], dict[str, list[dict[str, int]]]]:
+    """Per method, the median latency of each question (methods interleaved per question)."""
+    table = methods.table(answer_tokens, names)
+    per_q: dict[str, list[float]] = {n: [] for n in names}
+    tokens: dict[str, list[dict[str, int]]] = {n: [] for n in names}
+    for item in items:
+        runs = interleave({n: (lambda f=table[n], it=item: f(it)) for n in names}, repeats=repeats, warmup=0,
+                          device=device)
+        for n in names:
+            per_q[n].append(median(runs[n]))
+            tokens[n].append(dict(methods.last.get(n, {})))
+    return per_q, tokens
+
+
+def run(cfg: Config = Config(), *, receiver: Any = None, sharer: Any = None, fuser: Any = None,
+        pool: Any = None) -> BenchResult:
+    """Run the benchmark; models default to the embedded one (loaded once, used on both ends)."""
+    if receiver is None:
+        receiver = embedded_model(pool, device=cfg.device)
+    sharer = sharer if sharer is not None else receiver
+    source = "given"
+    if fuser is None:
+        fuser, source = bench_fuser(receiver, sharer, hidden_dim=cfg.hidden_dim, seed=cfg.seed)
+    methods = Methods(_Setup(receiver, sharer, fuser, source), cfg)
+    n_items = max(cfg.questions, cfg.sweep_questions if cfg.sweep else 0, cfg.breakdown_questions)
+    items = load_items(n_items + 1, cfg.seed)
+    warm, items = items[0], items[1:]
+    names = ("t2t", "t2t_eos", "c2c", "prefix", "receiver")
+    with torch.no_grad():
+        for f in methods.table(cfg.answer_tokens, names).values():  # warm-up: kernels, allocator, caches
+            f(warm)
+        sync(cfg.device)
+        per_q, tokens = _measure(methods, items[:cfg.questions], cfg.answer_tokens, names, cfg.repeats, cfg.device)
+        stages_c2c = [methods.c2c_stages(it, cfg.answer_tokens) for it in items[:cfg.breakdown_questions]]
+        stages_t2t = [methods.t2t_stages(it, cfg.answer_tokens) for it in items[:cfg.breakdown_questions]]
+        sweep_rows = []
+        for length in cfg.sweep:
+            sq, _ = _measure(methods, items[:cfg.sweep_questions], length, ("t2t", "c2c", "prefix"), cfg.repeats,
+                             cfg.device)
+            sweep_rows.append({"answer_tokens": length, "t2t_s": median(sq["t2t"]), "c2c_s": median(sq["c2c"]),
+                               "prefix_s": median(sq["prefix"]),
+                               "t2t_over_c2c": median(a / b for a, b in zip(sq["t2t"], sq["c2c"]))})
+
+    ratios = [a / b for a, b in zip(per_q["t2t"], per_q["c2c"])]
+    rows = []
+    for n in names:
+        lat = per_q[n]
+        toks = tokens[n]
+        rows.append({
+            "method": n, "mean_s": sum(lat) / len(lat), "p50_s": median(lat), "p95_s": pct(lat, 0.95),
+            "vs_c2c": median(a / b for a, b in zip(lat, per_q["c2c"])),
+            "answer_tokens": median(t.get("answer", 0) for t in toks),
+            "background_tokens": median(t["background"] for t in toks) if n.startswith("t2t") else 0,
+            "sharer_prompt_tokens": median(t.get("sharer_prompt", 0) for t in toks),
+            "receiver_prompt_tokens": median(t.get("receiver_prompt", 0) for t in toks),
+        })
+    stage_rows = []
+    for method, stages in (("c2c", stages_c2c), ("t2t", stages_t2t)):
+        for key in (stages[0] if stages else {}):
+            stage_rows.append({"method": method, "stage": key, "median_s": median(s[key] for s in stages)})
+    summary = {
+        "t2t_over_c2c_median": median(ratios),
+        "t2t_over_c2c_of_means": sum(per_q["t2t"]) / sum(per_q["c2c"]),
+        "t2t_eos_over_c2c_median": median(a / b for a, b in zip(per_q["t2t_eos"], per_q["c2c"])),
+        "prefix_over_c2c_median": median(a / b for a, b in zip(per_q["prefix"], per_q["c2c"])),
+        "per_question_s": per_q,
+        "tokens": tokens,
+    }
+    notes = [
+        f"every generation ignores EOS (eos_token_id=[]): answers are {cfg.answer_tokens} tokens for every "
+        f"method, t2t background is {cfg.background_tokens} tokens; t2t_eos lets the background stop at the "
+        "sharer's EOS (answers still fixed)",
+        f"fuser: {source}; receiver and sharer: {receiver.name} (one model object)",
+        f"{len(per_q['c2c'])} questions, {cfg.repeats} round(s) each, methods interleaved, 1 warm-up question",
+    ]
+    extra: dict[str, tuple[list[str], list[dict[str, Any]]]] = {
+        "Stages (median seconds)": (["method", "stage", "median_s"], stage_rows)}
+    if sweep_rows:
+        extra["T2T / C2C by answer length"] = (
+            ["answer_tokens", "t2t_s", "c2c_s", "prefix_s", "t2t_over_c2c"], sweep_rows)
+    return BenchResult(
+        name=NAME, title=f"C2C vs T2T: end-to-end latency per question ({receiver.name}, batch 1)",
+        config={**asdict(cfg), "device": cfg.device, "fuser": source},
+        columns=["method", "mean_s", "p50_s", "p95_s", "vs_c2c", "answer_tokens", "background_tokens",
+                 "sharer_prompt_tokens", "receiver_prompt_tokens"],
+        rows=rows, summary=summary,
+        targets=[Target("T2T / C2C latency (median per question)", median(ratios), ">=", TARGET_RATIO, "x"),
+                 Target("T2T with background stopping at EOS / C2C", summary["t2t_eos_over_c2c_median"], ">=",
+                        TARGET_RATIO, "x")],
+        notes=notes, extra_tables=extra)

@@ -1,0 +1,78 @@
+"""The shipped pipelines and examples, end to end on the embedded model (SmolLM2-135M-Instruct).
+
+Slow: the model takes ~25 s to load (once per test session; the tests share the default pool).
+"""
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentmesh.errors import ModelLoadError
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _embedded_model() -> None:
+    from agentmesh.models.builtin import DEFAULT_MODEL, builtin_gguf_path
+
+    try:
+        builtin_gguf_path(DEFAULT_MODEL)
+    except ModelLoadError as e:
+        pytest.skip(str(e))
+
+
+def test_programmer_writer_pipeline_via_cli(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from agentmesh.models import default_pool
+    from agentmesh.runtime.cli import app
+
+    out = CliRunner().invoke(app, ["run", str(ROOT / "graphs" / "programmer_writer.yaml"), "--json",
+                                   "--trace", str(tmp_path / "trace.json")])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert data["ok"] and data["error"] is None
+    assert data["outputs"]["writer"].strip()
+    writer, programmer = data["agents"]["writer"], data["agents"]["programmer"]
+    assert programmer["work"] == "read" and programmer["prompt_tokens"] > 100  # the page skeleton
+    # The writer continued from the programmer's cache: it never prefilled the page itself.
+    assert writer["prefilled_tokens"] == writer["prompt_tokens"] - programmer["prompt_tokens"]
+    sig = default_pool().get("smollm2-135m-instruct").signature
+    per_token = 2 * sig.num_layers * sig.num_kv_heads * sig.head_dim * 4  # K and V, float32 on CPU
+    assert data["bytes_by_edge"]["programmer->writer"] == programmer["prompt_tokens"] * per_token
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    moved = [e for e in events if e["ph"] == "X" and e["args"].get("edge") == "programmer->writer"]
+    assert moved and moved[0]["args"]["bytes"] == data["bytes_by_edge"]["programmer->writer"]
+
+
+def test_combined_reasoning_pipeline() -> None:
+    from agentmesh.graph import Graph
+    from agentmesh.runtime import run_graph
+
+    g = Graph.from_yaml(ROOT / "graphs" / "combined_reasoning.yaml")
+    g.agents["planner"].max_new_tokens = 24
+    r = run_graph(g)
+    assert r.ok, r.error
+    assert r["hours"].text and r["planner"].text
+    assert r.prompts["planner"].startswith(f"Opening hours: {r['hours'].text}")
+    sizes = r.bytes_by_edge()
+    assert sizes["hours->planner"] == len(r["hours"].text.encode()) and sizes["closures->planner"] > 0
+    assert r["planner"].prefilled_tokens == r["planner"].prompt_tokens - r["closures"].prompt_tokens
+
+
+@pytest.mark.parametrize("script", ["programmer_writer.py", "combined_reasoning.py"])
+def test_examples_run(script: str, capsys: pytest.CaptureFixture[str], monkeypatch: Any) -> None:
+    monkeypatch.setattr(sys, "argv", [script, "--max-new-tokens", "12"])
+    runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "carried" in out and "total" in out
+    if script == "programmer_writer.py":
+        assert "=== comparison ===" in out and "cache edge (prefix)" in out and "text edge" in out

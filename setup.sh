@@ -25,3 +25,5 @@ if [ $want_tests = 1 ]; then
 else
   $PY -m pip install -q --disable-pip-version-check -e .
 fi
+# pyenv only sees new console scripts (the `agentmesh` command) after a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

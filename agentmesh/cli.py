@@ -77,6 +77,7 @@ def generate(
 def _mount() -> None:
     """Attach the sub-command groups; each lives next to the code it drives."""
     from agentmesh.c2c.fuser_cli import app as fuser_app
+    from agentmesh.c2c.train_cli import app as train_app
     from agentmesh.eval.cli import app as eval_app
     from agentmesh.graph.cli import app as graph_app
     from agentmesh.runtime.cli import chat_command, run_command
@@ -85,6 +86,7 @@ def _mount() -> None:
     app.command("chat")(chat_command)
     app.add_typer(graph_app, name="graph", help="Check and show pipeline files.")
     app.add_typer(fuser_app, name="fuser", help="Inspect, convert and download fusers.")
+    app.add_typer(train_app, name="train")
     app.add_typer(eval_app)  # `eval` and `make-context-task`
 
 

@@ -17,19 +17,20 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from agentmesh.c2c.checkpoints import load_fuser
-from agentmesh.c2c.model import C2CModel, SharerInput
+from agentmesh.c2c.model import C2CModel, SharerInput, context_ids
 from agentmesh.c2c.training import (
     IGNORE_INDEX,
     ChatRow,
+    DataRecipe,
     TrainRecipe,
     batch_loss,
     chat_row,
     checkpointed_projectors,
     collate,
     data_fingerprint,
+    load_rows,
     lr_factor,
     prepend_context,
-    sharer_context_ids,
     tokenize_rows,
     train,
 )
@@ -216,7 +217,7 @@ def test_saved_fuser_reloads_and_generates(trained, models, data):
     model = C2CModel(receiver, [sharer], [fuser])
     prompt = receiver.chat_ids([{"role": "user", "content": "What is the secret word?"}])
     ids = torch.tensor([prompt])
-    row = torch.tensor([sharer_context_ids(sharer, "The secret word is tiger.") + prompt[:-1]])
+    row = torch.tensor([context_ids(sharer, "The secret word is tiger.") + prompt[:-1]])
     out = model.generate(ids, max_new_tokens=6, sharer_inputs=[SharerInput(row, torch.ones_like(row))])
     assert out.shape[0] == 1 and 1 <= out.shape[1] <= 6
     # The fused cache changes what the receiver says compared with the receiver alone.
@@ -245,6 +246,18 @@ def test_openhermes_rows_and_labels_on_final_turn_only(models):
     assert (batch.labels[0] == IGNORE_INDEX).sum() == batch.labels.shape[1] - len(first)
     with pytest.raises(ConfigError, match="conversations\\[0\\]"):
         chat_row({"conversations": [{"from": "robot", "value": "x"}]})
+
+
+def test_context_task_rows_are_generated_and_fingerprinted():
+    d = DataRecipe(context_task={"n": 10, "seed": 3}, eval_fraction=0.1)
+    train_rows, held = load_rows(d, seed=0)
+    assert len(train_rows) == 9 and len(held) == 1
+    assert all(r.context and r.answer in r.context for r in train_rows + held)
+    assert all(r.prompt[-1]["role"] == "user" and "Question:" in r.prompt[-1]["content"] for r in train_rows)
+    again, _ = load_rows(d, seed=0)
+    assert data_fingerprint(again) == data_fingerprint(train_rows)
+    other, _ = load_rows(DataRecipe(context_task={"n": 10, "seed": 4}, eval_fraction=0.1), seed=0)
+    assert data_fingerprint(other) != data_fingerprint(train_rows)
 
 
 def test_prepend_context_shifts_gather_indices():
@@ -293,12 +306,15 @@ def test_cli_trains_from_yaml_and_reports_errors(tiny_tokenizer, data, tmp_path)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({"receiver": str(rec), "sharer": str(rec), "sharer_context": True,
                                     "projector": PROJ, "data": {"path": str(data[0]), "eval_fraction": 0.25},
-                                    "epochs": 1, "batch_size": 8, "output": str(tmp_path / "unused")}))
+                                    "epochs": 1, "batch_size": 8, "save_dtype": "bfloat16",
+                                    "output": str(tmp_path / "unused")}))
     runner = CliRunner()
     res = runner.invoke(app, [str(path), "--steps", "2", "--out", str(tmp_path / "cli"), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "trained 2/2 steps" in res.output
-    assert load_fuser(tmp_path / "cli" / "fuser").receiver.num_layers == 2
+    fuser = load_fuser(tmp_path / "cli" / "fuser")
+    assert fuser.receiver.num_layers == 2
+    assert all(p.dtype == torch.bfloat16 and p.gate_temperature.dtype == torch.float32 for p in fuser.projectors)
     assert not (tmp_path / "unused").exists()
     path.write_text("data: {path: x.jsonl}\nlr: -1\n")
     res = runner.invoke(app, [str(path)])

@@ -104,10 +104,10 @@ class Methods:
     def c2c_inputs(self, item: Any) -> tuple[torch.Tensor, list[Any]]:
         from agentmesh.c2c.model import SharerInput
         from agentmesh.eval import prompts
-        from agentmesh.eval.adapters import sharer_context_ids
+        from agentmesh.c2c.model import context_ids
 
         prompt = self.s.receiver.chat_ids(prompts.receiver_messages(item))
-        row = torch.tensor([sharer_context_ids(self.s.sharer, item.context or "") + prompt[:-1]], dtype=torch.long)
+        row = torch.tensor([context_ids(self.s.sharer, item.context or "") + prompt[:-1]], dtype=torch.long)
         return torch.tensor([prompt], dtype=torch.long), [SharerInput(row, torch.ones_like(row))]
 
     def run_c2c(self, item: Any, answer_tokens: int) -> torch.Tensor:

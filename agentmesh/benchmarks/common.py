@@ -162,7 +162,8 @@ def print_result(result: BenchResult, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    # Wide enough for every column; a pipe would otherwise get 80 columns and truncated cells.
+    console = console or Console(width=max(Console().width, 150))
     for title, (columns, rows) in [(result.title, (result.columns, result.rows)), *result.extra_tables.items()]:
         table = Table(title=title, title_justify="left")
         for col in columns:

@@ -33,7 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agentmesh.c2c.fuser import Fuser, fuse
-from agentmesh.c2c.model import C2CModel, SharerInput
+from agentmesh.c2c.model import C2CModel, SharerInput, context_ids
 from agentmesh.cache.hf import to_hf
 from agentmesh.errors import CheckpointError, ConfigError
 from agentmesh.models.builtin import DEFAULT_MODEL
@@ -322,16 +322,6 @@ class Batch:
     num_tokens: int                # real tokens read by both models (throughput)
 
 
-def sharer_context_ids(sharer: Any, context: str) -> list[int]:
-    """The sharer's tokens for a private context, read before the shared prompt span.
-
-    The evaluation's own function, so a fuser is trained on exactly what it is evaluated on.
-    """
-    from agentmesh.eval.adapters import sharer_context_ids as eval_sharer_context_ids
-
-    return list(eval_sharer_context_ids(sharer, context))
-
-
 def prepend_context(given: SharerInput, context_ids: Sequence[Sequence[int]], pad_id: int) -> SharerInput:
     """`given` (left-padded) with each row's context tokens put in front; gather indices follow."""
     rows = []
@@ -382,7 +372,7 @@ def tokenize_rows(rows: Sequence[ChatRow], receiver: Any, sharer: Any, *, sharer
         if len(prompt_ids) < 2 or len(prompt_ids) + len(answer_ids) > max_length:
             skipped += 1
             continue
-        ctx = sharer_context_ids(sharer, r.context) if sharer_context and r.context else []
+        ctx = context_ids(sharer, r.context) if sharer_context and r.context else []
         out.append(Example(r, tuple(prompt_ids), tuple(answer_ids), tuple(ctx)))
     return out, skipped
 
@@ -866,6 +856,6 @@ def _version(dist: str) -> str | None:
 __all__ = [
     "Batch", "ChatRow", "ContextTaskRecipe", "DataRecipe", "Example", "InitRecipe", "ProjectorRecipe", "TrainRecipe", "TrainResult",
     "TrainState", "batch_loss", "cast_fuser", "chat_row", "collate", "data_fingerprint", "held_out_loss", "load_rows",
-    "lr_factor", "micro_batch", "plot_loss_curve", "prepend_context", "sharer_context_ids", "tokenize_rows",
+    "lr_factor", "micro_batch", "plot_loss_curve", "prepend_context", "tokenize_rows",
     "train",
 ]

@@ -18,7 +18,7 @@ import torch
 from agentmesh.cache.kv import KVCache, ModelSignature
 from agentmesh.errors import ConfigError
 from agentmesh.eval.methods import CacheGeneration, Messages, OnToken
-from agentmesh.eval.prompts import passage_preamble
+from agentmesh.c2c.model import context_ids
 
 
 def kv_nbytes(signature: ModelSignature, tokens: int, dtype: torch.dtype) -> int:
@@ -33,15 +33,6 @@ def cache_wire_nbytes(cache: KVCache, wire_dtype: torch.dtype | None) -> int:
         return cache.nbytes
     scale = torch.empty((), dtype=wire_dtype).element_size()
     return cache.nbytes // cache.keys[0].element_size() * scale
-
-
-def sharer_context_ids(sharer: Any, passage: str) -> list[int]:
-    """The tokens a sharer reads before the shared prompt when it holds a private passage.
-
-    The sharer's input is `sharer_context_ids(...) + prompt_ids[:-1]`; the last N positions are
-    the fused span. Fuser training on the context task must build the sharer input the same way.
-    """
-    return list(sharer.encode(passage_preamble(passage)))
 
 
 def _token_callback(tokenizer: Any, on_token: OnToken | None) -> Callable[[int, torch.Tensor], None] | None:
@@ -109,7 +100,7 @@ class C2CGenerator:
             mask = torch.ones_like(ids)
             sharer_inputs: Sequence[Any] | None = []
             for sharer in model.sharers:
-                row = torch.tensor([sharer_context_ids(sharer, sharer_context) + prompt[:-1]], dtype=torch.long)
+                row = torch.tensor([context_ids(sharer, sharer_context) + prompt[:-1]], dtype=torch.long)
                 sharer_inputs.append(SharerInput(row, torch.ones_like(row)))  # (1, P + N - 1)
         else:
             ids, mask, sharer_inputs = model.encode_chat([messages])
@@ -145,11 +136,10 @@ class PrefixGenerator:
                             on_token: OnToken | None = None) -> CacheGeneration:
         from agentmesh.models.inference import decode, prefill
 
-        if sharer_context:
-            messages = [{**m} for m in messages]
-            messages[-1]["content"] = passage_preamble(sharer_context) + messages[-1]["content"]
-        prompt = self.receiver.chat_ids(messages)
-        ids = torch.tensor([prompt], dtype=torch.long)  # (1, N)
+        # The sharer's reading of its passage, then the receiver's own turn: the layout of a graph's
+        # prefix edge, and of what the fused sharer reads in `C2CGenerator`.
+        reading = context_ids(self.sharer, sharer_context) if sharer_context else []
+        ids = torch.tensor([reading + self.receiver.chat_ids(messages)], dtype=torch.long)  # (1, N)
         if ids.shape[1] < 2:
             raise ConfigError("prefix needs a prompt of at least two tokens")
         cache = prefill(self.sharer, ids[:, :-1])  # the sharer's work: (1, H, N-1, D) per layer

@@ -1,0 +1,65 @@
+"""`agentmesh bench NAME [--quick]`: the benchmarks of `bench/`, from the command line.
+
+`app` is a typer sub-app (one command per benchmark, plus `all`), mounted by the main CLI with
+`app.add_typer(bench.app, name="bench")`. Both this and `python bench/NAME.py` call
+`agentmesh.benchmarks.run_named`, so they measure exactly the same thing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from agentmesh.benchmarks import BENCHMARKS, DESCRIPTIONS
+from agentmesh.errors import AgentMeshError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Measure latency, overhead and throughput; each benchmark prints a table and writes JSON.")
+
+
+def _fail(error: AgentMeshError) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+def _command(name: str) -> Callable[..., None]:
+    def command(
+        quick: bool = typer.Option(False, "--quick", help="The small configuration (under two minutes)."),
+        json_path: Optional[Path] = typer.Option(None, "--json", help=f"JSON output (default bench/results/{name}.json)."),
+        device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (model benchmarks only)."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
+        overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config field."),
+    ) -> None:
+        from agentmesh.benchmarks import run_named
+
+        try:
+            run_named(name, quick=quick, json_path=json_path, device=device, threads=threads, overrides=overrides)
+        except AgentMeshError as e:
+            _fail(e)
+
+    command.__doc__ = DESCRIPTIONS[name]
+    return command
+
+
+for _name in BENCHMARKS:
+    app.command(_name)(_command(_name))
+    if "_" in _name:  # c2c-vs-t2t works too
+        app.command(_name.replace("_", "-"), hidden=True)(_command(_name))
+
+
+@app.command("all")
+def run_all(
+    quick: bool = typer.Option(False, "--quick", help="The small configuration of each benchmark."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the JSON files (default bench/results)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
+) -> None:
+    """Run every benchmark, one after another."""
+    from agentmesh.benchmarks import run_named
+
+    try:
+        for name in BENCHMARKS:
+            run_named(name, quick=quick, threads=threads,
+                      json_path=None if out_dir is None else out_dir / f"{name}.json")
+    except AgentMeshError as e:
+        _fail(e)

@@ -63,3 +63,15 @@ def run_all(
                       json_path=None if out_dir is None else out_dir / f"{name}.json")
     except AgentMeshError as e:
         _fail(e)
+
+
+@app.command("report")
+def report(
+    results: Path = typer.Option(Path("bench") / "results", "--results", help="Folder of benchmark JSON files."),
+    out: Path = typer.Option(Path("bench") / "RESULTS.md", "--out", help="Markdown file to write."),
+    machine: Optional[str] = typer.Option(None, "--machine", help='Machine label, e.g. "2-core CPU, no GPU".'),
+) -> None:
+    """Write the results table (figures, targets, machine, commands) from the JSON files."""
+    from agentmesh.benchmarks.report import write
+
+    typer.echo(f"wrote {write(out, results, machine_label=machine)}")

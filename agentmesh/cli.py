@@ -88,6 +88,8 @@ def _mount() -> None:
     app.add_typer(fuser_app, name="fuser", help="Inspect, convert and download fusers.")
     app.add_typer(train_app, name="train")
     app.add_typer(eval_app)  # `eval` and `make-context-task`
+    from agentmesh.transport.cli import worker_command
+    app.command("worker")(worker_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,7 @@ class Config:
     new_tokens: int = 64
     repeats: int = 4
     device: str = "cpu"
+    dtype: str = "auto"                  # model dtype ("auto": float32 on CPU, bfloat16 on GPU)
     hidden_dim: int | None = None
     seed: int = 0
 
@@ -48,7 +49,7 @@ def run(cfg: Config = Config(), *, receiver: Any = None, sharer: Any = None, fus
     from agentmesh.models.inference import decode, pad_sequences
 
     if receiver is None:
-        receiver = embedded_model(pool, device=cfg.device)
+        receiver = embedded_model(pool, device=cfg.device, dtype=cfg.dtype)
     sharer = sharer if sharer is not None else receiver
     source = "given"
     if fuser is None:
@@ -86,21 +87,33 @@ def run(cfg: Config = Config(), *, receiver: Any = None, sharer: Any = None, fus
         key = str(b)
         tokens = b * cfg.new_tokens
         table.append({"batch": b, "e2e_s": median(e2e[key]), "e2e_tokens_per_s": tokens / median(e2e[key]),
+                      "e2e_cpu_tokens_per_s": tokens / median(e2e.cpu[key]),
                       "decode_s": median(dec[key]), "decode_tokens_per_s": tokens / median(dec[key]),
+                      "decode_cpu_tokens_per_s": tokens / median(dec.cpu[key]),
                       "prompt_tokens": int(big_mask.sum()) if b > 1 else int(singles[0][1].sum())})
     ratio_e2e = table[1]["e2e_tokens_per_s"] / table[0]["e2e_tokens_per_s"]
     ratio_dec = table[1]["decode_tokens_per_s"] / table[0]["decode_tokens_per_s"]
+    ratio_e2e_cpu = table[1]["e2e_cpu_tokens_per_s"] / table[0]["e2e_cpu_tokens_per_s"]
+    ratio_dec_cpu = table[1]["decode_cpu_tokens_per_s"] / table[0]["decode_cpu_tokens_per_s"]
     summary = {"e2e_throughput_ratio": ratio_e2e, "decode_throughput_ratio": ratio_dec,
-               "e2e_times_s": e2e, "decode_times_s": dec, "padded_width": big_ids.shape[1]}
+               "e2e_throughput_ratio_cpu": ratio_e2e_cpu, "decode_throughput_ratio_cpu": ratio_dec_cpu,
+               "e2e_times_s": e2e.wall, "decode_times_s": dec.wall, "e2e_cpu_s": e2e.cpu, "decode_cpu_s": dec.cpu,
+               "padded_width": big_ids.shape[1]}
     return BenchResult(
         name=NAME, title=f"Fused generation throughput, batch {cfg.batch} vs 1 ({receiver.name})",
         config={**asdict(cfg), "fuser": source},
-        columns=["batch", "e2e_s", "e2e_tokens_per_s", "decode_s", "decode_tokens_per_s", "prompt_tokens"],
+        columns=["batch", "e2e_s", "e2e_tokens_per_s", "e2e_cpu_tokens_per_s", "decode_s", "decode_tokens_per_s",
+                 "decode_cpu_tokens_per_s", "prompt_tokens"],
         rows=table, summary=summary,
-        targets=[Target(f"batch {cfg.batch} / batch 1 tokens/s, end to end", ratio_e2e, ">=", TARGET_RATIO, "x"),
-                 Target(f"batch {cfg.batch} / batch 1 tokens/s, decoding only", ratio_dec, ">=", TARGET_RATIO, "x")],
+        targets=[Target(f"batch {cfg.batch} / batch 1 tokens/s, end to end (wall clock)", ratio_e2e, ">=",
+                        TARGET_RATIO, "x"),
+                 Target(f"batch {cfg.batch} / batch 1 tokens/s, end to end (CPU time)", ratio_e2e_cpu, ">=",
+                        TARGET_RATIO, "x"),
+                 Target(f"batch {cfg.batch} / batch 1 tokens/s, decoding only (wall clock)", ratio_dec, ">=",
+                        TARGET_RATIO, "x")],
         notes=[f"{cfg.new_tokens} new tokens per row (EOS ignored); fuser: {source}; "
                f"{cfg.repeats} interleaved rounds after 1 warm-up; batch-1 rounds rotate over the "
                f"{cfg.batch} questions, batch-1 decoding uses the first",
                "end to end includes the receiver's and the sharer's prefill and the fusion: on a CPU, prefill is "
-               "compute-bound and costs batch times as much, so only the decoding part gains from batching"])
+               "compute-bound and costs batch times as much, so only the decoding part gains from batching",
+               "*_cpu_*: from this process's CPU time (steadier than the wall clock on a shared machine)"])

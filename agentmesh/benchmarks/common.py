@@ -23,6 +23,8 @@ import torch
 from agentmesh.errors import ConfigError
 
 RESULTS_DIR = Path("bench") / "results"
+# Where the shipped fuser of the embedded model lives (the first that exists is timed).
+TRAINED_FUSERS = (Path("fusers") / "smollm2_context", Path("runs") / "smollm2_context" / "fuser")
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -47,23 +49,47 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
+@dataclass
+class Runs:
+    """Seconds per method and round: wall-clock time, and this process's CPU time (all threads).
+
+    On a shared machine the wall clock also counts the moments another process held the core; with
+    one torch thread, CPU time counts only this process's own work, so its ratios are steadier.
+    `runs[name]` is the wall-clock list.
+    """
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+
+    def __getitem__(self, name: str) -> list[float]:
+        return self.wall[name]
+
+    def paired_ratio(self, num: str, den: str, clock: str = "wall") -> float:
+        """Median over rounds of time(num) / time(den): each pair ran back to back."""
+        t = self.wall if clock == "wall" else self.cpu
+        return median(a / b for a, b in zip(t[num], t[den]) if b > 0)
+
+
 def interleave(methods: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
-               device: torch.device | str | None = None) -> dict[str, list[float]]:
+               device: torch.device | str | None = None) -> Runs:
     """Run every method `warmup` times (discarded), then `repeats` rounds of all of them.
 
     Each round starts with the next method in turn (round r begins at method r mod M), so no
-    method is always the one that runs first after a pause. Returns seconds per method.
+    method is always the one that runs first after a pause.
     """
     names = list(methods)
     for _ in range(warmup):
         for name in names:
             timed(methods[name], device)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    runs = Runs({n: [] for n in names}, {n: [] for n in names})
     for r in range(repeats):
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
-            times[name].append(timed(methods[name], device)[0])
-    return times
+            c0 = time.process_time()
+            wall, _ = timed(methods[name], device)
+            runs.cpu[name].append(time.process_time() - c0)
+            runs.wall[name].append(wall)
+    return runs
 
 
 @dataclass(frozen=True)
@@ -292,8 +318,8 @@ def _find_key(data: Any, key: str) -> Any:
 
 
 def bench_fuser(receiver: Any, sharer: Any, *, hidden_dim: int | None = None, seed: int = 0) -> tuple[Any, str]:
-    """(fuser, where it came from): the trained one in `fusers/smollm2_context/` when it exists and
-    fits the models, else a fresh one of the shipped size (latency depends on shapes and on how
+    """(fuser, where it came from): the trained one (`TRAINED_FUSERS`) when it exists and fits the
+    models, else a fresh one of the shipped size (latency depends on shapes and on how
     many tokens are generated, not on weight values).
 
     A fresh fuser's gates are opened so its output really differs from the receiver's own cache;
@@ -301,8 +327,9 @@ def bench_fuser(receiver: Any, sharer: Any, *, hidden_dim: int | None = None, se
     """
     from agentmesh.c2c.fuser import Fuser
 
-    trained = Path("fusers") / "smollm2_context"
-    if trained.is_dir() and hidden_dim is None:
+    for trained in TRAINED_FUSERS:
+        if not trained.is_dir() or hidden_dim is not None:
+            continue
         try:
             from agentmesh.c2c.checkpoints import bind_models, load_fuser
 
@@ -311,7 +338,7 @@ def bench_fuser(receiver: Any, sharer: Any, *, hidden_dim: int | None = None, se
                 fuser = bind_models(fuser, receiver.signature, sharer.signature)
                 return _to_model(fuser.eval(), receiver), f"trained:{trained}"
         except Exception:  # noqa: BLE001 - an unreadable or mismatched fuser: time a fresh one
-            pass
+            continue
     width = hidden_dim or fuser_size()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

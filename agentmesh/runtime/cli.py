@@ -6,6 +6,7 @@ The main app registers them with `app.command("run")(run_command)` and
 """
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
@@ -49,11 +50,21 @@ def run_command(
                                                    "(default: on a terminal).")] = None,
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Stop the run after this many seconds.")]
     = None,
+    broker: Annotated[Optional[str], typer.Option("--broker", help="Run across hosts over this MQTT broker "
+                                                  "(mqtt://HOST:PORT); agents on other hosts run on their workers "
+                                                  "(`agentmesh worker`).")] = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="With a broker: act as this host and run its "
+                                                "agents here (default: a pure client).")] = None,
 ) -> None:
     """Run a pipeline once and print each output agent's text, then latency and bytes per edge."""
     from agentmesh.runtime.display import LiveView, PlainStream, footer, print_outputs
     from agentmesh.runtime.plan import build_plan
     from agentmesh.runtime.scheduler import run_graph
+
+    if broker is not None or host is not None:  # across hosts, through the file's (or this) broker
+        from agentmesh.runtime.remote import run_remote
+
+        run_graph = functools.partial(run_remote, broker=broker, host=host)  # noqa: F811
 
     try:
         graph = _load(file)

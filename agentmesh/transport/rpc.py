@@ -196,7 +196,8 @@ def raise_remote(body: Any, agent: str, host: str) -> NoReturn:
     message = str(body.get("message") or "the worker reported an unspecified error")[:2000]
     hint = body.get("hint") if isinstance(body.get("hint"), str) else None
     cls = getattr(errors, str(body.get("type")), None)
-    text = f"{message} (on host {host!r})"
+    # The hint is folded into the message: the scheduler quotes the cause's text in its RunError.
+    text = f"{message} (on host {host!r})" + (f" (hint: {hint[:500]})" if hint else "")
     if isinstance(cls, type) and issubclass(cls, AgentMeshError) and cls is not RunError:
-        raise cls(text, hint=hint)
-    raise RunError(text, agent=agent, hint=hint)
+        raise cls(text)
+    raise RunError(text, agent=agent)

@@ -1,0 +1,559 @@
+"""Runs that span hosts: agents on other machines are reached through their workers.
+
+    result = await arun_remote(graph, "question", host="edge", broker="mqtt://10.0.0.2:1883")
+
+The caller runs the scheduler. Agents on its own host (`host`), and agents without a host, run in
+this process (`LocalEndpoint`); every other agent gets a `RemoteEndpoint` that sends its calls to
+the worker of that agent's host (`agentmesh worker FILE.yaml --host NAME`, see
+`agentmesh.transport.worker`) and awaits the replies:
+
+* a call is acknowledged within the broker's `timeout_s`, else it fails naming the agent and the
+  host nobody serves; after that the worker's heartbeats must keep coming (a silent worker fails
+  the call after `timeout_s`), and the whole call is bounded by `call_timeout` (default: the run's
+  timeout, else one hour). A cancelled call is cancelled on the worker too.
+* caches travel encoded (`encode_cache`, `wire_dtype`; None keeps them lossless): a remote prefix
+  sender's reading comes back to the caller, a remote receiver gets the cache it continues from
+  in its request, a remote sharer returns its span cache, and a remote receiver of fuse edges asks
+  the caller for each sharer's cache while it prefills. Text edges carry text (in the prompts).
+* every cache hop is a "transfer" span on the edge it serves, with the message bytes; the
+  worker's own steps (prefill, decode, ...) come back with each result and join the caller's trace.
+
+Caches move through the caller (a star): a cache between two remote agents crosses the network
+twice, once to the caller and once to the receiver's host.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+import torch
+
+from agentmesh.cache.codec import decode_cache, encode_cache
+from agentmesh.cache.kv import KVCache
+from agentmesh.errors import ConfigError, TransportError
+from agentmesh.runtime.endpoint import (CallContext, Endpoint, LocalEndpoint, ReadRequest, ShareFn, ShareRequest,
+                                        TextOutput, TextRequest)
+from agentmesh.runtime.plan import RunPlan, build_plan
+from agentmesh.runtime.result import RunResult
+from agentmesh.runtime.trace import SPAN_KINDS, Span, edge_key
+from agentmesh.transport.link import Link
+from agentmesh.transport.rpc import (Envelope, broker_timeout, graph_digest, inbox_channel, mqtt_config, pack,
+                                     raise_remote, reply_channel, unpack)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALL_TIMEOUT = 3600.0
+_POLL_S = 0.25  # how often reply pumps look up from the link to see whether the run is over
+
+
+@dataclass(frozen=True)
+class CallReply:
+    """A call's result message and when things happened on the caller's trace clock."""
+
+    env: Envelope
+    request_bytes: int
+    started_s: float
+    sent_s: float
+    acked_s: float
+    received_s: float
+
+    @property
+    def worker_start_s(self) -> float:
+        """When the worker took the call, on the caller's clock: half the ack's round trip after
+        the request went out (the small ack travels about as fast as the request did)."""
+        elapsed = self.env.get("elapsed")
+        elapsed = float(elapsed) if isinstance(elapsed, (int, float)) and elapsed >= 0 else 0.0
+        start = self.sent_s + max(self.acked_s - self.sent_s, 0.0) / 2
+        return max(self.sent_s, min(start, self.received_s - elapsed))
+
+    def worker_time(self, key: str) -> float:
+        """A time the worker reported (seconds into the call), on the caller's clock."""
+        value = self.env.get(key)
+        value = float(value) if isinstance(value, (int, float)) and value >= 0 else 0.0
+        return min(self.worker_start_s + value, self.received_s)
+
+
+class RemoteClient:
+    """The caller's side of one link for one run: sends calls to workers, routes their replies."""
+
+    def __init__(self, link: Link, graph: Any, *, run_id: str | None = None, caller: str | None = None,
+                 timeout: float = 60.0, call_timeout: float = DEFAULT_CALL_TIMEOUT, url: str | None = None):
+        self.link = link
+        self.graph_name = graph.name
+        self.digest = graph_digest(graph)
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.caller = caller or "client"
+        self.timeout = float(timeout)
+        self.call_timeout = float(call_timeout)
+        self.url = url or getattr(getattr(link, "config", None), "url", None) or type(link).__name__
+        self._pumps: dict[str, asyncio.Task[None]] = {}
+        self._waiting: dict[str, asyncio.Queue[Envelope]] = {}
+        self._lock: asyncio.Lock | None = None
+        self._hosts: set[str] = set()
+        self._closing = False
+
+    @property
+    def heartbeat_s(self) -> float:
+        return max(0.05, self.timeout / 4)
+
+    # ---- replies --------------------------------------------------------------------------------------
+    async def _ensure_pump(self, channel: str) -> None:
+        if channel in self._pumps:
+            return
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if channel in self._pumps:
+                return
+            await self.link.subscribe(channel, timeout=self.timeout)  # before any request asks for it
+            self._pumps[channel] = asyncio.create_task(self._pump(channel), name=f"agentmesh-replies-{channel}")
+
+    async def _pump(self, channel: str) -> None:
+        # Short waits and a flag rather than cancellation: a receive cancelled mid-wait can leave
+        # the link's internal queue getter behind.
+        while not self._closing:
+            try:
+                msg = await self.link.receive_message(channel, timeout=_POLL_S)
+            except TransportError as e:
+                if "closed" in e.message or "not open" in e.message:
+                    return
+                if "no message" not in e.message:
+                    log.warning("replies on %s: %s", channel, e.message)
+                    await asyncio.sleep(0.05)
+                continue
+            try:
+                env = unpack(msg.payload)
+            except TransportError as e:
+                log.warning("dropping a reply on %s: %s", channel, e.message)
+                continue
+            queue = self._waiting.get(env.get("call"))  # type: ignore[arg-type]
+            if queue is not None:
+                queue.put_nowait(env)
+
+    # ---- calls ------------------------------------------------------------------------------------------
+    async def send_control(self, host: str, body: Mapping[str, Any], blobs: Mapping[str, bytes] | None = None,
+                           *, timeout: float | None = None) -> int:
+        """Send a message that expects no reply (a sharer's cache, a cancel, a release); returns its size."""
+        payload = pack(body, blobs)
+        await self.link.send(inbox_channel(host), payload, timeout=timeout or self.timeout)
+        return len(payload)
+
+    async def call(self, host: str, agent: str, op: str, body: Mapping[str, Any], ctx: CallContext, *,
+                   blobs: Mapping[str, bytes] | None = None, to: str | None = None,
+                   on_message: Callable[[Envelope], Awaitable[None]] | None = None,
+                   abort: asyncio.Future[None] | None = None) -> CallReply:
+        """Send `op` for `agent` to `host`'s worker and wait for its result (`TransportError` on
+        silence, the worker's error re-raised). `on_message` sees tokens and share requests;
+        `abort`, when it fails, ends the call with its exception (and cancels it on the worker)."""
+        loop = asyncio.get_running_loop()
+        call = uuid.uuid4().hex
+        reply = reply_channel(self.run_id, agent, to or self.caller)
+        what = f"agent {agent!r} on host {host!r}"
+        queue: asyncio.Queue[Envelope] = asyncio.Queue()
+        self._waiting[call] = queue
+        self._hosts.add(host)
+        deadline = loop.time() + self.call_timeout
+        started = ctx.trace.now()
+        cancel_remote = True
+        try:
+            try:
+                await self._ensure_pump(reply)
+                size = await self.send_control(host, {
+                    "op": op, "call": call, "run": self.run_id, "agent": agent, "reply": reply,
+                    "caller": self.caller, "graph": self.digest, "heartbeat_s": self.heartbeat_s,
+                    "deadline_s": self.call_timeout, **body}, blobs)
+            except TransportError as e:
+                cancel_remote = False
+                raise TransportError(f"{what}: {e.message}") from None
+            sent = ctx.trace.now()
+            acked: float | None = None
+            while True:
+                env = await self._next(queue, acked=acked is not None, deadline=deadline, what=what, host=host,
+                                       abort=abort)
+                kind = env.get("kind")
+                if acked is None:
+                    acked = ctx.trace.now()
+                if kind in ("ack", "alive"):
+                    continue
+                if kind == "error":
+                    cancel_remote = False
+                    raise_remote(env.get("error"), agent, host)
+                if kind == "result":
+                    cancel_remote = False
+                    return CallReply(env, size, started, sent, acked, ctx.trace.now())
+                if on_message is not None:
+                    await on_message(env)
+        finally:
+            self._waiting.pop(call, None)
+            if cancel_remote:
+                await self._cancel(host, call)
+
+    async def _next(self, queue: asyncio.Queue[Envelope], *, acked: bool, deadline: float, what: str, host: str,
+                    abort: asyncio.Future[None] | None) -> Envelope:
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TransportError(f"{what}: no result within {self.call_timeout:g} s (call_timeout)")
+        wait = min(self.timeout, remaining)
+        getter = asyncio.ensure_future(queue.get())
+        waits: set[asyncio.Future[Any]] = {getter} | ({abort} if abort is not None else set())
+        try:
+            done, _ = await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            getter.cancel()
+            raise
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        if abort is not None and abort in done:
+            exc = abort.exception()
+            raise exc if exc is not None else TransportError(f"{what}: aborted")
+        if wait < self.timeout:
+            raise TransportError(f"{what}: no result within {self.call_timeout:g} s (call_timeout)")
+        state = ""
+        if getattr(self.link, "connected", True) is False:
+            state = f"; not connected to the broker {self.url}"
+        if not acked:
+            raise TransportError(f"{what}: no worker answered within {wait:g} s{state}; start `agentmesh worker "
+                                 f"FILE.yaml --host {host} --broker {self.url}` on that machine, with the same "
+                                 "pipeline file")
+        raise TransportError(f"{what}: the worker went silent for {wait:g} s{state}")
+
+    async def _cancel(self, host: str, call: str) -> None:
+        try:
+            await asyncio.wait_for(self.send_control(host, {"op": "cancel", "call": call}, timeout=2.0), 3.0)
+        except (TransportError, asyncio.TimeoutError, asyncio.CancelledError):
+            pass
+
+    async def close(self) -> None:
+        """Tell the workers the run is over (they free its caches) and stop routing replies."""
+        for host in sorted(self._hosts):
+            try:
+                await asyncio.wait_for(self.send_control(host, {"op": "release", "run": self.run_id}, timeout=2.0), 3.0)
+            except (TransportError, asyncio.TimeoutError):
+                pass
+        self._closing = True
+        pumps = list(self._pumps.values())
+        if pumps:
+            _, late = await asyncio.wait(pumps, timeout=2 * _POLL_S + 1.0)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        self._pumps.clear()
+
+
+# ---- endpoints -----------------------------------------------------------------------------------------
+def _shape_only(tokens: int) -> KVCache:
+    """A stand-in for a reading that stays on its worker: it knows its length and holds no data
+    (head_dim 0, so any model that tried to continue from it would refuse it)."""
+    empty = torch.empty(1, 1, tokens, 0)
+    return KVCache(keys=(empty,), values=(empty,))
+
+
+def _int(env: Envelope, key: str, default: int | None = None) -> int:
+    value = env.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TransportError(f"the worker's reply field {key!r} is {str(value)[:40]!r}, not an integer")
+    return value
+
+
+class RemoteEndpoint:
+    """An agent served by the worker of `host`, reached through `client`.
+
+    `prefix`: the agent whose reading it continues from (its transfer is recorded on that edge).
+    `wire_dtype`: how the caches this side sends are encoded (None: lossless).
+    """
+
+    is_local = False
+    model = None
+
+    def __init__(self, agent: str, host: str, client: RemoteClient, *, prefix: str | None = None,
+                 wire_dtype: str | None = None):
+        self.agent = agent
+        self.host = host
+        self.client = client
+        self.prefix = prefix
+        self.wire_dtype = wire_dtype
+
+    # ---- trace ------------------------------------------------------------------------------------------
+    def _import_spans(self, reply: CallReply, ctx: CallContext) -> None:
+        """The worker's steps, moved onto the caller's clock."""
+        shift = reply.worker_start_s
+        spans = reply.env.get("spans")
+        for s in spans if isinstance(spans, list) else []:
+            if not isinstance(s, dict) or s.get("kind") not in SPAN_KINDS:
+                continue
+            try:
+                start, end = float(s["start_s"]), float(s["end_s"])
+                tokens, nbytes = int(s.get("tokens", 0)), int(s.get("bytes", 0))
+            except (KeyError, TypeError, ValueError):
+                continue
+            edge, detail = s.get("edge"), s.get("detail")
+            ctx.trace.add(Span(agent=self.agent, kind=s["kind"], start_s=shift + start, end_s=shift + end,
+                               tokens=tokens, bytes=nbytes, thread=f"{self.host}/{str(s.get('thread', ''))[:60]}",
+                               edge=edge if isinstance(edge, str) else None,
+                               detail=detail[:200] if isinstance(detail, str) else None))
+
+    def _transfer(self, ctx: CallContext, sender: str, receiver: str, start: float, end: float, *, nbytes: int,
+                  tokens: int, detail: str) -> None:
+        ctx.trace.record(sender, "transfer", start, end, tokens=tokens, bytes=nbytes, edge=edge_key(sender, receiver),
+                         detail=detail)
+
+    def _wire(self, cache: KVCache) -> str:
+        return self.wire_dtype or str(cache.dtype).removeprefix("torch.")
+
+    # ---- caches this side sends ----------------------------------------------------------------------------
+    async def _past(self, past: KVCache | None, ctx: CallContext) -> dict[str, bytes]:
+        if past is None:
+            return {}
+        return {"past": await ctx.in_thread(encode_cache, past, dtype=self.wire_dtype)}
+
+    def _record_past(self, past: KVCache | None, reply: CallReply, ctx: CallContext) -> None:
+        if past is not None and self.prefix is not None:
+            self._transfer(ctx, self.prefix, self.agent, reply.started_s, reply.sent_s, nbytes=reply.request_bytes,
+                           tokens=past.seq_len, detail=f"caller -> host {self.host}, wire {self._wire(past)}")
+
+    async def _cache(self, reply: CallReply, receiver: str, ctx: CallContext) -> KVCache:
+        blob = reply.env.blobs.get("cache")
+        if blob is None:
+            raise TransportError(f"agent {self.agent!r} on host {self.host!r} answered without a cache")
+        cache = await ctx.in_thread(decode_cache, blob)
+        # From the worker's encoding, over the wire, to the decoded cache here.
+        start = reply.worker_time("encode_s") if "encode_s" in reply.env.body else reply.worker_time("elapsed")
+        self._transfer(ctx, self.agent, receiver, start, ctx.trace.now(), nbytes=reply.env.size,
+                       tokens=cache.seq_len,
+                       detail=f"host {self.host} -> caller, wire {reply.env.get('wire') or 'as sent'}")
+        return cache
+
+    # ---- the endpoint calls ---------------------------------------------------------------------------------
+    async def load(self, ctx: CallContext) -> None:
+        reply = await self.client.call(self.host, self.agent, "load", {}, ctx)
+        self._import_spans(reply, ctx)
+
+    async def reading(self, req: ReadRequest, ctx: CallContext) -> KVCache | None:
+        blobs = await self._past(req.past, ctx)
+        reply = await self.client.call(
+            self.host, self.agent, "reading",
+            {"messages": list(req.messages), "past_messages": list(req.past_messages),
+             "receivers": list(req.receivers), "want": "cache" if req.receivers else "shape"},
+            ctx, blobs=blobs, to=req.receivers[0] if req.receivers else None)
+        self._import_spans(reply, ctx)
+        self._record_past(req.past, reply, ctx)
+        if reply.env.get("none"):
+            return None
+        if "cache" not in reply.env.blobs:
+            return _shape_only(_int(reply.env, "tokens"))
+        return await self._cache(reply, req.receivers[0], ctx)
+
+    async def share(self, req: ShareRequest, ctx: CallContext) -> KVCache:
+        past = req.reading.past
+        reply = await self.client.call(
+            self.host, self.agent, "share",
+            {"receiver": req.receiver, "messages": list(req.reading.messages),
+             "past_messages": list(req.reading.past_messages), "span_ids": req.span_ids.tolist(),
+             "span_mask": req.span_mask.tolist(), "keep_last": req.keep_last},
+            ctx, blobs=await self._past(past, ctx), to=req.receiver)
+        self._import_spans(reply, ctx)
+        self._record_past(past, reply, ctx)
+        return await self._cache(reply, req.receiver, ctx)
+
+    async def text(self, req: TextRequest, ctx: CallContext, share: Sequence[ShareFn] = ()) -> TextOutput:
+        loop = asyncio.get_running_loop()
+        by_sharer = {f.sharer: fn for f, fn in zip(req.fuse, share)}
+        abort: asyncio.Future[None] = loop.create_future()
+        helpers: set[asyncio.Task[None]] = set()
+        first: list[float] = []
+
+        async def on_message(env: Envelope) -> None:
+            kind = env.get("kind")
+            if kind == "tokens":
+                pieces = env.get("pieces")
+                if not first:
+                    first.append(ctx.trace.now())
+                for p in pieces if isinstance(pieces, list) else []:
+                    if (ctx.on_token is not None and isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                            and isinstance(p[1], int)):
+                        ctx.on_token(p[0], p[1])
+            elif kind == "share":
+                task = asyncio.ensure_future(self._answer_share(env, by_sharer, ctx, abort))
+                helpers.add(task)
+                task.add_done_callback(helpers.discard)
+
+        try:
+            reply = await self.client.call(
+                self.host, self.agent, "text",
+                {"messages": list(req.messages), "past_messages": list(req.past_messages),
+                 "sharers": [f.sharer for f in req.fuse], "stream": ctx.on_token is not None},
+                ctx, blobs=await self._past(req.past, ctx), on_message=on_message, abort=abort)
+        finally:
+            for t in helpers:
+                t.cancel()
+            if abort.done() and not abort.cancelled():
+                abort.exception()  # retrieved: the call raised it already
+        self._import_spans(reply, ctx)
+        self._record_past(req.past, reply, ctx)
+        env = reply.env
+        ids = env.get("token_ids")
+        if not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
+            raise TransportError(f"agent {self.agent!r} on host {self.host!r} answered without token ids")
+        first_s = env.get("first_token_s")
+        if first:
+            first_token = first[0]
+        elif isinstance(first_s, (int, float)):
+            first_token = reply.worker_start_s + float(first_s)
+        else:
+            first_token = None
+        return TextOutput(text=str(env.get("text", "")), token_ids=tuple(ids),
+                          prompt_tokens=_int(env, "prompt_tokens", 0), prefilled_tokens=_int(env, "prefilled_tokens", 0),
+                          first_token_s=first_token, finished=bool(env.get("finished")))
+
+    async def _answer_share(self, env: Envelope, by_sharer: Mapping[str, ShareFn], ctx: CallContext,
+                            abort: asyncio.Future[None]) -> None:
+        """The worker fusing into this agent asked for a sharer's span cache: compute or fetch it
+        (the scheduler's share function) and send it to the worker."""
+        sharer = env.get("sharer")
+        try:
+            fn = by_sharer.get(sharer) if isinstance(sharer, str) else None
+            if fn is None:
+                raise TransportError(f"host {self.host!r} asked for a cache from {sharer!r}, which does not fuse "
+                                     f"into {self.agent!r}")
+            rows = [env.get("span_ids"), env.get("span_mask")]
+            if not all(isinstance(r, list) and len(r) == 1 and isinstance(r[0], list) and r[0]
+                       and all(isinstance(t, int) for t in r[0]) for r in rows):
+                raise TransportError(f"host {self.host!r} sent a malformed span for {sharer!r}")
+            span_ids, span_mask = (torch.tensor(r, dtype=torch.long) for r in rows)
+            cache = await fn(span_ids, span_mask, _int(env, "keep_last"))
+            start = ctx.trace.now()
+            blob = await ctx.in_thread(encode_cache, cache, dtype=self.wire_dtype)
+            size = await self.client.send_control(self.host, {"op": "share_result", "call": env.get("call"),
+                                                              "cb": env.get("cb")}, {"cache": blob})
+            self._transfer(ctx, sharer, self.agent, start, ctx.trace.now(), nbytes=size,  # type: ignore[arg-type]
+                           tokens=cache.seq_len, detail=f"caller -> host {self.host}, wire {self._wire(cache)}")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - ends the text call with this cause
+            if not abort.done():
+                abort.set_exception(e)
+
+    def __repr__(self) -> str:
+        return f"RemoteEndpoint({self.agent!r}, host={self.host!r}, run={self.client.run_id})"
+
+
+class FeedingEndpoint:
+    """A local agent with receivers on other hosts. The scheduler leaves the transfer accounting
+    of endpoints that are not local to them; the remote receivers record the caches they ship,
+    and this records the in-process hand-offs to local receivers, as the scheduler would."""
+
+    is_local = False
+
+    def __init__(self, inner: LocalEndpoint, remote: frozenset[str]):
+        self.inner = inner
+        self.agent = inner.agent
+        self.remote = remote
+
+    @property
+    def model(self) -> Any:
+        return self.inner.model
+
+    def forget(self) -> None:
+        self.inner.forget()
+
+    def _in_process(self, cache: KVCache, receiver: str, ctx: CallContext) -> None:
+        if receiver not in self.remote:
+            now = ctx.trace.now()
+            ctx.trace.record(self.agent, "transfer", now, now, tokens=cache.seq_len, bytes=cache.nbytes,
+                             edge=edge_key(self.agent, receiver), detail="in-process")
+
+    async def load(self, ctx: CallContext) -> None:
+        await self.inner.load(ctx)
+
+    async def reading(self, req: ReadRequest, ctx: CallContext) -> KVCache | None:
+        cache = await self.inner.reading(req, ctx)
+        if cache is not None:
+            for r in req.receivers:
+                self._in_process(cache, r, ctx)
+        return cache
+
+    async def share(self, req: ShareRequest, ctx: CallContext) -> KVCache:
+        cache = await self.inner.share(req, ctx)
+        self._in_process(cache, req.receiver, ctx)
+        return cache
+
+    async def text(self, req: TextRequest, ctx: CallContext, share: Sequence[ShareFn] = ()) -> TextOutput:
+        return await self.inner.text(req, ctx, share)
+
+
+def remote_endpoints(plan: RunPlan, clients: Mapping[str, RemoteClient], *, host: str | None = None, pool: Any,
+                     wire_dtype: str | None = None) -> dict[str, Endpoint]:
+    """Endpoints for a caller acting as `host` (None: a pure client): its own and host-less agents
+    run here, the others through `clients[agent's host]`."""
+    remote = frozenset(n for n, a in plan.agents.items() if a.host is not None and a.host != host)
+    out: dict[str, Endpoint] = {}
+    for name, a in plan.agents.items():
+        if name in remote:
+            client = clients.get(a.host)  # type: ignore[arg-type]
+            if client is None:
+                raise ConfigError(f"no link to host {a.host!r}, where agent {name!r} runs")
+            out[name] = RemoteEndpoint(name, a.host, client, prefix=a.prefix, wire_dtype=wire_dtype)  # type: ignore[arg-type]
+            continue
+        ep = LocalEndpoint(name, a.model_ref, pool=pool, dtype=a.dtype, device=a.device)
+        feeds = {r for r, p in plan.agents.items() if p.prefix == name} | set(a.shares_with)
+        out[name] = FeedingEndpoint(ep, remote) if feeds & remote else ep
+    return out
+
+
+async def arun_remote(graph: Any, inputs: str | Mapping[str, str] | None = None, *, host: str | None = None,
+                      broker: str | None = None, link: Link | None = None, username: str | None = None,
+                      password_env: str | None = None, pool: Any = None, wire_dtype: str | None = None,
+                      timeout: float | None = None, call_timeout: float | None = None, validate: bool = True,
+                      **opts: Any) -> RunResult:
+    """Run `graph` from this process acting as `host` (None: a pure client); agents on other hosts
+    run on their workers, reached over `link` (an open link, e.g. for tests) or over MQTT
+    (`broker`, else each host's or the file's broker). `opts` go to `arun_graph` (on_event, trace)."""
+    from agentmesh.runtime.scheduler import arun_graph
+    from agentmesh.transport.mqtt import MqttLink
+
+    if validate:
+        graph.validate()
+    if host is not None and host not in graph.hosts:
+        known = ", ".join(sorted(graph.hosts)) or "none"
+        raise ConfigError(f"graph {graph.name!r} declares no host {host!r} (hosts: {known})",
+                          hint="pass one of the hosts under hosts: to --host, or leave it out to run as a client")
+    plan = build_plan(graph, validate=False)
+    if pool is None:
+        from agentmesh.models.pool import default_pool
+
+        pool = default_pool()
+    hosts = sorted({a.host for a in plan.agents.values() if a.host is not None and a.host != host})
+    run_id = uuid.uuid4().hex[:12]
+    limit = call_timeout or timeout or DEFAULT_CALL_TIMEOUT
+    wait = broker_timeout(graph)
+    async with AsyncExitStack() as stack:
+        clients: dict[str, RemoteClient] = {}
+        by_url: dict[str, RemoteClient] = {}
+        for h in hosts:
+            if link is not None:
+                key, cfg_link, url = "", link, None
+            else:
+                cfg = mqtt_config(graph, url=broker, host=h, username=username, password_env=password_env)
+                key, url = cfg.model_dump_json(), cfg.url
+                cfg_link = None if key in by_url else await stack.enter_async_context(MqttLink(cfg, graph=graph.name))
+            if key not in by_url:
+                client = RemoteClient(cfg_link, graph, run_id=run_id, caller=host, timeout=wait,  # type: ignore[arg-type]
+                                      call_timeout=limit, url=url)
+                stack.push_async_callback(client.close)
+                by_url[key] = client
+            clients[h] = by_url[key]
+        endpoints = remote_endpoints(plan, clients, host=host, pool=pool, wire_dtype=wire_dtype)
+        return await arun_graph(graph, inputs, endpoints=endpoints, timeout=timeout, validate=False, **opts)
+
+
+def run_remote(graph: Any, inputs: str | Mapping[str, str] | None = None, **opts: Any) -> RunResult:
+    """`arun_remote` for synchronous code (the CLI's `agentmesh run --broker ...`)."""
+    from agentmesh.runtime.scheduler import run_sync
+
+    return run_sync(lambda: arun_remote(graph, inputs, **opts))

@@ -1,0 +1,109 @@
+"""`agentmesh worker FILE.yaml --host NAME`: serve one host's agents over MQTT until stopped.
+
+The main app registers it with `app.command("worker")(worker_command)`; this module's own `app`
+holds it too (for tests and `python -m agentmesh.transport.cli`). It prints one line when it is
+ready, one per served call (bytes in and out, time), and stops cleanly on Ctrl-C or SIGTERM.
+Every error is one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
+import typer
+
+from agentmesh.errors import AgentMeshError, ConfigError
+
+WIRE_DTYPES = ("fp32", "bf16", "fp16", "int8", "fp8")
+
+
+def _fail(error: BaseException | str) -> NoReturn:
+    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
+    raise typer.Exit(2)
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def worker_command(
+    file: Annotated[Path, typer.Argument(help="Pipeline file (YAML), the same on every host.", show_default=False)],
+    host: Annotated[str, typer.Option("--host", help="The host (under hosts: in the file) whose agents this "
+                                      "machine runs.", show_default=False)],
+    broker: Annotated[Optional[str], typer.Option("--broker", help="MQTT broker, mqtt://HOST:PORT or mqtts://... "
+                                                  "(default: the host's or the file's broker:).")] = None,
+    username: Annotated[Optional[str], typer.Option("--username", help="Broker user (default: the file's).")] = None,
+    password_env: Annotated[Optional[str], typer.Option("--password-env", help="Environment variable holding the "
+                                                        "broker password (default: the file's).")] = None,
+    wire_dtype: Annotated[Optional[str], typer.Option("--wire-dtype", help="Encoding of the caches this worker "
+                                                      "sends: fp32, bf16, fp16, int8 or fp8 (default: the "
+                                                      "cache's own dtype, lossless).")] = None,
+) -> None:
+    """Serve the agents FILE places on HOST: answer runs started on any host (`agentmesh run FILE
+    --broker ...`) until Ctrl-C or SIGTERM."""
+    from agentmesh.graph import Graph
+    from agentmesh.transport.mqtt import MqttLink
+    from agentmesh.transport.rpc import mqtt_config
+    from agentmesh.transport.worker import Worker, served_agents
+
+    if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
+        _fail(ConfigError(f"--wire-dtype {wire_dtype!r} is unknown; use one of {', '.join(WIRE_DTYPES)}"))
+    try:
+        graph = Graph.from_yaml(file)
+        served_agents(graph, host)
+        config = mqtt_config(graph, url=broker, host=host, username=username, password_env=password_env)
+    except AgentMeshError as e:
+        _fail(e)
+    logging.basicConfig(level=logging.WARNING, format="worker: %(message)s", stream=sys.stderr)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
+                pass
+        async with MqttLink(config, graph=graph.name) as link:
+            worker = Worker(graph, host, link, wire_dtype=wire_dtype, on_served=lambda call: _say(call.line()))
+            await worker.preload()
+            models = ", ".join(f"{n} ({graph.model_of(n).alias or graph.model_of(n).ref})" for n in worker.agents)
+            serving = asyncio.create_task(worker.serve(ready=lambda: _say(
+                f"worker {host} of graph {graph.name!r} serves {models} on {config.url} "
+                f"(topic {link.topic(worker.inbox)}); Ctrl-C stops")))
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if serving.done():
+                serving.result()  # the link closed under it: raise why
+            worker.stop()
+            await serving
+            _say(f"worker {host} stopped after {worker.served} call(s)")
+
+    try:
+        asyncio.run(main())
+    except AgentMeshError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Serve a host's agents over MQTT.")
+
+
+@app.callback()
+def _group() -> None:
+    """Serve a host's agents over MQTT (`worker`)."""  # a group, so the command keeps its name
+
+
+app.command("worker")(worker_command)
+
+
+if __name__ == "__main__":
+    app()

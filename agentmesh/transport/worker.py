@@ -1,0 +1,477 @@
+"""`Worker`: serves the agents a graph places on one host, answering callers over a `Link`.
+
+    async with MqttLink(mqtt_config(graph, host="cloud"), graph=graph.name) as link:
+        worker = Worker(graph, "cloud", link)
+        await worker.preload()
+        await worker.serve()            # until cancelled or the link closes
+
+The worker listens on its host's inbox channel (see `agentmesh.transport.rpc`). Each call
+(`load`, `reading`, `share`, `text`) is acknowledged at once, kept alive with heartbeats while it
+works, and answered with a result or an error on the reply channel the caller named. Caches go
+out through the cache codec in `wire_dtype` (None: lossless). Streaming `text` calls send their
+tokens in small batches as they come. A receiver with fuse edges asks the caller for each sharer's
+span cache (a `share` message) and waits for it in its inbox.
+
+What a call may do is decided by the worker's own copy of the graph: which agents it serves,
+their models, generation settings and fusers (paths resolve on this machine). The caller sends
+the conversation and the caches it continues from. Calls of one run share one `LocalEndpoint` per
+agent (so a reader's cache is reused by its own turn); the worker keeps the last `max_runs` runs
+and forgets a run when its caller releases it.
+
+An `MqttLink` reconnects and resubscribes on its own, so a worker outlives broker restarts.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from agentmesh.cache.codec import decode_cache, encode_cache
+from agentmesh.cache.kv import KVCache
+from agentmesh.errors import AgentMeshError, ConfigError, TransportError
+from agentmesh.runtime.endpoint import (CallContext, LocalEndpoint, ReadRequest, ShareFn, ShareRequest,
+                                        TextRequest)
+from agentmesh.runtime.plan import build_plan
+from agentmesh.runtime.prompts import Messages
+from agentmesh.runtime.trace import Trace
+from agentmesh.transport.link import Link, LinkMessage, validate_channel
+from agentmesh.transport.rpc import (CALL_OPS, Envelope, error_body, graph_digest, inbox_channel, pack,
+                                     raise_remote, unpack)
+
+log = logging.getLogger(__name__)
+
+_RECENT_CALLS = 4096
+_POLL_S = 0.25  # how often the inbox loop looks up from the link to see whether to stop
+_MAX_TOKENS_PER_MESSAGE = 256
+
+
+@dataclass(frozen=True)
+class ServedCall:
+    """One call a worker served (or failed), for its log."""
+
+    op: str
+    agent: str
+    run: str
+    caller: str
+    seconds: float
+    bytes_in: int       # the request, plus sharer caches it waited for
+    bytes_out: int      # everything sent back: acks, heartbeats, tokens, the result
+    ok: bool
+    detail: str = ""
+    error: str | None = None
+
+    def line(self) -> str:
+        state = "ok" if self.ok else f"failed: {self.error}"
+        extra = f", {self.detail}" if self.detail else ""
+        return (f"{self.op} {self.agent} (run {self.run}, from {self.caller}): {self.seconds * 1000:.0f} ms, "
+                f"in {human_bytes(self.bytes_in)}, out {human_bytes(self.bytes_out)}{extra} - {state}")
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+@dataclass(eq=False)
+class _Call:
+    call: str
+    run: str
+    agent: str
+    reply: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    callbacks: dict[int, asyncio.Future[Envelope]] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    deadline: float = float("inf")  # loop time after which the caller has surely given up
+
+
+def _messages(value: Any, key: str) -> Messages:
+    """Chat messages from the wire: a list of {"role": str, "content": str}."""
+    if not isinstance(value, list):
+        raise TransportError(f"request field {key!r} must be a list of messages")
+    out = []
+    for m in value:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise TransportError(f"request field {key!r} holds {str(m)[:60]!r}, not a {{role, content}} message")
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
+
+
+def _ids(value: Any, key: str) -> torch.Tensor:
+    """A (1, N) LongTensor from a JSON list of one list of ints."""
+    if not (isinstance(value, list) and len(value) == 1 and isinstance(value[0], list) and value[0]
+            and all(isinstance(t, int) and 0 <= t < 1 << 31 for t in value[0])):
+        raise TransportError(f"request field {key!r} must be [[token ids...]] (one non-empty row)")
+    return torch.tensor(value, dtype=torch.long)
+
+
+def _str(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise TransportError(f"request field {key!r} must be a non-empty string")
+    return value
+
+
+def served_agents(graph: Any, host: str) -> tuple[str, ...]:
+    """The agents `graph` places on `host`; `ConfigError` for an unknown host or one without agents."""
+    if host not in graph.hosts:
+        known = ", ".join(sorted(graph.hosts)) or "none"
+        raise ConfigError(f"graph {graph.name!r} declares no host {host!r} (hosts: {known})",
+                          hint="pick one of the hosts under hosts: in the file")
+    agents = tuple(a.name for a in graph.agents_on(host))
+    if not agents:
+        raise ConfigError(f"graph {graph.name!r} places no agent on host {host!r}",
+                          hint=f"set `host: {host}` on the agents this machine should run")
+    return agents
+
+
+class Worker:
+    """Serves the agents `graph` places on `host` over `link` (an open `Link`)."""
+
+    def __init__(self, graph: Any, host: str, link: Link, *, pool: Any = None, wire_dtype: str | None = None,
+                 max_runs: int = 8, on_served: Callable[[ServedCall], None] | None = None):
+        self.agents = served_agents(graph, host)
+        self.plan = build_plan(graph)
+        self.graph = graph
+        self.host = host
+        self.link = link
+        if pool is None:
+            from agentmesh.models.pool import default_pool
+
+            pool = default_pool()
+        self.pool = pool
+        self.wire_dtype = wire_dtype
+        self.max_runs = max_runs
+        self.on_served = on_served
+        self.digest = graph_digest(graph)
+        self.inbox = inbox_channel(host)
+        self._runs: OrderedDict[str, dict[str, LocalEndpoint]] = OrderedDict()
+        self._calls: dict[str, _Call] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, 3 * len(self.agents)),
+                                                               thread_name_prefix=f"worker-{host}")
+        self.served = 0
+        self._stopping = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    async def preload(self) -> None:
+        """Load every served agent's model now, so the first call does not wait for it."""
+        loop = asyncio.get_running_loop()
+        for name in self.agents:
+            a = self.plan[name]
+            await loop.run_in_executor(self._executor, lambda a=a: self.pool.get(a.model_ref, dtype=a.dtype,
+                                                                                  device=a.device))
+
+    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        """Answer calls until `stop()`, cancellation or the link closing. `ready()` runs once the
+        inbox is subscribed."""
+        await self.link.subscribe(self.inbox)
+        if ready is not None:
+            ready()
+        try:
+            # Short waits and a flag rather than cancellation: a receive cancelled mid-wait can
+            # leave the link's internal queue getter behind.
+            while not self._stopping:
+                try:
+                    msg = await self.link.receive_message(self.inbox, timeout=_POLL_S)
+                except TransportError as e:
+                    if "closed" in e.message or "not open" in e.message:
+                        return
+                    if "no message" not in e.message:  # a broken message: say so and go on
+                        log.warning("worker %s: %s", self.host, e.message)
+                        await asyncio.sleep(0.05)
+                    continue
+                self._dispatch(msg)
+        finally:
+            await self.close()
+
+    def stop(self) -> None:
+        """Make `serve` return (within a fraction of a second), cancelling the calls in flight."""
+        self._stopping = True
+
+    async def close(self) -> None:
+        """Stop every call in flight and free the worker threads (the link stays open)."""
+        for c in self._calls.values():
+            c.cancel.set()
+        tasks = [t for t in self._tasks if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- routing -----------------------------------------------------------------------------------
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _dispatch(self, msg: LinkMessage) -> None:
+        try:
+            env = unpack(msg.payload)
+            op = _str(env.body, "op")
+        except TransportError as e:
+            log.warning("worker %s dropped a message: %s", self.host, e.message)
+            return
+        call = env.get("call")
+        if op == "cancel":
+            c = self._calls.get(call) if isinstance(call, str) else None
+            if c is not None:
+                c.cancel.set()
+        elif op == "release":
+            run = env.get("run")
+            if isinstance(run, str):
+                self._runs.pop(run, None)
+        elif op == "share_result":
+            c = self._calls.get(call) if isinstance(call, str) else None
+            cb = env.get("cb")
+            fut = c.callbacks.get(cb) if c is not None and isinstance(cb, int) else None
+            if fut is not None and not fut.done():
+                c.bytes_in += env.size  # type: ignore[union-attr]
+                fut.set_result(env)
+        elif op in CALL_OPS:
+            if not isinstance(call, str) or call in self._calls or call in self._recent:
+                return  # a resent request we already have
+            self._recent[call] = None
+            while len(self._recent) > _RECENT_CALLS:
+                self._recent.popitem(last=False)
+            self._spawn(self._serve_call(op, env))
+        else:
+            log.warning("worker %s dropped a message with unknown op %r", self.host, op)
+
+    def _endpoint(self, run: str, agent: str) -> LocalEndpoint:
+        eps = self._runs.get(run)
+        if eps is None:
+            eps = self._runs[run] = {}
+            while len(self._runs) > self.max_runs:
+                self._runs.popitem(last=False)
+        self._runs.move_to_end(run)
+        if agent not in eps:
+            a = self.plan[agent]
+            eps[agent] = LocalEndpoint(agent, a.model_ref, pool=self.pool, dtype=a.dtype, device=a.device)
+        return eps[agent]
+
+    async def _send(self, c: _Call, body: dict[str, Any], blobs: Mapping[str, bytes] | None = None) -> None:
+        payload = pack({"call": c.call, **body}, blobs)
+        await self.link.send(c.reply, payload)
+        c.bytes_out += len(payload)
+
+    # ---- one call -------------------------------------------------------------------------------------
+    async def _serve_call(self, op: str, env: Envelope) -> None:
+        start = time.perf_counter()
+        body = env.body
+        try:
+            c = _Call(call=_str(body, "call"), run=_str(body, "run"), agent=_str(body, "agent"),
+                      reply=validate_channel(_str(body, "reply")), bytes_in=env.size)
+        except (TransportError, AgentMeshError) as e:
+            log.warning("worker %s dropped a request: %s", self.host, e.message)
+            return
+        caller = str(body.get("caller") or "?")[:64]
+        budget = body.get("deadline_s")
+        if isinstance(budget, (int, float)) and budget > 0:
+            c.deadline = asyncio.get_running_loop().time() + float(budget)
+        self._calls[c.call] = c
+        beat: asyncio.Task[None] | None = None
+        detail, error = "", None
+        try:
+            await self._send(c, {"kind": "ack", "host": self.host})
+            beat = asyncio.ensure_future(self._heartbeat(c, float(body.get("heartbeat_s") or 5.0)))
+            if c.agent not in self.agents:
+                raise ConfigError(f"host {self.host!r} does not serve agent {c.agent!r} (it serves "
+                                  f"{', '.join(self.agents)})", hint="the caller and this worker read different files")
+            if body.get("graph") != self.digest:
+                raise ConfigError(f"the worker for host {self.host!r} runs another version of graph "
+                                  f"{self.graph.name!r} (its agents, hosts or edges differ)",
+                                  hint="use the same pipeline file on every host")
+            trace = Trace(f"{self.graph.name}@{self.host}")
+            ctx = CallContext(agent=c.agent, trace=trace, cancel=c.cancel, executor=self._executor)
+            handler = {"load": self._load, "reading": self._reading, "share": self._share, "text": self._text}[op]
+            result, blobs, detail = await handler(c, env, ctx)
+            result.update(kind="result", elapsed=time.perf_counter() - start,
+                          spans=[s.to_dict() for s in trace.spans])
+            await self._send(c, result, blobs)
+        except asyncio.CancelledError:
+            error = "cancelled"
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
+            info = error_body(e)
+            error = info["message"]
+            try:
+                await self._send(c, {"kind": "error", "error": info})
+            except TransportError as e2:
+                log.warning("worker %s could not report a failure to %s: %s", self.host, c.reply, e2.message)
+        finally:
+            if beat is not None:
+                beat.cancel()
+            self._calls.pop(c.call, None)
+            self.served += 1
+            if self.on_served is not None:
+                self.on_served(ServedCall(op=op, agent=c.agent, run=c.run, caller=caller,
+                                          seconds=time.perf_counter() - start, bytes_in=c.bytes_in,
+                                          bytes_out=c.bytes_out, ok=error is None, detail=detail, error=error))
+
+    async def _heartbeat(self, c: _Call, every: float) -> None:
+        """Tell the caller the call is still being worked on (so a dead worker is noticed quickly)."""
+        every = min(max(every, 0.05), 30.0)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._send(c, {"kind": "alive"})
+            except TransportError:
+                pass  # the broker is away; the link reconnects and the next beat goes out
+
+    # ---- caches in and out ------------------------------------------------------------------------------
+    async def _past(self, env: Envelope, ep: LocalEndpoint, ctx: CallContext) -> KVCache | None:
+        blob = env.blobs.get("past")
+        if blob is None:
+            return None
+        await ep.load(ctx)
+        sig = ep.model.signature
+        return await ctx.in_thread(decode_cache, blob, expected=sig)
+
+    async def _encode(self, cache: KVCache, ctx: CallContext) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """The result fields and blob of a cache reply; `encode_s` (call time when encoding began)
+        lets the caller's transfer span cover encoding, the wire and decoding."""
+        began = ctx.trace.now()
+        blob = await ctx.in_thread(encode_cache, cache, dtype=self.wire_dtype)
+        return {"wire": self._wire(cache), "encode_s": began}, {"cache": blob}
+
+    def _wire(self, cache: KVCache) -> str:
+        return self.wire_dtype or str(cache.dtype).removeprefix("torch.")
+
+    def _detail(self, cache: KVCache) -> str:
+        return f"cache {cache.seq_len} tokens, wire {self._wire(cache)}"
+
+    # ---- the ops ------------------------------------------------------------------------------------
+    async def _load(self, c: _Call, env: Envelope, ctx: CallContext) -> tuple[dict[str, Any], dict[str, bytes], str]:
+        ep = self._endpoint(c.run, c.agent)
+        await ep.load(ctx)
+        return {"model": str(getattr(ep.model, "name", ""))}, {}, ""
+
+    async def _reading(self, c: _Call, env: Envelope, ctx: CallContext) -> tuple[dict[str, Any], dict[str, bytes], str]:
+        b = env.body
+        ep = self._endpoint(c.run, c.agent)
+        receivers = b.get("receivers") or []
+        if not (isinstance(receivers, list) and all(isinstance(r, str) for r in receivers)):
+            raise TransportError("request field 'receivers' must be a list of agent names")
+        req = ReadRequest(messages=_messages(b.get("messages"), "messages"), past=await self._past(env, ep, ctx),
+                          past_messages=_messages(b.get("past_messages", []), "past_messages"),
+                          receivers=tuple(receivers))
+        cache = await ep.reading(req, ctx)
+        if cache is None:
+            return {"none": True}, {}, "nothing to read"
+        if b.get("want") == "shape":  # nobody continues from it: it stays here, the caller learns its size
+            return {"tokens": cache.seq_len}, {}, f"reading {cache.seq_len} tokens kept on this host"
+        fields, blobs = await self._encode(cache, ctx)
+        return fields, blobs, self._detail(cache)
+
+    async def _share(self, c: _Call, env: Envelope, ctx: CallContext) -> tuple[dict[str, Any], dict[str, bytes], str]:
+        b = env.body
+        ep = self._endpoint(c.run, c.agent)
+        keep = b.get("keep_last")
+        if not isinstance(keep, int):
+            raise TransportError("request field 'keep_last' must be an integer")
+        reading = ReadRequest(messages=_messages(b.get("messages"), "messages"), past=await self._past(env, ep, ctx),
+                              past_messages=_messages(b.get("past_messages", []), "past_messages"))
+        req = ShareRequest(receiver=_str(b, "receiver"), reading=reading, span_ids=_ids(b.get("span_ids"), "span_ids"),
+                           span_mask=_ids(b.get("span_mask"), "span_mask"), keep_last=keep)
+        cache = await ep.share(req, ctx)
+        fields, blobs = await self._encode(cache, ctx)
+        return fields, blobs, self._detail(cache)
+
+    async def _text(self, c: _Call, env: Envelope, ctx: CallContext) -> tuple[dict[str, Any], dict[str, bytes], str]:
+        b = env.body
+        ep = self._endpoint(c.run, c.agent)
+        a = self.plan[c.agent]
+        asked = b.get("sharers") or []
+        if sorted(asked) != sorted(f.sharer for f in a.fuse):
+            raise ConfigError(f"the caller fuses {asked} into {c.agent}, this host's file fuses "
+                              f"{[f.sharer for f in a.fuse]}", hint="use the same pipeline file on every host")
+        req = TextRequest(messages=_messages(b.get("messages"), "messages"), generation=a.generation,
+                          past=await self._past(env, ep, ctx),
+                          past_messages=_messages(b.get("past_messages", []), "past_messages"),
+                          fuse=a.fuse, fusion=a.fusion)
+        share = [self._share_fn(c, f.sharer, ctx) for f in a.fuse]
+        stream = bool(b.get("stream"))
+        pump: asyncio.Task[None] | None = None
+        if stream:
+            loop = asyncio.get_running_loop()
+            pieces: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
+            ctx.on_token = lambda piece, tok: loop.call_soon_threadsafe(pieces.put_nowait, (piece, tok))
+            pump = asyncio.ensure_future(self._stream(c, pieces))
+        try:
+            out = await ep.text(req, ctx, share)
+        except BaseException:
+            if pump is not None:
+                pump.cancel()
+            raise
+        if pump is not None:
+            pieces.put_nowait(None)
+            try:
+                await asyncio.wait_for(pump, 30.0)  # the tokens go out before the result
+            except (asyncio.TimeoutError, TransportError):
+                pass  # the result carries every token anyway
+        result = {"text": out.text, "token_ids": list(out.token_ids), "prompt_tokens": out.prompt_tokens,
+                  "prefilled_tokens": out.prefilled_tokens, "first_token_s": out.first_token_s,
+                  "finished": out.finished}
+        return result, {}, f"{len(out.token_ids)} tokens generated"
+
+    async def _stream(self, c: _Call, pieces: asyncio.Queue[tuple[str, int] | None]) -> None:
+        """Send generated tokens in order, batching whatever piled up while the last batch went out."""
+        done = False
+        while not done:
+            batch = []
+            item = await pieces.get()
+            while True:
+                if item is None:
+                    done = True
+                    break
+                batch.append([item[0], item[1]])
+                if pieces.empty() or len(batch) >= _MAX_TOKENS_PER_MESSAGE:
+                    break
+                item = pieces.get_nowait()
+            if batch:
+                try:
+                    await self._send(c, {"kind": "tokens", "pieces": batch})
+                except TransportError as e:
+                    log.warning("worker %s stopped streaming to %s: %s", self.host, c.reply, e.message)
+                    return
+
+    def _share_fn(self, c: _Call, sharer: str, ctx: CallContext) -> ShareFn:
+        """Ask the caller for `sharer`'s span cache (the caller runs or reaches that sharer)."""
+
+        async def share(span_ids: torch.Tensor, span_mask: torch.Tensor, keep_last: int) -> KVCache:
+            loop = asyncio.get_running_loop()
+            cb = len(c.callbacks)
+            fut: asyncio.Future[Envelope] = loop.create_future()
+            c.callbacks[cb] = fut
+            await self._send(c, {"kind": "share", "cb": cb, "sharer": sharer, "span_ids": span_ids.tolist(),
+                                 "span_mask": span_mask.tolist(), "keep_last": keep_last})
+            while not fut.done():  # the caller cancels the call when it gives up; the deadline, if it died
+                if c.cancel.is_set():
+                    raise TransportError(f"{c.agent}: the caller cancelled while {sharer}'s cache was awaited")
+                if loop.time() > c.deadline:
+                    raise TransportError(f"{c.agent}: the caller never sent {sharer}'s cache")
+                await asyncio.wait({fut}, timeout=0.5)
+            env = fut.result()
+            if env.get("error") is not None:
+                raise_remote(env.get("error"), sharer, "caller")
+            blob = env.blobs.get("cache")
+            if blob is None:
+                raise TransportError(f"the caller's answer for {sharer}'s cache carries no cache")
+            return await ctx.in_thread(decode_cache, blob)
+
+        return share
+
+    def __repr__(self) -> str:
+        return f"Worker(host={self.host!r}, agents={list(self.agents)}, link={type(self.link).__name__})"

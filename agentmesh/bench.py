@@ -28,7 +28,8 @@ def _command(name: str) -> Callable[..., None]:
         quick: bool = typer.Option(False, "--quick", help="The small configuration (under two minutes)."),
         json_path: Optional[Path] = typer.Option(None, "--json", help=f"JSON output (default bench/results/{name}.json)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (model benchmarks only)."),
-        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                              help="torch threads (default 1; 2 on a dedicated 2-core machine)."),
         overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config field."),
     ) -> None:
         from agentmesh.benchmarks import run_named
@@ -52,7 +53,8 @@ for _name in BENCHMARKS:
 def run_all(
     quick: bool = typer.Option(False, "--quick", help="The small configuration of each benchmark."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the JSON files (default bench/results)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                          help="torch threads (default 1; 2 on a dedicated 2-core machine)."),
 ) -> None:
     """Run every benchmark, one after another."""
     from agentmesh.benchmarks import run_named

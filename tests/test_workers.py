@@ -276,7 +276,8 @@ def test_a_broker_that_stays_down_fails_the_run_clearly_within_its_timeout(pool:
 
         result, elapsed = run(go(), 60)
     assert not result.ok and result.error.agent == "doc"
-    assert "agent 'doc' on host 'cloud': the worker went silent for 2 s; not connected to the broker" in str(result.error)
+    message = str(result.error)
+    assert "agent 'doc' on host 'cloud': the worker went silent for 2 s; not connected to the broker" in message
     assert elapsed < 15  # 2 s of silence, then a bounded cancel and release: nowhere near the run's 60 s
 
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from agentmesh.errors import ConfigError
 
+DEFAULT_THREADS = 1
 BENCHMARKS: tuple[str, ...] = ("c2c_vs_t2t", "fusion_overhead", "batching", "codec", "mqtt", "scheduler")
 DESCRIPTIONS = {
     "c2c_vs_t2t": "End-to-end latency per question: text-to-text vs cache-to-cache vs prefix (target >= 2.5x).",
@@ -84,8 +85,10 @@ def run_named(name: str, *, quick: bool = False, json_path: str | Path | None = 
     """Run benchmark `name`, print its tables and write its JSON; returns the `BenchResult`."""
     from agentmesh.benchmarks.common import print_result, set_threads, write_json
 
-    set_threads(threads)
     cfg = make_config(name, quick=quick, device=device, overrides=overrides)
+    # One thread unless told otherwise: on a shared machine a second intra-op thread waits for a busy
+    # core at every op (milliseconds each; see bench/NOTES.md), which would swamp the figures.
+    set_threads(threads if threads is not None else DEFAULT_THREADS)
     result = module(name).run(cfg)
     result.config["quick"] = quick
     print_result(result, console)
@@ -107,7 +110,8 @@ def script_main(name: str, argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", default=None,
                         help=f"where to write the JSON (default bench/results/{name}.json)")
     parser.add_argument("--device", default=None, help="cpu or cuda (model benchmarks only)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"torch threads (default {DEFAULT_THREADS}; 2 on a dedicated 2-core machine)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (repeatable)")
     args = parser.parse_args(argv)

@@ -16,7 +16,8 @@ _COLUMNS: dict[str, list[str]] = {
     "batching": ["batch", "e2e_s", "e2e_tokens_per_s", "e2e_cpu_tokens_per_s", "decode_tokens_per_s"],
     "codec": ["source", "wire", "payload_MB", "encode_ms", "decode_ms", "GB_per_s", "cpu_GB_per_s",
               "wire_bytes_per_token", "vs_text"],
-    "mqtt": ["chunk_KiB", "chunks", "median_ms", "MB_per_s", "vs_best"],
+    "mqtt": ["chunk_KiB", "chunks", "median_ms", "MB_per_s", "vs_best", "python_cpu_ms", "broker_cpu_ms",
+             "cpu_bound_MB_per_s"],
     "scheduler": ["graph", "endpoints", "wall_ms_per_agent", "cpu_ms_per_agent"],
 }
 
@@ -34,7 +35,7 @@ def _command(data: dict[str, Any]) -> str:
     parts = [f"python bench/{data['benchmark']}.py"]
     if cfg.get("quick"):
         parts.append("--quick")
-    if data["benchmark"] in ("c2c_vs_t2t", "fusion_overhead", "batching") and threads:
+    if data["benchmark"] in ("c2c_vs_t2t", "fusion_overhead", "batching") and threads and threads != 1:
         parts.append(f"--threads {threads}")
     if cfg.get("device", "cpu") != "cpu":
         parts.append(f"--device {cfg['device']}")

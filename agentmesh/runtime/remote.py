@@ -408,7 +408,8 @@ class RemoteEndpoint:
         else:
             first_token = None
         return TextOutput(text=str(env.get("text", "")), token_ids=tuple(ids),
-                          prompt_tokens=_int(env, "prompt_tokens", 0), prefilled_tokens=_int(env, "prefilled_tokens", 0),
+                          prompt_tokens=_int(env, "prompt_tokens", 0),
+                          prefilled_tokens=_int(env, "prefilled_tokens", 0),
                           first_token_s=first_token, finished=bool(env.get("finished")))
 
     async def _answer_share(self, env: Envelope, by_sharer: Mapping[str, ShareFn], ctx: CallContext,
@@ -495,10 +496,11 @@ def remote_endpoints(plan: RunPlan, clients: Mapping[str, RemoteClient], *, host
     out: dict[str, Endpoint] = {}
     for name, a in plan.agents.items():
         if name in remote:
-            client = clients.get(a.host)  # type: ignore[arg-type]
+            where = str(a.host)
+            client = clients.get(where)
             if client is None:
-                raise ConfigError(f"no link to host {a.host!r}, where agent {name!r} runs")
-            out[name] = RemoteEndpoint(name, a.host, client, prefix=a.prefix, wire_dtype=wire_dtype)  # type: ignore[arg-type]
+                raise ConfigError(f"no link to host {where!r}, where agent {name!r} runs")
+            out[name] = RemoteEndpoint(name, where, client, prefix=a.prefix, wire_dtype=wire_dtype)
             continue
         ep = LocalEndpoint(name, a.model_ref, pool=pool, dtype=a.dtype, device=a.device)
         feeds = {r for r, p in plan.agents.items() if p.prefix == name} | set(a.shares_with)
@@ -534,20 +536,17 @@ async def arun_remote(graph: Any, inputs: str | Mapping[str, str] | None = None,
     wait = broker_timeout(graph)
     async with AsyncExitStack() as stack:
         clients: dict[str, RemoteClient] = {}
-        by_url: dict[str, RemoteClient] = {}
+        shared: dict[str, RemoteClient] = {}  # one link and one client per distinct broker setting
         for h in hosts:
-            if link is not None:
-                key, cfg_link, url = "", link, None
-            else:
-                cfg = mqtt_config(graph, url=broker, host=h, username=username, password_env=password_env)
-                key, url = cfg.model_dump_json(), cfg.url
-                cfg_link = None if key in by_url else await stack.enter_async_context(MqttLink(cfg, graph=graph.name))
-            if key not in by_url:
-                client = RemoteClient(cfg_link, graph, run_id=run_id, caller=host, timeout=wait,  # type: ignore[arg-type]
-                                      call_timeout=limit, url=url)
-                stack.push_async_callback(client.close)
-                by_url[key] = client
-            clients[h] = by_url[key]
+            cfg = None if link is not None else mqtt_config(graph, url=broker, host=h, username=username,
+                                                             password_env=password_env)
+            key = "" if cfg is None else cfg.model_dump_json()
+            if key not in shared:
+                use = link if cfg is None else await stack.enter_async_context(MqttLink(cfg, graph=graph.name))
+                shared[key] = RemoteClient(use, graph, run_id=run_id, caller=host, timeout=wait, call_timeout=limit,
+                                           url=None if cfg is None else cfg.url)
+                stack.push_async_callback(shared[key].close)
+            clients[h] = shared[key]
         endpoints = remote_endpoints(plan, clients, host=host, pool=pool, wire_dtype=wire_dtype)
         return await arun_graph(graph, inputs, endpoints=endpoints, timeout=timeout, validate=False, **opts)
 

@@ -64,7 +64,7 @@ def make_endpoints(plan: RunPlan, pool: Any) -> dict[str, Endpoint]:
 
 def _describe(error: BaseException) -> str:
     if isinstance(error, AgentMeshError):
-        return str(error)
+        return error.message  # the hint travels separately, on the RunError
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 

@@ -169,6 +169,9 @@ async def wait_bounded(aw: Awaitable[T], timeout: float, closed: asyncio.Event, 
     stop = asyncio.ensure_future(closed.wait())
     try:
         done, _ = await asyncio.wait({task, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()  # cancelled from outside: take the inner wait down with us
+        raise
     finally:
         stop.cancel()
     if task in done:

@@ -95,7 +95,8 @@ def unpack(data: bytes | bytearray | memoryview) -> Envelope:
         raise TransportError("envelope body must be a JSON object")
     table = body.pop("blobs", [])
     if not isinstance(table, list) or len(table) != count:
-        raise TransportError(f"envelope lists {len(table) if isinstance(table, list) else '?'} blobs, its prefix {count}")
+        listed = len(table) if isinstance(table, list) else "?"
+        raise TransportError(f"envelope lists {listed} blobs, its prefix {count}")
     blobs: dict[str, memoryview] = {}
     pos = PREFIX.size + json_len
     for entry in table:
@@ -171,7 +172,8 @@ def mqtt_config(graph: Any, *, url: str | None = None, host: str | None = None, 
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "broker"
-        raise ConfigError(f"broker setting {where}: {first.get('msg', 'invalid')}".replace("Value error, ", "")) from None
+        why = str(first.get("msg", "invalid")).replace("Value error, ", "")
+        raise ConfigError(f"broker setting {where}: {why}") from None
 
 
 def broker_timeout(graph: Any, default: float = 60.0) -> float:

@@ -26,7 +26,6 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -268,7 +267,8 @@ class Worker:
 
     # ---- one call -------------------------------------------------------------------------------------
     async def _serve_call(self, op: str, env: Envelope) -> None:
-        start = time.perf_counter()
+        # One clock for the call: its spans, `encode_s` and `elapsed` are all seconds since it arrived.
+        trace = Trace(f"{self.graph.name}@{self.host}")
         body = env.body
         try:
             c = _Call(call=_str(body, "call"), run=_str(body, "run"), agent=_str(body, "agent"),
@@ -293,12 +293,10 @@ class Worker:
                 raise ConfigError(f"the worker for host {self.host!r} runs another version of graph "
                                   f"{self.graph.name!r} (its agents, hosts or edges differ)",
                                   hint="use the same pipeline file on every host")
-            trace = Trace(f"{self.graph.name}@{self.host}")
             ctx = CallContext(agent=c.agent, trace=trace, cancel=c.cancel, executor=self._executor)
             handler = {"load": self._load, "reading": self._reading, "share": self._share, "text": self._text}[op]
             result, blobs, detail = await handler(c, env, ctx)
-            result.update(kind="result", elapsed=time.perf_counter() - start,
-                          spans=[s.to_dict() for s in trace.spans])
+            result.update(kind="result", elapsed=trace.now(), spans=[s.to_dict() for s in trace.spans])
             await self._send(c, result, blobs)
         except asyncio.CancelledError:
             error = "cancelled"
@@ -317,7 +315,7 @@ class Worker:
             self.served += 1
             if self.on_served is not None:
                 self.on_served(ServedCall(op=op, agent=c.agent, run=c.run, caller=caller,
-                                          seconds=time.perf_counter() - start, bytes_in=c.bytes_in,
+                                          seconds=trace.now(), bytes_in=c.bytes_in,
                                           bytes_out=c.bytes_out, ok=error is None, detail=detail, error=error))
 
     async def _heartbeat(self, c: _Call, every: float) -> None:

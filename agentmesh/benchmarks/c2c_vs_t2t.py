@@ -7,11 +7,11 @@ context task: the sharer holds a passage, the receiver gets the question.
               every other generation here), then the receiver prefills background + question and
               answers.
 * `t2t_eos`:  the same, but the background stops at the sharer's EOS, as it would in a real run
-              (the embedded model writes one short sentence, about 20 tokens).
+              (the embedded model writes one short sentence, 10-20 tokens).
 * `c2c`:      the sharer prefills passage + question, the receiver prefills the question, the
               fuser rewrites the receiver's cache, the receiver answers.
 * `prefix`:   the sharer prefills passage + question, the receiver continues from that cache.
-* `receiver`: the receiver answers alone (no sharer): the floor every method pays.
+* `receiver`: the receiver answers alone (no sharer): the floor every method pays (full runs).
 
 Every method writes exactly `answer_tokens` answer tokens (EOS is ignored, `eos_token_id=[]`), so
 answers of different lengths never decide the ratio; a randomly initialised fuser (used until a
@@ -20,7 +20,7 @@ question, after a warm-up question that is not counted.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -41,7 +41,7 @@ class Config:
     background_tokens: int = 64
     repeats: int = 1                     # rounds per question (each question is a fresh sample)
     breakdown_questions: int = 5         # questions whose stages are also timed one by one
-    sweep: tuple[int, ...] = (8, 32, 64)  # other answer lengths, t2t and c2c only
+    sweep: tuple[int, ...] = (8, 32, 64)  # other answer lengths (t2t, c2c and prefix only)
     sweep_questions: int = 5
     methods: tuple[str, ...] = ("t2t", "t2t_eos", "c2c", "prefix", "receiver")  # c2c and t2t always run
     device: str = "cpu"
@@ -61,7 +61,6 @@ class _Setup:
     sharer: Any
     fuser: Any
     fuser_source: str
-    engines: dict[str, Any] = field(default_factory=dict)
 
 
 def load_items(n: int, seed: int = 0) -> list[Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from agentmesh.benchmarks.common import (
-    BenchResult, Target, bench_fuser, embedded_model, interleave, median, sync, timed)
+    BenchResult, Target, bench_fuser, embedded_model, interleave, median, sync)
 
 NAME = "fusion_overhead"
 TARGET_RATIO = 1.15

@@ -589,7 +589,10 @@ def save_fuser(fuser: Fuser, folder: FuserRef, *, provenance: Mapping[str, Any] 
             folder / WEIGHTS_FILE))
         temps.append((_atomic_write(folder, FUSER_JSON, lambda tmp: Path(tmp).write_text(text, encoding="utf-8")),
                       folder / FUSER_JSON))
+        umask = os.umask(0o022)
+        os.umask(umask)
         for tmp, final in temps:
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; a saved fuser is an ordinary file
             os.replace(tmp, final)
     except AgentMeshError:
         raise

@@ -61,7 +61,7 @@ def check(files: Annotated[list[Path], typer.Argument(help="pipeline files (or f
             typer.echo(str(exc), err=True)
             failed = True
             continue
-        typer.echo(f"ok {file} ({len(g.agents)} agents, {len(g.edges)} edges)")
+        typer.echo(f"ok {file} ({_count(len(g.agents), 'agent')}, {_count(len(g.edges), 'edge')})")
     if failed:
         raise typer.Exit(2)
 
@@ -81,3 +81,7 @@ def show(file: Annotated[Path, typer.Argument(help="pipeline file")],
 
 if __name__ == "__main__":
     app()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -76,6 +76,7 @@ def generate(
 
 def _mount() -> None:
     """Attach the sub-command groups; each lives next to the code it drives."""
+    from agentmesh.bench import app as bench_app
     from agentmesh.c2c.fuser_cli import app as fuser_app
     from agentmesh.c2c.train_cli import app as train_app
     from agentmesh.eval.cli import app as eval_app
@@ -88,6 +89,7 @@ def _mount() -> None:
     app.add_typer(fuser_app, name="fuser", help="Inspect, convert and download fusers.")
     app.add_typer(train_app, name="train")
     app.add_typer(eval_app)  # `eval` and `make-context-task`
+    app.add_typer(bench_app, name="bench", help="Run the benchmarks (tables + JSON).")
     from agentmesh.transport.cli import worker_command
     app.command("worker")(worker_command)
 

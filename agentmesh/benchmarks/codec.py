@@ -122,5 +122,5 @@ def run(cfg: Config = Config(), *, tokenizer: Any = None, **_: Any) -> BenchResu
         rows=rows, summary={"text_bytes_per_token": text_bpt, "text_tokenizer": text_source},
         targets=targets,
         notes=[f"throughput = raw cache bytes (source dtype) / (encode + decode), median of {cfg.repeats} "
-               "interleaved rounds; payloads include headers, SHA-256 and metadata tensors",
+               "interleaved rounds; payloads include headers, CRC-32 and metadata tensors",
                f"text: {text_bpt:.2f} UTF-8 bytes per token ({text_source}); vs_text = wire bytes per token / that"])

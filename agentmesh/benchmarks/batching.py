@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from agentmesh.benchmarks.common import BenchResult, Target, bench_fuser, embedded_model, interleave, median
+from agentmesh.benchmarks.common import BenchResult, Target, bench_models, interleave, median
 
 NAME = "batching"
 TARGET_RATIO = 3.0
@@ -48,12 +48,7 @@ def run(cfg: Config = Config(), *, receiver: Any = None, sharer: Any = None, fus
     from agentmesh.c2c.model import C2CModel
     from agentmesh.models.inference import decode, pad_sequences
 
-    if receiver is None:
-        receiver = embedded_model(pool, device=cfg.device, dtype=cfg.dtype)
-    sharer = sharer if sharer is not None else receiver
-    source = "given"
-    if fuser is None:
-        fuser, source = bench_fuser(receiver, sharer, hidden_dim=cfg.hidden_dim, seed=cfg.seed)
+    receiver, sharer, fuser, source = bench_models(cfg, receiver, sharer, fuser, pool)
     model = C2CModel(receiver, [sharer], [fuser])
     pad = model._pad_id()
     rows = prompts(receiver, cfg.batch, cfg.seed)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from agentmesh.benchmarks.common import (
-    BenchResult, Runs, Target, bench_fuser, embedded_model, interleave, median, pct, sync, timed)
+    BenchResult, Runs, Target, bench_models, interleave, median, pct, sync, timed)
 from agentmesh.errors import ConfigError
 
 NAME = "c2c_vs_t2t"
@@ -219,12 +219,7 @@ def _measure(methods: Methods, items: list[Any], answer_tokens: int, names: tupl
 def run(cfg: Config = Config(), *, receiver: Any = None, sharer: Any = None, fuser: Any = None,
         pool: Any = None) -> BenchResult:
     """Run the benchmark; models default to the embedded one (loaded once, used on both ends)."""
-    if receiver is None:
-        receiver = embedded_model(pool, device=cfg.device, dtype=cfg.dtype)
-    sharer = sharer if sharer is not None else receiver
-    source = "given"
-    if fuser is None:
-        fuser, source = bench_fuser(receiver, sharer, hidden_dim=cfg.hidden_dim, seed=cfg.seed)
+    receiver, sharer, fuser, source = bench_models(cfg, receiver, sharer, fuser, pool)
     methods = Methods(_Setup(receiver, sharer, fuser, source), cfg)
     n_items = max(cfg.questions, cfg.sweep_questions if cfg.sweep else 0, cfg.breakdown_questions)
     items = load_items(n_items + 1, cfg.seed)

@@ -369,3 +369,16 @@ def pct(values: Sequence[float], q: float) -> float:
     k = (len(vals) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(vals) - 1)
     return vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
+
+
+def bench_models(cfg: Any, receiver: Any = None, sharer: Any = None, fuser: Any = None,
+                 pool: Any = None) -> tuple[Any, Any, Any, str]:
+    """(receiver, sharer, fuser, where the fuser came from) for a model benchmark: the embedded
+    model on both ends unless given, and `bench_fuser` unless a fuser is given."""
+    if receiver is None:
+        receiver = embedded_model(pool, device=cfg.device, dtype=cfg.dtype)
+    sharer = sharer if sharer is not None else receiver
+    if fuser is not None:
+        return receiver, sharer, fuser, "given"
+    fuser, source = bench_fuser(receiver, sharer, hidden_dim=cfg.hidden_dim, seed=cfg.seed)
+    return receiver, sharer, fuser, source

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from agentmesh.benchmarks.common import (
-    BenchResult, Target, bench_fuser, embedded_model, interleave, median, sync)
+    BenchResult, Target, bench_models, interleave, median, sync)
 
 NAME = "fusion_overhead"
 TARGET_RATIO = 1.15
@@ -72,12 +72,7 @@ def run(cfg: Config = Config(), *, receiver: Any = None, sharer: Any = None, fus
     from agentmesh.c2c.model import C2CModel
     from agentmesh.models.inference import prefill
 
-    if receiver is None:
-        receiver = embedded_model(pool, device=cfg.device, dtype=cfg.dtype)
-    sharer = sharer if sharer is not None else receiver
-    source = "given"
-    if fuser is None:
-        fuser, source = bench_fuser(receiver, sharer, hidden_dim=cfg.hidden_dim, seed=cfg.seed)
+    receiver, sharer, fuser, source = bench_models(cfg, receiver, sharer, fuser, pool)
     model = C2CModel(receiver, [sharer], [fuser])
     # One more token than the span: the fused span is every prompt token but the last.
     ids = prompt_ids(receiver, cfg.tokens + 1, cfg.seed)

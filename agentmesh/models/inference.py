@@ -6,7 +6,7 @@ what it would compute alone.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -60,7 +60,6 @@ class DecodeOutput:
     tokens: torch.Tensor                 # (B, T) new tokens only, `pad_token_id` after a row ends
     cache: KVCache | None = None         # the cache after decoding, when asked for
     finished: torch.Tensor | None = None  # (B,) whether each row hit EOS or a stop string
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 # ---- padding -----------------------------------------------------------------------------------

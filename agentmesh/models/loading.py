@@ -299,6 +299,16 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except Exception as e:
         raise ModelLoadError(f"could not load the GGUF file {path}: {_first_line(e)}") from e
+    head = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and head is not None and head.weight.is_meta:
+        # A GGUF file stores the tied embedding matrix once; after some earlier loads in the same
+        # process transformers leaves lm_head on the meta device (and tie_weights() then does
+        # nothing), so tie it here as the config asks.
+        head.weight = model.get_input_embeddings().weight
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ModelLoadError(f"the GGUF file {path} left {len(left)} parameters unloaded (e.g. {left[0]}); "
+                             "expected a complete causal LM")
     return model, tokenizer
 
 

@@ -59,12 +59,11 @@ def run_command(
     """Run a pipeline once and print each output agent's text, then latency and bytes per edge."""
     from agentmesh.runtime.display import LiveView, PlainStream, footer, print_outputs
     from agentmesh.runtime.plan import build_plan
+    from agentmesh.runtime.remote import run_remote
     from agentmesh.runtime.scheduler import run_graph
 
-    if broker is not None or host is not None:  # across hosts, through the file's (or this) broker
-        from agentmesh.runtime.remote import run_remote
-
-        run_graph = functools.partial(run_remote, broker=broker, host=host)  # noqa: F811
+    # Across hosts (a broker or a host named): through the file's broker, or the one given.
+    runner = functools.partial(run_remote, broker=broker, host=host) if (broker or host) else run_graph
 
     try:
         graph = _load(file)
@@ -82,13 +81,13 @@ def run_command(
 
             view = LiveView(plan, show_tokens=live_view)
             with Live(view, console=Console(), refresh_per_second=8, transient=False):
-                result = run_graph(graph, text, on_event=view.on_event, timeout=timeout, validate=False)
+                result = runner(graph, text, on_event=view.on_event, timeout=timeout, validate=False)
         elif live_view and not json_out:
             plain = PlainStream(plan.outputs, sys.stdout.write, sys.stdout.flush)
-            result = run_graph(graph, text, on_event=plain.on_event, timeout=timeout, validate=False)
+            result = runner(graph, text, on_event=plain.on_event, timeout=timeout, validate=False)
             plain.end()
         else:
-            result = run_graph(graph, text, timeout=timeout, validate=False)
+            result = runner(graph, text, timeout=timeout, validate=False)
     except AgentMeshError as e:
         _fail(e)
     if trace is not None and result.trace is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from agentmesh.graph import Graph
 from agentmesh.models import default_pool
 from agentmesh.runtime import AgentFinished, RunFinished, Token
-from agentmesh.runtime.display import human_bytes
+from agentmesh.units import human_bytes
 
 GRAPHS = Path(__file__).resolve().parent.parent / "graphs"
 

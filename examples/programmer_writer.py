@@ -22,7 +22,7 @@ from pathlib import Path
 from agentmesh.graph import Graph
 from agentmesh.models import default_pool
 from agentmesh.runtime import RunResult
-from agentmesh.runtime.display import human_bytes
+from agentmesh.units import human_bytes
 
 GRAPHS = Path(__file__).resolve().parent.parent / "graphs"
 CHANNELS = (("text edge", "programmer_writer_text.yaml"), ("cache edge (prefix)", "programmer_writer.yaml"))

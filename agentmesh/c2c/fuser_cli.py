@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agentmesh.errors import AgentMeshError, CheckpointError
+from agentmesh.units import human_bytes
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Inspect, convert and download C2C fusers.")
@@ -28,14 +29,6 @@ def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
     return run
 
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def _gates(projector: Any) -> dict[str, bool] | None:
@@ -75,7 +68,7 @@ def inspect(
         ("alignment", cfg.alignment),
         ("parameters", f"{fuser.num_parameters():,}"),
         ("dtype", ", ".join(dtypes)),
-        ("size on disk", _human_bytes(size_on_disk(location))),
+        ("size on disk", human_bytes(size_on_disk(location))),
     ]
     for key, value in rows:
         summary.add_row(key, value)

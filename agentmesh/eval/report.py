@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from agentmesh.eval.metrics import Summary
+from agentmesh.units import human_bytes
 
 CSV_COLUMNS = ("id", "subject", "method", "answer", "prediction", "correct", "latency", "ttft", "bytes", "error",
                "output")
@@ -108,13 +109,6 @@ def write_report(summary: Summary, out_dir: str | Path) -> dict[str, Path]:
     }
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
 
 def format_table(summary: Summary) -> str:
     """A markdown table of the per-method summary (for the CLI and the README)."""
@@ -125,7 +119,7 @@ def format_table(summary: Summary) -> str:
         rows.append((name, str(s.n), f"{s.accuracy:.3f}", f"[{s.ci95[0]:.3f}, {s.ci95[1]:.3f}]",
                      _fmt(s.latency_mean_s, 3) or "-", _fmt(s.latency_p50_s, 3) or "-",
                      _fmt(s.latency_p95_s, 3) or "-", _fmt(s.ttft_mean_s, 3) or "-",
-                     _human_bytes(s.bytes_mean), str(len(s.failed))))
+                     human_bytes(s.bytes_mean), str(len(s.failed))))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

@@ -11,19 +11,12 @@ from rich.text import Text
 from agentmesh.runtime.events import (AgentFailed, AgentFinished, AgentStarted, Event, PhaseStarted, Step, Token)
 from agentmesh.runtime.plan import RunPlan
 from agentmesh.runtime.result import RunResult
+from agentmesh.units import human_bytes
 
 _PHASES = {"load": "loading", "read": "reading", "prefill": "prefilling", "share": "sharing", "fuse": "fusing",
            "decode": "decoding", "transfer": "sending", "text": "sending"}
 _STYLE = {"waiting": "dim", "done": "green", "failed": "bold red"}
 
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 class LiveView:

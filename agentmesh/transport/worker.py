@@ -43,6 +43,7 @@ from agentmesh.runtime.trace import Trace
 from agentmesh.transport.link import Link, LinkMessage, validate_channel
 from agentmesh.transport.rpc import (CALL_OPS, Envelope, error_body, graph_digest, inbox_channel, pack,
                                      raise_remote, unpack)
+from agentmesh.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,6 @@ class ServedCall:
         return (f"{self.op} {self.agent} (run {self.run}, from {self.caller}): {self.seconds * 1000:.0f} ms, "
                 f"in {human_bytes(self.bytes_in)}, out {human_bytes(self.bytes_out)}{extra} - {state}")
 
-
-def human_bytes(n: int) -> str:
-    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 @dataclass(eq=False)

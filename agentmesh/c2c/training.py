@@ -36,6 +36,7 @@ from agentmesh.c2c.fuser import Fuser, fuse
 from agentmesh.c2c.model import C2CModel, SharerInput, context_ids
 from agentmesh.cache.hf import to_hf
 from agentmesh.errors import CheckpointError, ConfigError
+from agentmesh.yaml_file import read_yaml
 from agentmesh.models.builtin import DEFAULT_MODEL
 from agentmesh.models.inference import pad_sequences, prefill
 
@@ -149,13 +150,7 @@ class TrainRecipe(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainRecipe":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        data = read_yaml(path, "recipe file")
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {path} must be a YAML mapping of settings, got {type(data).__name__}")
         return cls.parse(data, source=str(path))

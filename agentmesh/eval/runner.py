@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agentmesh.errors import ConfigError
@@ -22,6 +21,7 @@ from agentmesh.eval.methods import (
     CacheToCache, Method, Prefix, ReceiverOnly, SharerOnly, TextToText, run_safely)
 from agentmesh.eval.metrics import ItemResult, Summary, summarize
 from agentmesh.eval.report import write_report
+from agentmesh.yaml_file import read_yaml
 
 MethodName = Literal["receiver", "sharer", "t2t", "c2c", "prefix"]
 _NEEDS_SHARER = {"sharer", "t2t", "c2c", "prefix"}
@@ -85,14 +85,7 @@ def parse_config(data: Any, *, source: str = "eval config") -> EvalConfig:
 
 def load_config(path: str | Path) -> EvalConfig:
     """An `EvalConfig` from a YAML file; every problem is a one-line ConfigError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"eval config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"eval config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_config(data, source=str(path))
+    return parse_config(read_yaml(path, "eval config"), source=str(path))
 
 
 # ---- building the methods over real models ------------------------------------------------------

@@ -78,7 +78,7 @@ def _mount() -> None:
     """Attach the sub-command groups; each lives next to the code it drives."""
     from agentmesh.bench import app as bench_app
     from agentmesh.c2c.fuser_cli import app as fuser_app
-    from agentmesh.c2c.train_cli import app as train_app
+    from agentmesh.c2c.train.cli import app as train_app
     from agentmesh.eval.cli import app as eval_app
     from agentmesh.graph.cli import app as graph_app
     from agentmesh.runtime.cli import chat_command, run_command

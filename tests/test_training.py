@@ -1,4 +1,4 @@
-"""Fuser training (agentmesh.c2c.training, train_cli): tiny random-weight models, a few steps each.
+"""Fuser training (agentmesh.c2c.train): tiny random-weight models, a few steps each.
 
 The synthetic task: the sharer privately reads "The secret word is W."; the receiver is asked for
 the secret word and must answer W. Tiny models are built with a large initializer range so that
@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from agentmesh.c2c.checkpoints import load_fuser
 from agentmesh.c2c.model import C2CModel, SharerInput, context_ids
-from agentmesh.c2c.training import (
+from agentmesh.c2c.train import (
     IGNORE_INDEX,
     ChatRow,
     DataRecipe,
@@ -134,7 +134,7 @@ def test_frozen_models_unchanged_and_only_projectors_trained(trained, models):
         assert not any(p.requires_grad for p in lm.model.parameters())
     # The fuser's initial weights come from the seed; every trained matrix moved away from them.
     torch.manual_seed(r.seed)
-    from agentmesh.c2c.training import _build_fuser
+    from agentmesh.c2c.train.loop import _build_fuser
     initial = _build_fuser(r, receiver, sharer, result.total_steps).state_dict()
     final = load_fuser(result.fuser_dir).state_dict()
     assert initial.keys() == final.keys()
@@ -300,7 +300,7 @@ def test_recipe_errors_are_one_line(tmp_path):
 
 
 def test_cli_trains_from_yaml_and_reports_errors(tiny_tokenizer, data, tmp_path):
-    from agentmesh.c2c.train_cli import app
+    from agentmesh.c2c.train.cli import app
 
     rec = save_tiny_model(tmp_path / "rec", "qwen3", tiny_tokenizer, seed=0, **TINY)
     path = tmp_path / "recipe.yaml"

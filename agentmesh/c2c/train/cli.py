@@ -29,7 +29,7 @@ def train_command(
     try:
         import torch
 
-        from agentmesh.c2c.training import TrainRecipe, train
+        from agentmesh.c2c.train import TrainRecipe, train
 
         if threads is not None:
             torch.set_num_threads(threads)
@@ -51,5 +51,5 @@ def train_command(
     typer.echo(f"fuser: {result.fuser_dir}  (plot: {result.output_dir / 'loss_curve.png'})")
 
 
-if __name__ == "__main__":  # python -m agentmesh.c2c.train_cli RECIPE.yaml
+if __name__ == "__main__":  # python -m agentmesh.c2c.train.cli RECIPE.yaml
     app()

@@ -1,0 +1,303 @@
+"""Fuser training: only the projectors learn, from the receiver's next-token loss.
+
+One step, per micro-batch of chats:
+  1. the receiver prefills its prompt minus the last token, the sharer the same span (after its
+     private context when the recipe has one); both frozen, under no_grad;
+  2. the fuser rewrites the receiver's span cache, with gradients;
+  3. the receiver reads [last prompt token + answer tokens] after the fused cache (a transformers
+     `DynamicCache` built by `to_hf`; its `torch.cat` keeps the autograd graph), and the loss is
+     its cross-entropy on the answer tokens (labels -100 on padding).
+AdamW, linear warm-up then linear decay, gradient clipping, the gate temperature annealed after
+each optimizer step. Checkpoints are safetensors (tensors) + JSON (everything else); never pickle.
+The data order is a pure function of (seed, epoch), so a resumed run sees the batches an
+uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import yaml
+
+from agentmesh.c2c.fuser import Fuser
+from agentmesh.c2c.model import C2CModel
+from agentmesh.c2c.train.data import Batch, collate, data_fingerprint, load_rows, micro_batch, tokenize_rows
+from agentmesh.c2c.train.loss import batch_loss, checkpointed_projectors, held_out_loss
+from agentmesh.c2c.train.recipe import TrainRecipe
+from agentmesh.c2c.train.state import CHECKPOINT_DIR, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from agentmesh.errors import ConfigError
+
+FUSER_DIR = "fuser"
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def total_steps(recipe: TrainRecipe, num_rows: int) -> int:
+    if recipe.steps is not None:
+        return recipe.steps
+    per_epoch = math.ceil(num_rows / recipe.batch_size)
+    return max(1, math.ceil((recipe.epochs or 1.0) * per_epoch / recipe.grad_accum))
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    fuser_dir: Path | None          # None when the run stopped early (`stop_at`)
+    steps: int                      # optimizer steps done
+    total_steps: int
+    losses: list[float]             # train loss per optimizer step
+    lrs: list[float]                # learning rate of each optimizer step
+    eval_losses: list[tuple[int, float]]  # (step, held-out loss); step 0 is before training
+    final_eval_loss: float | None
+    final_train_loss: float | None
+    data_sha256: str
+
+    @property
+    def completed(self) -> bool:
+        return self.steps >= self.total_steps
+
+
+def plot_loss_curve(state: TrainState, path: Path, title: str = "fuser training") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.add_subplot()
+    if state.losses:
+        steps = range(1, len(state.losses) + 1)
+        ax.plot(steps, state.losses, lw=0.8, alpha=0.45, label="train (per step)")
+        w = max(1, len(state.losses) // 25)
+        if w > 1:
+            smooth = [sum(state.losses[max(0, i - w + 1):i + 1]) / len(state.losses[max(0, i - w + 1):i + 1])
+                      for i in range(len(state.losses))]
+            ax.plot(steps, smooth, lw=1.6, label=f"train ({w}-step mean)")
+    if state.eval_losses:
+        ax.plot([s for s, _ in state.eval_losses], [v for _, v in state.eval_losses], "o-", lw=1.6, label="held-out")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy per answer token")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _final_train_loss(losses: Sequence[float]) -> float | None:
+    tail = losses[-max(1, min(10, len(losses) // 10 or 1)):]
+    return sum(tail) / len(tail) if tail else None
+
+
+def _load_models(recipe: TrainRecipe, pool: Any) -> tuple[Any, Any]:
+    if pool is None:
+        from agentmesh.models.pool import ModelPool
+
+        pool = ModelPool()  # loads a shared receiver/sharer ref once
+    receiver = pool.get(recipe.receiver, dtype=recipe.dtype, device=recipe.device)
+    sharer = pool.get(recipe.sharer, dtype=recipe.dtype, device=recipe.device)
+    for lm in (receiver, sharer):
+        lm.model.eval()
+        lm.model.requires_grad_(False)
+    return receiver, sharer
+
+
+def _build_fuser(recipe: TrainRecipe, receiver: Any, sharer: Any, steps: int) -> Fuser:
+    p = recipe.projector
+    args = dict(hidden_dim=p.hidden_dim, intermediate_dim=p.intermediate_dim, num_layers=p.num_layers,
+                dropout=p.dropout, initial_temperature=p.initial_temperature,
+                final_temperature=p.final_temperature, anneal_steps=p.anneal_steps or steps, dtype=p.dtype,
+                zero_init=recipe.init.zero_init, **p.args)
+    fuser = Fuser.build(receiver.signature, sharer.signature, projector=p.type, layer_map=recipe.layer_map,
+                        alignment=recipe.alignment, **args)
+    return fuser.to(receiver.device)
+
+
+def _param_groups(fuser: Fuser, weight_decay: float) -> list[dict[str, Any]]:
+    # Matrices decay; biases, norm weights and gate logits (0-d/1-d) do not.
+    decay = [p for p in fuser.parameters() if p.dim() >= 2]
+    rest = [p for p in fuser.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def train(recipe: TrainRecipe | Mapping[str, Any], *, pool: Any = None, progress: bool = True,
+          resume: bool = True, stop_at: int | None = None) -> TrainResult:
+    """Train a fuser for `recipe`; write checkpoints, the fuser, its provenance and a loss plot.
+
+    `pool` (a `ModelPool`) supplies the models (tests register tiny ones by name). With `resume`,
+    the newest checkpoint in the output folder is continued. `stop_at` ends the run after that
+    many optimizer steps with a checkpoint (the schedule still spans the full run).
+    """
+    if not isinstance(recipe, TrainRecipe):
+        recipe = TrainRecipe.parse(recipe)
+    out = Path(recipe.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+
+    receiver, sharer = _load_models(recipe, pool)
+    train_rows, eval_rows = load_rows(recipe.data, seed=recipe.seed)
+    what = recipe.data.describe()
+    tok = dict(sharer_context=recipe.sharer_context, max_length=recipe.data.max_length)
+    train_ex, skipped = tokenize_rows(train_rows, receiver, sharer, what=what, **tok)
+    eval_ex, eval_skipped = tokenize_rows(eval_rows, receiver, sharer, what=f"{what} (held out)", **tok)
+    if not train_ex:
+        raise ConfigError(f"data {what}: all {len(train_rows)} training rows are longer than "
+                          f"data.max_length={recipe.data.max_length} tokens")
+    fingerprint = data_fingerprint([e.row for e in train_ex])
+    steps = total_steps(recipe, len(train_ex))
+    warmup = math.ceil(recipe.warmup_ratio * steps)
+
+    torch.manual_seed(recipe.seed)
+    fuser = _build_fuser(recipe, receiver, sharer, steps)
+    c2c = C2CModel(receiver, [sharer], [fuser])
+    fuser.train()  # C2CModel puts its fusers in eval mode
+    opt = torch.optim.AdamW(_param_groups(fuser, recipe.weight_decay), lr=recipe.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
+    state = TrainState()
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, fuser=fuser, opt=opt, sched=sched, recipe=recipe, data_sha256=fingerprint)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+    def evaluate() -> None:
+        if eval_ex and not any(s == state.step for s, _ in state.eval_losses):
+            loss = held_out_loss(c2c, eval_ex, batch_size=recipe.batch_size, sharer_context=recipe.sharer_context)
+            state.eval_losses.append([state.step, loss])
+
+    end = steps if stop_at is None else min(steps, stop_at)
+    orders: dict[int, list[int]] = {}
+    params = [p for p in fuser.parameters() if p.requires_grad]
+    from tqdm.auto import tqdm
+
+    if state.step == 0:
+        evaluate()  # the receiver as if unfused: a fresh fuser's gates are closed at inference
+    bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="train fuser", unit="step",
+               dynamic_ncols=True)
+    try:
+        with checkpointed_projectors(fuser, recipe.gradient_checkpointing):
+            while state.step < end:
+                started = time.perf_counter()
+                first = state.step * recipe.grad_accum
+                micro = [collate([train_ex[i] for i in micro_batch(len(train_ex), recipe.batch_size, recipe.seed,
+                                                                  first + j, orders)],
+                                 c2c, sharer_context=recipe.sharer_context)
+                         for j in range(recipe.grad_accum)]
+                loss, lr = _optimizer_step(c2c, micro, opt, sched, params, recipe.grad_clip)
+                state.step += 1
+                fuser.update_temperature(state.step)
+                elapsed = time.perf_counter() - started
+                tokens = sum(b.num_tokens for b in micro)
+                state.losses.append(loss)
+                state.lrs.append(lr)
+                state.tokens += tokens
+                state.seconds += elapsed
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+                if recipe.eval_every and state.step % recipe.eval_every == 0:
+                    evaluate()
+                    bar.set_postfix(loss=f"{loss:.3f}", eval=f"{state.eval_losses[-1][1]:.3f}")
+                if recipe.save_every and state.step % recipe.save_every == 0 and state.step < end:
+                    save_checkpoint(out, fuser=fuser, opt=opt, sched=sched, state=state, recipe=recipe,
+                                    data_sha256=fingerprint, keep=recipe.keep_checkpoints)
+    finally:
+        bar.close()
+
+    done = state.step >= steps
+    if done:
+        evaluate()
+    save_checkpoint(out, fuser=fuser, opt=opt, sched=sched, state=state, recipe=recipe,
+                    data_sha256=fingerprint, keep=recipe.keep_checkpoints)
+    (out / "history.json").write_text(json.dumps(state.__dict__), encoding="utf-8")
+    plot_loss_curve(state, out / "loss_curve.png", title=f"{receiver.name} <- {sharer.name}")
+    final_eval = state.eval_losses[-1][1] if state.eval_losses and done else None
+    final_train = _final_train_loss(state.losses)
+    fuser_dir = None
+    if done:
+        provenance = {
+            "trained_by": "agentmesh train", "recipe": recipe.model_dump(mode="json"),
+            "data": what, "data_sha256": fingerprint, "train_rows": len(train_ex), "eval_rows": len(eval_ex),
+            "skipped_rows": {"train": skipped, "eval": eval_skipped}, "steps": state.step,
+            "final_train_loss": final_train, "final_eval_loss": final_eval,
+            "initial_eval_loss": state.eval_losses[0][1] if state.eval_losses else None,
+            "train_seconds": round(state.seconds, 2), "tokens": state.tokens,
+            "receiver_source": receiver.source, "sharer_source": sharer.source,
+            "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
+                         "agentmesh": _version("agentmesh")},
+        }
+        fuser_dir = _save_final(fuser, out / FUSER_DIR, provenance, recipe)
+    return TrainResult(output_dir=out, fuser_dir=fuser_dir, steps=state.step, total_steps=steps,
+                       losses=list(state.losses), lrs=list(state.lrs),
+                       eval_losses=[(int(s), float(v)) for s, v in state.eval_losses],
+                       final_eval_loss=final_eval, final_train_loss=final_train, data_sha256=fingerprint)
+
+
+def _optimizer_step(c2c: C2CModel, micro: Sequence[Batch], opt: torch.optim.Optimizer, sched: Any,
+                    params: Sequence[torch.nn.Parameter], grad_clip: float | None) -> tuple[float, float]:
+    """One optimizer step over the micro-batches; returns (loss per answer token, lr used)."""
+    n_labels = sum(b.num_labels for b in micro)
+    loss_sum = 0.0
+    for b in micro:
+        ce = batch_loss(c2c, b)
+        (ce / n_labels).backward()  # token-weighted, as if all micro-batches were one batch
+        loss_sum += float(ce.detach())
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum / n_labels, lr
+
+
+def _save_final(fuser: Fuser, folder: Path, provenance: dict[str, Any], recipe: TrainRecipe) -> Path:
+    from agentmesh.c2c.checkpoints import save_fuser
+
+    fuser.eval()
+    if recipe.save_dtype is not None:
+        fuser = cast_fuser(fuser, recipe.save_dtype)
+    # The model refs the recipe names are what a user passes to load the pair again.
+    ids = {"base_model": recipe.receiver, "teacher_model": recipe.sharer}
+    fuser.config = replace(fuser.config, provenance={**fuser.config.provenance, **ids})
+    save_fuser(fuser, folder, provenance=provenance)
+    return folder
+
+
+def cast_fuser(fuser: Fuser, dtype: str | torch.dtype) -> Fuser:
+    """A copy of `fuser` whose projectors are rebuilt in `dtype` (their constructor argument too,
+    so the saved checkpoint says what it holds); the gate temperature buffers stay float32."""
+    from agentmesh.c2c.projector import dtype_name, parse_dtype
+    from agentmesh.c2c.registry import build_projector
+
+    name = dtype_name(parse_dtype(dtype))
+    args = tuple({**a, "dtype": name} for a in fuser.config.projector_args)
+    projectors = []
+    for p, a in zip(fuser.projectors, args):
+        q = build_projector(fuser.config.projector, a)
+        q.load_state_dict(p.state_dict())  # copy_ casts to q's dtypes
+        projectors.append(q.eval())
+    return Fuser(replace(fuser.config, projector_args=args), projectors).eval()
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+__all__ = ["FUSER_DIR", "TrainResult", "cast_fuser", "lr_factor", "plot_loss_curve", "total_steps", "train"]

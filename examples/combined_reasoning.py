@@ -15,6 +15,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import agentmesh
 from agentmesh.graph import Graph
 from agentmesh.models import default_pool
 from agentmesh.runtime import AgentFinished, RunFinished, Token
@@ -47,7 +48,7 @@ async def run(graph: Graph, question: str | None) -> None:
     await asyncio.to_thread(pool.get, model.ref, dtype=model.dtype, device=model.device)
     print(f"loaded {model.ref} in {time.perf_counter() - started:.1f} s\n")
     streaming = None
-    async for event in graph.stream(question, pool=pool):
+    async for event in agentmesh.stream(graph, question, pool=pool):
         if isinstance(event, Token):
             if streaming != event.agent:
                 print(("\n" if streaming else "") + f"[{event.agent}] ", end="")

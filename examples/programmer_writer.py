@@ -19,6 +19,7 @@ import argparse
 import time
 from pathlib import Path
 
+import agentmesh
 from agentmesh.graph import Graph
 from agentmesh.models import default_pool
 from agentmesh.runtime import RunResult
@@ -64,7 +65,7 @@ def main() -> None:
 
     results = []
     for label, graph in graphs:
-        result = graph.run(pool=pool).raise_for_error()
+        result = agentmesh.run(graph, pool=pool).raise_for_error()
         report(label, result)
         results.append((label, result))
 

@@ -5,7 +5,6 @@ import importlib
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import networkx as nx
@@ -117,38 +116,15 @@ def test_prompts_inputs_and_templates():
         render("{input}", {})
 
 
-def test_run_methods_delegate_to_the_scheduler(monkeypatch):
-    importlib.import_module("agentmesh.runtime")
-    calls = []
+def test_running_is_the_runtimes_job():
+    # A graph describes a pipeline; agentmesh.run/arun/stream are the runtime's functions.
+    import agentmesh
+    from agentmesh.runtime import scheduler
 
-    async def arun_graph(graph, inputs, **opts):
-        calls.append(("arun", graph, inputs, opts))
-        return "async-result"
-
-    async def stream_graph(graph, inputs, **opts):
-        calls.append(("stream", graph, inputs, opts))
-        yield "event"
-
-    fake = types.ModuleType("agentmesh.runtime.scheduler")
-    fake.run_graph = lambda graph, inputs, **opts: calls.append(("run", graph, inputs, opts)) or "result"
-    fake.arun_graph, fake.stream_graph = arun_graph, stream_graph
-    monkeypatch.setitem(sys.modules, "agentmesh.runtime.scheduler", fake)
-
-    g = Graph(name="g")
-    g.agent("solo")
-    assert g.run("hi", trace=True) == "result"
-
-    import asyncio
-
-    async def both():
-        out = await g.arun({"input": "a"})
-        events = [e async for e in g.stream("b", max_steps=3)]
-        return out, events
-
-    assert asyncio.run(both()) == ("async-result", ["event"])
-    assert [(c[0], c[2], c[3]) for c in calls] == [("run", "hi", {"trace": True}), ("arun", {"input": "a"}, {}),
-                                                   ("stream", "b", {"max_steps": 3})]
-    assert all(c[1] is g for c in calls)
+    assert (agentmesh.run, agentmesh.arun, agentmesh.stream) == (
+        scheduler.run_graph, scheduler.arun_graph, scheduler.stream_graph)
+    assert agentmesh.ChatSession is importlib.import_module("agentmesh.runtime.session").ChatSession
+    assert not any(hasattr(Graph, name) for name in ("run", "arun", "stream", "chat"))
 
 
 def test_broker_config_reads_password_from_environment(monkeypatch):

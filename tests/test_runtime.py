@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import agentmesh
 from agentmesh.c2c.fuser import Fuser
 from agentmesh.c2c.model import C2CModel, SharerInput
 from agentmesh.graph import Graph
@@ -392,8 +393,8 @@ def test_run_works_inside_a_running_loop_and_arun(pool: ModelPool) -> None:
     g.agent("w", model="tiny", max_new_tokens=3)
 
     async def main() -> tuple[Any, Any]:
-        inside = g.run("x", pool=pool)            # sync call from async code: no deadlock
-        awaited = await g.arun("x", pool=pool)
+        inside = agentmesh.run(g, "x", pool=pool)            # sync call from async code: no deadlock
+        awaited = await agentmesh.arun(g, "x", pool=pool)
         return inside, awaited
 
     inside, awaited = asyncio.run(main())
@@ -554,7 +555,7 @@ def test_linked_endpoint_sends_caches_over_a_link_and_counts_wire_bytes(pool: Mo
             endpoints = make_endpoints(build_plan(g), pool)
             for name in ("p", "helper"):
                 endpoints[name] = LinkedEndpoint(endpoints[name], link, wire_dtype=wire)
-            return await g.arun(question, endpoints=endpoints)
+            return await agentmesh.arun(g, question, endpoints=endpoints)
 
     linked = asyncio.run(main())
     assert linked.ok, linked.error

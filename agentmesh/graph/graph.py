@@ -4,7 +4,7 @@
     p = g.agent("programmer", context=page_html, role="You are a web programmer.")
     w = g.agent("writer", prompt="{input}", max_new_tokens=96)
     g.cache(p, w, mode="prefix")
-    result = g.run("Write the intro")          # delegates to agentmesh.runtime.scheduler
+    result = agentmesh.run(g, "Write the intro")   # the runtime runs graphs; a graph only describes
 
 Agents and edges are plain dataclasses; a networkx DiGraph (`g.nx`, node = agent name) is built from
 them on demand. Everything the scheduler needs to plan a run is answered here: `order()`,
@@ -14,7 +14,7 @@ them on demand. Everything the scheduler needs to plan a run is answered here: `
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -589,25 +589,6 @@ class Graph:
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
         return text
-
-    # -- running (the scheduler lives in agentmesh.runtime) ------------------------------------------
-
-    def run(self, inputs: str | Mapping[str, str] | None = None, **opts: Any) -> Any:
-        """Run the graph to completion; returns a RunResult (`result["writer"].text`)."""
-        from agentmesh.runtime.scheduler import run_graph
-
-        return run_graph(self, inputs, **opts)
-
-    async def arun(self, inputs: str | Mapping[str, str] | None = None, **opts: Any) -> Any:
-        from agentmesh.runtime.scheduler import arun_graph
-
-        return await arun_graph(self, inputs, **opts)
-
-    def stream(self, inputs: str | Mapping[str, str] | None = None, **opts: Any) -> AsyncIterator[Any]:
-        """`async for event in g.stream(...)`: run events and tokens as they come."""
-        from agentmesh.runtime.scheduler import stream_graph
-
-        return stream_graph(self, inputs, **opts)
 
     # -- misc ------------------------------------------------------------------------------------
 

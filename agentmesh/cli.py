@@ -3,15 +3,31 @@ and exit status 2; nothing prints a traceback at a user."""
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
 
 from agentmesh.errors import AgentMeshError, ConfigError
 
+def _run_remote(*args: Any, **kwargs: Any) -> Any:
+    from agentmesh.mesh.remote import run_remote  # imported on use: the bare CLI starts fast
+
+    return run_remote(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Services:
+    """Code above a package that its commands need, handed down through the click context
+    (`ctx.obj`): `agentmesh run --broker` lives in the runtime, runs across hosts live in the mesh."""
+
+    run_remote: Callable[..., Any] = _run_remote
+
+
 app = typer.Typer(
     name="agentmesh", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    context_settings={"obj": Services()},
     help="LLM agents that talk through their KV caches (Cache-to-Cache fusion).")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -90,7 +106,7 @@ def _mount() -> None:
     app.add_typer(train_app, name="train")
     app.add_typer(eval_app)  # `eval` and `make-context-task`
     app.add_typer(bench_app, name="bench", help="Run the benchmarks (tables + JSON).")
-    from agentmesh.transport.cli import worker_command
+    from agentmesh.mesh.cli import worker_command
     app.command("worker")(worker_command)
 
 

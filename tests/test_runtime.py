@@ -537,7 +537,7 @@ def test_cli_chat_keeps_history(tmp_path: Path, tiny_dir: Path) -> None:
 def test_linked_endpoint_sends_caches_over_a_link_and_counts_wire_bytes(pool: ModelPool, fuser_dir: Path,
                                                                       wire: str | None) -> None:
     from agentmesh.runtime import make_endpoints
-    from agentmesh.runtime.linked import LinkedEndpoint
+    from agentmesh.mesh.linked import LinkedEndpoint
     from agentmesh.transport import InProcessLink
 
     g = Graph("linked")

@@ -23,11 +23,12 @@ from agentmesh.graph import Graph
 from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.runtime import Token, run_graph
-from agentmesh.runtime.remote import arun_remote
+from agentmesh.mesh.envelope import pack, unpack
+from agentmesh.mesh.remote import arun_remote
+from agentmesh.mesh.settings import mqtt_config
+from agentmesh.mesh.worker import ServedCall, Worker
 from agentmesh.transport import InProcessLink, MqttLink
 from agentmesh.transport.broker import LocalBroker, find_mosquitto
-from agentmesh.transport.rpc import mqtt_config, pack, unpack
-from agentmesh.transport.worker import ServedCall, Worker
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(120)]
 
@@ -330,7 +331,7 @@ def test_envelopes_from_the_network_are_checked() -> None:
 def test_worker_cli_errors_are_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from agentmesh.transport.cli import app
+    from agentmesh.mesh.cli import app
 
     try:
         find_mosquitto()
@@ -358,8 +359,9 @@ def test_worker_subprocess_serves_a_cli_run_from_another_host(broker: Any, tiny_
     from typer.testing import CliRunner
 
     from agentmesh.models.tiny import save_tiny_model
-    from agentmesh.runtime.cli import app
+    from agentmesh.cli import _mount, app
 
+    _mount()
     save_tiny_model(tmp_path / "model", "qwen3", tiny_tokenizer, seed=0)
     yaml = tmp_path / "ec.yaml"
     yaml.write_text(f"""version: 1

@@ -1,7 +1,6 @@
 """Running agent graphs: the plan, the asyncio scheduler, endpoints, results, traces and chat sessions."""
 from agentmesh.runtime.endpoint import (CallContext, Endpoint, LocalEndpoint, ReadRequest, ShareRequest, TextOutput,
                                         TextRequest)
-from agentmesh.runtime.linked import LinkedEndpoint
 from agentmesh.runtime.events import (AgentFailed, AgentFinished, AgentStarted, Event, PhaseStarted, RunFinished,
                                       Step, Token)
 from agentmesh.runtime.plan import AgentPlan, FuseInput, RunPlan, build_plan
@@ -12,7 +11,7 @@ from agentmesh.runtime.trace import EdgeInfo, Span, Trace
 
 __all__ = [
     "AgentFailed", "AgentFinished", "AgentPlan", "AgentResult", "AgentStarted", "CallContext", "ChatSession",
-    "EdgeInfo", "Endpoint", "Event", "FuseInput", "LinkedEndpoint", "LocalEndpoint", "PhaseStarted", "ReadRequest", "RunFinished",
+    "EdgeInfo", "Endpoint", "Event", "FuseInput", "LocalEndpoint", "PhaseStarted", "ReadRequest", "RunFinished",
     "RunPlan", "RunResult", "ShareRequest", "Span", "Step", "TextOutput", "TextRequest", "Token", "Trace",
     "arun_graph", "build_plan", "make_endpoints", "run_graph", "stream_graph",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import orjson
 import typer
@@ -34,11 +34,21 @@ def _read_input(value: str | None) -> str | None:
     return sys.stdin.read().strip()
 
 
+def _across_hosts(ctx: typer.Context) -> Callable[..., Any]:
+    """The runner of runs across hosts (`agentmesh.mesh.run_remote`). The mesh sits above the
+    runtime, so the main app hands it down through the click context (`ctx.obj.run_remote`)."""
+    runner = getattr(ctx.obj, "run_remote", None)
+    if runner is None:
+        raise typer.BadParameter("--broker and --host need the full `agentmesh` command, which runs across hosts")
+    return runner
+
+
 def _is_terminal() -> bool:
     return bool(getattr(sys.stdout, "isatty", lambda: False)())
 
 
 def run_command(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).", show_default=False)],
     input: Annotated[Optional[str], typer.Option("--input", "-i", help="Text for {input}; '-' reads standard input. "
                                                  "Default: the file's inputs.")] = None,
@@ -59,11 +69,10 @@ def run_command(
     """Run a pipeline once and print each output agent's text, then latency and bytes per edge."""
     from agentmesh.runtime.display import LiveView, PlainStream, footer, print_outputs
     from agentmesh.runtime.plan import build_plan
-    from agentmesh.runtime.remote import run_remote
     from agentmesh.runtime.scheduler import run_graph
 
     # Across hosts (a broker or a host named): through the file's broker, or the one given.
-    runner = functools.partial(run_remote, broker=broker, host=host) if (broker or host) else run_graph
+    runner = functools.partial(_across_hosts(ctx), broker=broker, host=host) if (broker or host) else run_graph
 
     try:
         graph = _load(file)

@@ -12,7 +12,7 @@ An endpoint serves one agent and offers three async calls:
 `LocalEndpoint` runs the model in worker threads (the run's executor) so the event loop stays free.
 A remote endpoint (over `agentmesh.transport` links) implements the same calls; it sets
 `is_local = False` and records a "transfer" span (with the wire bytes) for every cache it sends;
-`LinkedEndpoint` (runtime/linked.py) shows how.
+`LinkedEndpoint` (mesh/linked.py) shows how.
 
 Every endpoint keeps the unfused caches it computed and reuses the longest matching token prefix
 of any of them, so an agent never prefills the same tokens twice: its own reading is reused by its

@@ -59,7 +59,6 @@ class LocalBroker:
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
-    # ---- facts -----------------------------------------------------------------------------------
     @property
     def host(self) -> str:
         return HOST
@@ -82,7 +81,6 @@ class LocalBroker:
             self._dir = tempfile.TemporaryDirectory(prefix="agentmesh-mosquitto-")
         return Path(self._dir.name)
 
-    # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> "LocalBroker":
         if self.running:
             return self

@@ -78,6 +78,14 @@ def decode_headers(raw: bytes | memoryview) -> dict[str, str]:
     return data
 
 
+class LinkClosed(TransportError):
+    """The link is closed (or was never opened): nothing more will arrive on it."""
+
+
+class LinkTimeout(TransportError):
+    """A bounded wait ran out: no message (or no acknowledgement) came in time."""
+
+
 @dataclass(frozen=True)
 class LinkMessage:
     channel: str
@@ -178,8 +186,8 @@ async def wait_bounded(aw: Awaitable[T], timeout: float, closed: asyncio.Event, 
         return task.result()
     task.cancel()
     if stop in done:
-        raise TransportError(f"{what}: the link was closed")
-    raise TransportError(f"{what}: timed out after {timeout:.1f} s")
+        raise LinkClosed(f"{what}: the link was closed")
+    raise LinkTimeout(f"{what}: timed out after {timeout:.1f} s")
 
 
 class InProcessLink(Link):
@@ -198,7 +206,7 @@ class InProcessLink(Link):
 
     def _check_open(self) -> None:
         if self._closed.is_set():
-            raise TransportError("in-process link is closed")
+            raise LinkClosed("in-process link is closed")
 
     async def close(self) -> None:
         self._closed.set()

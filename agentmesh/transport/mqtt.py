@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from agentmesh.errors import ConfigError, TransportError
 from agentmesh.transport.link import (
-    DEFAULT_MAX_MESSAGE_BYTES, Link, LinkMessage, decode_headers, encode_headers, validate_channel,
+    DEFAULT_MAX_MESSAGE_BYTES, Link, LinkClosed, LinkMessage, LinkTimeout, decode_headers, encode_headers, validate_channel,
     validate_segment, wait_bounded)
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,6 @@ class MqttLink(Link):
         self._last_error = "never connected"
         self.reconnects = 0
 
-    # ---- public facts ----------------------------------------------------------------------------
     @property
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.lost.is_set()
@@ -270,7 +269,6 @@ class MqttLink(Link):
             return topic[len(head):-4]
         return None
 
-    # ---- connection ------------------------------------------------------------------------------
     async def open(self) -> None:
         if self._closed is not None:
             raise TransportError("MqttLink cannot be opened twice; make a new one")
@@ -414,7 +412,7 @@ class MqttLink(Link):
                 return conn
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise TransportError(f"{what}: not connected to MQTT broker {self.config.url} "
+                raise LinkTimeout(f"{what}: not connected to MQTT broker {self.config.url} "
                                      f"(last error: {self._last_error})")
             try:
                 await wait_bounded(self._connected.wait(), remaining, self._closed, what)
@@ -423,11 +421,10 @@ class MqttLink(Link):
 
     def _check_open(self) -> None:
         if self._closed is None:
-            raise TransportError("MqttLink is not open; use `async with MqttLink(...)` or await open()")
+            raise LinkClosed("MqttLink is not open; use `async with MqttLink(...)` or await open()")
         if self._closed.is_set():
-            raise TransportError(f"MqttLink to {self.config.url} is closed")
+            raise LinkClosed(f"MqttLink to {self.config.url} is closed")
 
-    # ---- subscriptions ---------------------------------------------------------------------------
     async def _subscribe_topics(self, conn: _Connection, channels: list[str], deadline: float) -> None:
         if not channels:
             return
@@ -480,13 +477,12 @@ class MqttLink(Link):
             except aiomqtt.MqttError as exc:  # lost the connection meanwhile: the reconnect resubscribes
                 self._last_error = _describe(exc)
                 if loop.time() >= deadline:
-                    raise TransportError(f"{what} timed out: {self._last_error}") from None
+                    raise LinkTimeout(f"{what} timed out: {self._last_error}") from None
                 await asyncio.sleep(0.05)
 
     def _queue(self, channel: str) -> asyncio.Queue[LinkMessage | TransportError]:
         return self._queues.setdefault(channel, asyncio.Queue())
 
-    # ---- sending ---------------------------------------------------------------------------------
     async def send(self, channel: str, payload: bytes | bytearray | memoryview, *,
                    headers: Mapping[str, str] | None = None, timeout: float | None = None) -> str:
         self._check_open()
@@ -522,14 +518,14 @@ class MqttLink(Link):
             results = await asyncio.gather(*(one(i) for i in sorted(pending)), return_exceptions=True)
             for r in results:
                 if isinstance(r, TransportError):
-                    raise TransportError(f"{r.message} ({count - len(pending)}/{count} chunks acknowledged, "
+                    raise type(r)(f"{r.message} ({count - len(pending)}/{count} chunks acknowledged, "
                                          f"{losses} connection loss(es))") from None
                 if isinstance(r, BaseException) and not isinstance(r, aiomqtt.MqttError):
                     raise r
             if pending:
                 losses += 1
                 if loop.time() >= deadline:
-                    raise TransportError(f"{what}: timed out after {t:.1f} s with {count - len(pending)}/"
+                    raise LinkTimeout(f"{what}: timed out after {t:.1f} s with {count - len(pending)}/"
                                          f"{count} chunks acknowledged (last error: {self._last_error})")
                 if self._conn is conn and not conn.lost.is_set():
                     # The broker rejected a publish without dropping us; do not spin.
@@ -543,7 +539,7 @@ class MqttLink(Link):
         loop = asyncio.get_running_loop()
         remaining = deadline - loop.time()
         if remaining <= 0:
-            raise TransportError(f"{what}: timed out")
+            raise LinkTimeout(f"{what}: timed out")
         props = None
         if conn.protocol == aiomqtt.ProtocolVersion.V5:
             props = Properties(PacketTypes.PUBLISH)
@@ -565,9 +561,8 @@ class MqttLink(Link):
         publish.cancel()
         if lost in done:
             raise aiomqtt.MqttError("connection lost while publishing")
-        raise TransportError(f"{what}: timed out waiting for the broker to acknowledge a chunk")
+        raise LinkTimeout(f"{what}: timed out waiting for the broker to acknowledge a chunk")
 
-    # ---- receiving -------------------------------------------------------------------------------
     async def receive_message(self, channel: str, timeout: float | None = None) -> LinkMessage:
         self._check_open()
         assert self._closed is not None
@@ -580,7 +575,7 @@ class MqttLink(Link):
             item = await wait_bounded(self._queue(channel).get(), max(remaining, 0.001), self._closed,
                                       f"no message on channel {channel!r}")
         except TransportError as exc:
-            raise TransportError(f"{exc.message}{self._progress(channel)}") from None
+            raise type(exc)(f"{exc.message}{self._progress(channel)}") from None
         if isinstance(item, TransportError):
             raise item
         return item

@@ -5,7 +5,7 @@
         await worker.preload()
         await worker.serve()            # until cancelled or the link closes
 
-The worker listens on its host's inbox channel (see `agentmesh.transport.rpc`). Each call
+The worker listens on its host's inbox channel (see `agentmesh.mesh.envelope`). Each call
 (`load`, `reading`, `share`, `text`) is acknowledged at once, kept alive with heartbeats while it
 works, and answered with a result or an error on the reply channel the caller named. Caches go
 out through the cache codec in `wire_dtype` (None: lossless). Streaming `text` calls send their
@@ -40,9 +40,11 @@ from agentmesh.runtime.endpoint import (CallContext, LocalEndpoint, ReadRequest,
 from agentmesh.runtime.plan import build_plan
 from agentmesh.runtime.prompts import Messages
 from agentmesh.runtime.trace import Trace
-from agentmesh.transport.link import Link, LinkMessage, validate_channel
-from agentmesh.transport.rpc import (CALL_OPS, Envelope, error_body, graph_digest, inbox_channel, pack,
-                                     raise_remote, unpack)
+from agentmesh.graph import Graph
+from agentmesh.mesh.envelope import CALL_OPS, Envelope, error_body, inbox_channel, pack, raise_remote, unpack
+from agentmesh.mesh.settings import graph_digest
+from agentmesh.models.pool import ModelPool, default_pool
+from agentmesh.transport.link import Link, LinkClosed, LinkMessage, LinkTimeout, validate_channel
 from agentmesh.units import human_bytes
 
 log = logging.getLogger(__name__)
@@ -115,7 +117,7 @@ def _str(body: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def served_agents(graph: Any, host: str) -> tuple[str, ...]:
+def served_agents(graph: Graph, host: str) -> tuple[str, ...]:
     """The agents `graph` places on `host`; `ConfigError` for an unknown host or one without agents."""
     if host not in graph.hosts:
         known = ", ".join(sorted(graph.hosts)) or "none"
@@ -131,18 +133,14 @@ def served_agents(graph: Any, host: str) -> tuple[str, ...]:
 class Worker:
     """Serves the agents `graph` places on `host` over `link` (an open `Link`)."""
 
-    def __init__(self, graph: Any, host: str, link: Link, *, pool: Any = None, wire_dtype: str | None = None,
+    def __init__(self, graph: Graph, host: str, link: Link, *, pool: ModelPool | None = None, wire_dtype: str | None = None,
                  max_runs: int = 8, on_served: Callable[[ServedCall], None] | None = None):
         self.agents = served_agents(graph, host)
         self.plan = build_plan(graph)
         self.graph = graph
         self.host = host
         self.link = link
-        if pool is None:
-            from agentmesh.models.pool import default_pool
-
-            pool = default_pool()
-        self.pool = pool
+        self.pool = pool if pool is not None else default_pool()
         self.wire_dtype = wire_dtype
         self.max_runs = max_runs
         self.on_served = on_served
@@ -157,7 +155,6 @@ class Worker:
         self.served = 0
         self._stopping = False
 
-    # ---- lifecycle ------------------------------------------------------------------------------------
     async def preload(self) -> None:
         """Load every served agent's model now, so the first call does not wait for it."""
         loop = asyncio.get_running_loop()
@@ -178,12 +175,13 @@ class Worker:
             while not self._stopping:
                 try:
                     msg = await self.link.receive_message(self.inbox, timeout=_POLL_S)
-                except TransportError as e:
-                    if "closed" in e.message or "not open" in e.message:
-                        return
-                    if "no message" not in e.message:  # a broken message: say so and go on
-                        log.warning("worker %s: %s", self.host, e.message)
-                        await asyncio.sleep(0.05)
+                except LinkClosed:
+                    return
+                except LinkTimeout:
+                    continue
+                except TransportError as e:  # a broken message: say so and go on
+                    log.warning("worker %s: %s", self.host, e.message)
+                    await asyncio.sleep(0.05)
                     continue
                 self._dispatch(msg)
         finally:
@@ -204,7 +202,6 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    # ---- routing -----------------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -260,7 +257,6 @@ class Worker:
         await self.link.send(c.reply, payload)
         c.bytes_out += len(payload)
 
-    # ---- one call -------------------------------------------------------------------------------------
     async def _serve_call(self, op: str, env: Envelope) -> None:
         # One clock for the call: its spans, `encode_s` and `elapsed` are all seconds since it arrived.
         trace = Trace(f"{self.graph.name}@{self.host}")
@@ -323,7 +319,6 @@ class Worker:
             except TransportError:
                 pass  # the broker is away; the link reconnects and the next beat goes out
 
-    # ---- caches in and out ------------------------------------------------------------------------------
     async def _past(self, env: Envelope, ep: LocalEndpoint, ctx: CallContext) -> KVCache | None:
         blob = env.blobs.get("past")
         if blob is None:
@@ -345,7 +340,6 @@ class Worker:
     def _detail(self, cache: KVCache) -> str:
         return f"cache {cache.seq_len} tokens, wire {self._wire(cache)}"
 
-    # ---- the ops ------------------------------------------------------------------------------------
     async def _load(self, c: _Call, env: Envelope, ctx: CallContext) -> tuple[dict[str, Any], dict[str, bytes], str]:
         ep = self._endpoint(c.run, c.agent)
         await ep.load(ctx)

@@ -1,4 +1,4 @@
-"""The request/reply protocol between a run's caller and the workers that host its agents.
+"""The messages between a run's caller and the workers that host its agents: envelopes, channels, errors.
 
 Channels (over any `Link`; with `MqttLink` a channel `c` is the topic `{topic_root}/{graph}/c/msg`):
 
@@ -19,20 +19,17 @@ Envelopes come from the network: `unpack` checks sizes and shapes before trustin
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, NoReturn
 
 import orjson
-from pydantic import ValidationError
 
 from agentmesh import errors
-from agentmesh.errors import AgentMeshError, ConfigError, RunError, TransportError
+from agentmesh.errors import AgentMeshError, RunError, TransportError
+from agentmesh.runtime.endpoint import RunCancelled
 from agentmesh.transport.link import edge_channel, validate_segment
-from agentmesh.transport.mqtt import MqttConfig
 
 MAGIC = b"AMRP"
 VERSION = 1
@@ -113,7 +110,6 @@ def unpack(data: bytes | bytearray | memoryview) -> Envelope:
     return Envelope(body, blobs, len(mv))
 
 
-# ---- channels ---------------------------------------------------------------------------------------
 def inbox_channel(host: str) -> str:
     """The channel a host's worker listens on."""
     return f"host/{validate_segment(host, 'host name')}"
@@ -124,68 +120,11 @@ def reply_channel(run: str, agent: str, to: str) -> str:
     return edge_channel(run, f"{agent}->{to}")
 
 
-# ---- the graph both sides must agree on -----------------------------------------------------------------
-def graph_digest(graph: Any) -> str:
-    """A fingerprint of what caller and workers must agree on: agents, their hosts, and the edges.
-    Models, prompts and paths may differ per machine (each resolves its own files)."""
-    facts = {
-        "name": graph.name,
-        "agents": sorted((a.name, a.host or "") for a in graph.agents.values()),
-        "edges": sorted((e.sender, e.receiver, e.type, e.mode or "") for e in graph.edges),
-    }
-    return hashlib.sha256(orjson.dumps(facts)).hexdigest()[:16]
-
-
-# ---- broker settings ------------------------------------------------------------------------------------
-def mqtt_config(graph: Any, *, url: str | None = None, host: str | None = None, username: str | None = None,
-                password_env: str | None = None, **overrides: Any) -> MqttConfig:
-    """The `MqttConfig` for reaching `host`'s agents (or, for a worker, for serving them).
-
-    `url` (e.g. `--broker`) wins; else the host's own `broker:` in the file, else the file's
-    `broker:` url. Username, password variable, TLS and timeouts come from the file's `broker:`
-    section unless given here. `timeout_s` bounds every wait on the broker and on a peer.
-    """
-    b = graph.broker
-    decl = graph.hosts.get(host) if host is not None else None
-    chosen = url or (decl.broker if decl is not None else None) or (b.url if b is not None else None)
-    if chosen is None:
-        raise ConfigError(f"graph {graph.name!r} names no MQTT broker",
-                          hint="pass --broker mqtt://HOST:PORT or add `broker: {url: mqtt://HOST:PORT}` to the file")
-    opts: dict[str, Any] = {}
-    if b is not None:
-        opts.update(username=b.username, password_env=b.password_env, topic_root=b.topic_prefix,
-                    keepalive=max(5, int(b.keepalive_s)), chunk_size=b.chunk_bytes,
-                    connect_timeout=b.timeout_s, send_timeout=b.timeout_s)
-        if b.tls is not None:
-            if chosen.startswith("mqtt://"):  # `tls:` in the file turns the connection into TLS
-                chosen = "mqtts://" + chosen[len("mqtt://"):]
-            resolve = lambda p: None if p is None else Path(graph.resolve_path(p))  # noqa: E731
-            opts.update(tls_ca=resolve(b.tls.ca_file), tls_cert=resolve(b.tls.cert_file),
-                        tls_key=resolve(b.tls.key_file), tls_insecure=b.tls.insecure)
-    if username is not None:
-        opts["username"] = username
-    if password_env is not None:
-        opts["password_env"] = password_env
-    opts.update(overrides)
-    try:
-        return MqttConfig(url=chosen, **opts)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "broker"
-        why = str(first.get("msg", "invalid")).replace("Value error, ", "")
-        raise ConfigError(f"broker setting {where}: {why}") from None
-
-
-def broker_timeout(graph: Any, default: float = 60.0) -> float:
-    return float(graph.broker.timeout_s) if graph.broker is not None else default
-
-
-# ---- errors across the wire -------------------------------------------------------------------------------
 def error_body(exc: BaseException) -> dict[str, Any]:
     """What a worker sends back about a failure: the error class (when it is ours), message and hint."""
     if isinstance(exc, AgentMeshError):
         return {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}
-    if type(exc).__name__ == "RunCancelled":
+    if isinstance(exc, RunCancelled):
         return {"type": "RunCancelled", "message": str(exc), "hint": None}
     lines = str(exc).strip().splitlines()
     text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -5,7 +5,7 @@
 The caller runs the scheduler. Agents on its own host (`host`), and agents without a host, run in
 this process (`LocalEndpoint`); every other agent gets a `RemoteEndpoint` that sends its calls to
 the worker of that agent's host (`agentmesh worker FILE.yaml --host NAME`, see
-`agentmesh.transport.worker`) and awaits the replies:
+`agentmesh.mesh.worker`) and awaits the replies:
 
 * a call is acknowledged within the broker's `timeout_s`, else it fails naming the agent and the
   host nobody serves; after that the worker's heartbeats must keep coming (a silent worker fails
@@ -24,229 +24,30 @@ twice, once to the caller and once to the receiver's host.
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from agentmesh.cache.codec import decode_cache, encode_cache
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import ConfigError, TransportError
+from agentmesh.graph import Graph
+from agentmesh.mesh.client import DEFAULT_CALL_TIMEOUT, CallReply, RemoteClient
+from agentmesh.mesh.envelope import Envelope
+from agentmesh.mesh.settings import broker_timeout, mqtt_config
+from agentmesh.models.pool import ModelPool, default_pool
 from agentmesh.runtime.endpoint import (CallContext, Endpoint, LocalEndpoint, ReadRequest, ShareFn, ShareRequest,
                                         TextOutput, TextRequest)
 from agentmesh.runtime.plan import RunPlan, build_plan
 from agentmesh.runtime.result import RunResult
+from agentmesh.runtime.scheduler import arun_graph, run_sync
 from agentmesh.runtime.trace import SPAN_KINDS, Span, edge_key
 from agentmesh.transport.link import Link
-from agentmesh.transport.rpc import (Envelope, broker_timeout, graph_digest, inbox_channel, mqtt_config, pack,
-                                     raise_remote, reply_channel, unpack)
-
-log = logging.getLogger(__name__)
-
-DEFAULT_CALL_TIMEOUT = 3600.0
-_POLL_S = 0.25  # how often reply pumps look up from the link to see whether the run is over
+from agentmesh.transport.mqtt import MqttLink
 
 
-@dataclass(frozen=True)
-class CallReply:
-    """A call's result message and when things happened on the caller's trace clock."""
-
-    env: Envelope
-    request_bytes: int
-    started_s: float
-    sent_s: float
-    acked_s: float
-    received_s: float
-
-    @property
-    def worker_start_s(self) -> float:
-        """When the worker took the call, on the caller's clock: half the ack's round trip after
-        the request went out (the small ack travels about as fast as the request did)."""
-        elapsed = self.env.get("elapsed")
-        elapsed = float(elapsed) if isinstance(elapsed, (int, float)) and elapsed >= 0 else 0.0
-        start = self.sent_s + max(self.acked_s - self.sent_s, 0.0) / 2
-        return max(self.sent_s, min(start, self.received_s - elapsed))
-
-    def worker_time(self, key: str) -> float:
-        """A time the worker reported (seconds into the call), on the caller's clock."""
-        value = self.env.get(key)
-        value = float(value) if isinstance(value, (int, float)) and value >= 0 else 0.0
-        return min(self.worker_start_s + value, self.received_s)
-
-
-class RemoteClient:
-    """The caller's side of one link for one run: sends calls to workers, routes their replies."""
-
-    def __init__(self, link: Link, graph: Any, *, run_id: str | None = None, caller: str | None = None,
-                 timeout: float = 60.0, call_timeout: float = DEFAULT_CALL_TIMEOUT, url: str | None = None):
-        self.link = link
-        self.graph_name = graph.name
-        self.digest = graph_digest(graph)
-        self.run_id = run_id or uuid.uuid4().hex[:12]
-        self.caller = caller or "client"
-        self.timeout = float(timeout)
-        self.call_timeout = float(call_timeout)
-        self.url = url or getattr(getattr(link, "config", None), "url", None) or type(link).__name__
-        self._pumps: dict[str, asyncio.Task[None]] = {}
-        self._waiting: dict[str, asyncio.Queue[Envelope]] = {}
-        self._lock: asyncio.Lock | None = None
-        self._hosts: set[str] = set()
-        self._closing = False
-
-    @property
-    def heartbeat_s(self) -> float:
-        return max(0.05, self.timeout / 4)
-
-    # ---- replies --------------------------------------------------------------------------------------
-    async def _ensure_pump(self, channel: str) -> None:
-        if channel in self._pumps:
-            return
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if channel in self._pumps:
-                return
-            await self.link.subscribe(channel, timeout=self.timeout)  # before any request asks for it
-            self._pumps[channel] = asyncio.create_task(self._pump(channel), name=f"agentmesh-replies-{channel}")
-
-    async def _pump(self, channel: str) -> None:
-        # Short waits and a flag rather than cancellation: a receive cancelled mid-wait can leave
-        # the link's internal queue getter behind.
-        while not self._closing:
-            try:
-                msg = await self.link.receive_message(channel, timeout=_POLL_S)
-            except TransportError as e:
-                if "closed" in e.message or "not open" in e.message:
-                    return
-                if "no message" not in e.message:
-                    log.warning("replies on %s: %s", channel, e.message)
-                    await asyncio.sleep(0.05)
-                continue
-            try:
-                env = unpack(msg.payload)
-            except TransportError as e:
-                log.warning("dropping a reply on %s: %s", channel, e.message)
-                continue
-            queue = self._waiting.get(env.get("call"))  # type: ignore[arg-type]
-            if queue is not None:
-                queue.put_nowait(env)
-
-    # ---- calls ------------------------------------------------------------------------------------------
-    async def send_control(self, host: str, body: Mapping[str, Any], blobs: Mapping[str, bytes] | None = None,
-                           *, timeout: float | None = None) -> int:
-        """Send a message that expects no reply (a sharer's cache, a cancel, a release); returns its size."""
-        payload = pack(body, blobs)
-        await self.link.send(inbox_channel(host), payload, timeout=timeout or self.timeout)
-        return len(payload)
-
-    async def call(self, host: str, agent: str, op: str, body: Mapping[str, Any], ctx: CallContext, *,
-                   blobs: Mapping[str, bytes] | None = None, to: str | None = None,
-                   on_message: Callable[[Envelope], Awaitable[None]] | None = None,
-                   abort: asyncio.Future[None] | None = None) -> CallReply:
-        """Send `op` for `agent` to `host`'s worker and wait for its result (`TransportError` on
-        silence, the worker's error re-raised). `on_message` sees tokens and share requests;
-        `abort`, when it fails, ends the call with its exception (and cancels it on the worker)."""
-        loop = asyncio.get_running_loop()
-        call = uuid.uuid4().hex
-        reply = reply_channel(self.run_id, agent, to or self.caller)
-        what = f"agent {agent!r} on host {host!r}"
-        queue: asyncio.Queue[Envelope] = asyncio.Queue()
-        self._waiting[call] = queue
-        self._hosts.add(host)
-        deadline = loop.time() + self.call_timeout
-        started = ctx.trace.now()
-        cancel_remote = True
-        try:
-            try:
-                await self._ensure_pump(reply)
-                size = await self.send_control(host, {
-                    "op": op, "call": call, "run": self.run_id, "agent": agent, "reply": reply,
-                    "caller": self.caller, "graph": self.digest, "heartbeat_s": self.heartbeat_s,
-                    "deadline_s": self.call_timeout, **body}, blobs)
-            except TransportError as e:
-                cancel_remote = False
-                raise TransportError(f"{what}: {e.message}") from None
-            sent = ctx.trace.now()
-            acked: float | None = None
-            while True:
-                env = await self._next(queue, acked=acked is not None, deadline=deadline, what=what, host=host,
-                                       abort=abort)
-                kind = env.get("kind")
-                if acked is None:
-                    acked = ctx.trace.now()
-                if kind in ("ack", "alive"):
-                    continue
-                if kind == "error":
-                    cancel_remote = False
-                    raise_remote(env.get("error"), agent, host)
-                if kind == "result":
-                    cancel_remote = False
-                    return CallReply(env, size, started, sent, acked, ctx.trace.now())
-                if on_message is not None:
-                    await on_message(env)
-        finally:
-            self._waiting.pop(call, None)
-            if cancel_remote:
-                await self._cancel(host, call)
-
-    async def _next(self, queue: asyncio.Queue[Envelope], *, acked: bool, deadline: float, what: str, host: str,
-                    abort: asyncio.Future[None] | None) -> Envelope:
-        loop = asyncio.get_running_loop()
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise TransportError(f"{what}: no result within {self.call_timeout:g} s (call_timeout)")
-        wait = min(self.timeout, remaining)
-        getter = asyncio.ensure_future(queue.get())
-        waits: set[asyncio.Future[Any]] = {getter} | ({abort} if abort is not None else set())
-        try:
-            done, _ = await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            getter.cancel()
-            raise
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        if abort is not None and abort in done:
-            exc = abort.exception()
-            raise exc if exc is not None else TransportError(f"{what}: aborted")
-        if wait < self.timeout:
-            raise TransportError(f"{what}: no result within {self.call_timeout:g} s (call_timeout)")
-        state = ""
-        if getattr(self.link, "connected", True) is False:
-            state = f"; not connected to the broker {self.url}"
-        if not acked:
-            raise TransportError(f"{what}: no worker answered within {wait:g} s{state}; start `agentmesh worker "
-                                 f"FILE.yaml --host {host} --broker {self.url}` on that machine, with the same "
-                                 "pipeline file")
-        raise TransportError(f"{what}: the worker went silent for {wait:g} s{state}")
-
-    async def _cancel(self, host: str, call: str) -> None:
-        try:
-            await asyncio.wait_for(self.send_control(host, {"op": "cancel", "call": call}, timeout=2.0), 3.0)
-        except (TransportError, asyncio.TimeoutError, asyncio.CancelledError):
-            pass
-
-    async def close(self) -> None:
-        """Tell the workers the run is over (they free its caches) and stop routing replies."""
-        for host in sorted(self._hosts):
-            try:
-                await asyncio.wait_for(self.send_control(host, {"op": "release", "run": self.run_id}, timeout=2.0), 3.0)
-            except (TransportError, asyncio.TimeoutError):
-                pass
-        self._closing = True
-        pumps = list(self._pumps.values())
-        if pumps:
-            _, late = await asyncio.wait(pumps, timeout=2 * _POLL_S + 1.0)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-        self._pumps.clear()
-
-
-# ---- endpoints -----------------------------------------------------------------------------------------
 def _shape_only(tokens: int) -> KVCache:
     """A stand-in for a reading that stays on its worker: it knows its length and holds no data
     (head_dim 0, so any model that tried to continue from it would refuse it)."""
@@ -279,7 +80,6 @@ class RemoteEndpoint:
         self.prefix = prefix
         self.wire_dtype = wire_dtype
 
-    # ---- trace ------------------------------------------------------------------------------------------
     def _import_spans(self, reply: CallReply, ctx: CallContext) -> None:
         """The worker's steps, moved onto the caller's clock."""
         shift = reply.worker_start_s
@@ -306,7 +106,6 @@ class RemoteEndpoint:
     def _wire(self, cache: KVCache) -> str:
         return self.wire_dtype or str(cache.dtype).removeprefix("torch.")
 
-    # ---- caches this side sends ----------------------------------------------------------------------------
     async def _past(self, past: KVCache | None, ctx: CallContext) -> dict[str, bytes]:
         if past is None:
             return {}
@@ -329,7 +128,6 @@ class RemoteEndpoint:
                        detail=f"host {self.host} -> caller, wire {reply.env.get('wire') or 'as sent'}")
         return cache
 
-    # ---- the endpoint calls ---------------------------------------------------------------------------------
     async def load(self, ctx: CallContext) -> None:
         reply = await self.client.call(self.host, self.agent, "load", {}, ctx)
         self._import_spans(reply, ctx)
@@ -488,7 +286,7 @@ class FeedingEndpoint:
         return await self.inner.text(req, ctx, share)
 
 
-def remote_endpoints(plan: RunPlan, clients: Mapping[str, RemoteClient], *, host: str | None = None, pool: Any,
+def remote_endpoints(plan: RunPlan, clients: Mapping[str, RemoteClient], *, host: str | None = None, pool: ModelPool,
                      wire_dtype: str | None = None) -> dict[str, Endpoint]:
     """Endpoints for a caller acting as `host` (None: a pure client): its own and host-less agents
     run here, the others through `clients[agent's host]`."""
@@ -508,17 +306,14 @@ def remote_endpoints(plan: RunPlan, clients: Mapping[str, RemoteClient], *, host
     return out
 
 
-async def arun_remote(graph: Any, inputs: str | Mapping[str, str] | None = None, *, host: str | None = None,
+async def arun_remote(graph: Graph, inputs: str | Mapping[str, str] | None = None, *, host: str | None = None,
                       broker: str | None = None, link: Link | None = None, username: str | None = None,
-                      password_env: str | None = None, pool: Any = None, wire_dtype: str | None = None,
+                      password_env: str | None = None, pool: ModelPool | None = None, wire_dtype: str | None = None,
                       timeout: float | None = None, call_timeout: float | None = None, validate: bool = True,
                       **opts: Any) -> RunResult:
     """Run `graph` from this process acting as `host` (None: a pure client); agents on other hosts
     run on their workers, reached over `link` (an open link, e.g. for tests) or over MQTT
     (`broker`, else each host's or the file's broker). `opts` go to `arun_graph` (on_event, trace)."""
-    from agentmesh.runtime.scheduler import arun_graph
-    from agentmesh.transport.mqtt import MqttLink
-
     if validate:
         graph.validate()
     if host is not None and host not in graph.hosts:
@@ -527,8 +322,6 @@ async def arun_remote(graph: Any, inputs: str | Mapping[str, str] | None = None,
                           hint="pass one of the hosts under hosts: to --host, or leave it out to run as a client")
     plan = build_plan(graph, validate=False)
     if pool is None:
-        from agentmesh.models.pool import default_pool
-
         pool = default_pool()
     hosts = sorted({a.host for a in plan.agents.values() if a.host is not None and a.host != host})
     run_id = uuid.uuid4().hex[:12]
@@ -551,8 +344,6 @@ async def arun_remote(graph: Any, inputs: str | Mapping[str, str] | None = None,
         return await arun_graph(graph, inputs, endpoints=endpoints, timeout=timeout, validate=False, **opts)
 
 
-def run_remote(graph: Any, inputs: str | Mapping[str, str] | None = None, **opts: Any) -> RunResult:
+def run_remote(graph: Graph, inputs: str | Mapping[str, str] | None = None, **opts: Any) -> RunResult:
     """`arun_remote` for synchronous code (the CLI's `agentmesh run --broker ...`)."""
-    from agentmesh.runtime.scheduler import run_sync
-
     return run_sync(lambda: arun_remote(graph, inputs, **opts))

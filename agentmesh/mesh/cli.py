@@ -1,7 +1,7 @@
 """`agentmesh worker FILE.yaml --host NAME`: serve one host's agents over MQTT until stopped.
 
 The main app registers it with `app.command("worker")(worker_command)`; this module's own `app`
-holds it too (for tests and `python -m agentmesh.transport.cli`). It prints one line when it is
+holds it too (for tests and `python -m agentmesh.mesh.cli`). It prints one line when it is
 ready, one per served call (bytes in and out, time), and stops cleanly on Ctrl-C or SIGTERM.
 Every error is one line on stderr and exit status 2.
 """
@@ -47,9 +47,9 @@ def worker_command(
     """Serve the agents FILE places on HOST: answer runs started on any host (`agentmesh run FILE
     --broker ...`) until Ctrl-C or SIGTERM."""
     from agentmesh.graph import Graph
+    from agentmesh.mesh.settings import mqtt_config
+    from agentmesh.mesh.worker import Worker, served_agents
     from agentmesh.transport.mqtt import MqttLink
-    from agentmesh.transport.rpc import mqtt_config
-    from agentmesh.transport.worker import Worker, served_agents
 
     if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
         _fail(ConfigError(f"--wire-dtype {wire_dtype!r} is unknown; use one of {', '.join(WIRE_DTYPES)}"))

@@ -19,6 +19,7 @@ from agentmesh.cache.kv import KVCache
 from agentmesh.runtime.endpoint import (CallContext, Endpoint, ReadRequest, ShareFn, ShareRequest, TextOutput,
                                         TextRequest)
 from agentmesh.runtime.trace import edge_key
+from agentmesh.transport.link import Link, edge_channel
 
 
 class LinkedEndpoint:
@@ -27,7 +28,7 @@ class LinkedEndpoint:
 
     is_local = False  # the scheduler leaves the transfer accounting to this endpoint
 
-    def __init__(self, inner: Endpoint, link: Any, *, wire_dtype: str | None = None, run_id: str | None = None):
+    def __init__(self, inner: Endpoint, link: Link, *, wire_dtype: str | None = None, run_id: str | None = None):
         self.inner = inner
         self.agent = inner.agent
         self.link = link
@@ -48,8 +49,6 @@ class LinkedEndpoint:
 
     async def _cross(self, cache: KVCache, receiver: str, ctx: CallContext) -> KVCache:
         """Send `cache` to `receiver` over the link and return what arrived (decoded and checked)."""
-        from agentmesh.transport.link import edge_channel
-
         key = edge_key(self.agent, receiver)
         channel = edge_channel(self.run_id, key)
         before = self.link.stats().get(channel)

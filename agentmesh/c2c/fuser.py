@@ -5,6 +5,11 @@ any number of sharers, each through its own fuser:
     parallel:   K = K_r + sum_j g_j * w_j * P_j(K_s_j, K_r)      (every fuser sees the clean K_r)
     sequential: K_j = K_{j-1} + g_j * w_j * P_j(K_s_j, K_{j-1})  (each fuser sees the last result)
 The per-layer loop is pure tensor work: no `.item()`, no host synchronisation.
+
+A fuser also says *what* it fuses (`FuserConfig.fusion`):
+    "prompt":           the prompt but its last token, rewritten after the receiver prefilled it;
+    "prompt+response":  every token the receiver reads, the last prompt token and each generated
+                        token included, fused as it is read, before the receiver's attention uses it.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from agentmesh.c2c.registry import build_projector
 from agentmesh.errors import CacheError, ConfigError
 
 FusionMode = Literal["parallel", "sequential"]
+Fusion = Literal["prompt", "prompt+response"]
+FUSIONS: tuple[str, ...] = ("prompt", "prompt+response")
 
 
 @dataclass(frozen=True)
@@ -42,9 +49,12 @@ class FuserConfig:
     routes: tuple[Route, ...]
     layer_map: str = "last_aligned"        # how the routes were made (informational once built)
     alignment: str = "last"                # cross-tokenizer gather strategy ("last", "first", "longest")
+    fusion: Fusion = "prompt"              # which tokens are fused (see the module docstring)
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"fusion {self.fusion!r} is unknown; expected one of {', '.join(FUSIONS)}")
         for r in self.routes:
             if not (0 <= r.receiver_layer < self.receiver.num_layers and 0 <= r.sharer_layer < self.sharer.num_layers
                     and 0 <= r.projector < len(self.projector_args)):
@@ -64,10 +74,12 @@ class Fuser(nn.Module):
         if len(projectors) != len(config.projector_args):
             raise ConfigError(f"fuser config lists {len(config.projector_args)} projectors, got {len(projectors)}")
         self.projectors = nn.ModuleList(projectors)
+        self._routes = {r.receiver_layer: r for r in config.routes}
 
     @classmethod
     def build(cls, receiver: ModelSignature, sharer: ModelSignature, *, projector: str = "C2CProjector",
-              layer_map: str = "last_aligned", alignment: str = "last", **projector_args: Any) -> "Fuser":
+              layer_map: str = "last_aligned", alignment: str = "last", fusion: Fusion = "prompt",
+              **projector_args: Any) -> "Fuser":
         """A fresh fuser with one projector per receiver layer (weights from the projector's init)."""
         sharer_layers = make_layer_map(layer_map, receiver.num_layers, sharer.num_layers)
         args = dict(source_dim=sharer.head_dim, target_dim=receiver.head_dim,
@@ -76,7 +88,24 @@ class Fuser(nn.Module):
         routes = tuple(Route(t, s, t) for t, s in enumerate(sharer_layers))
         config = FuserConfig(receiver=receiver, sharer=sharer, projector=projector,
                              projector_args=tuple(dict(args) for _ in routes), routes=routes,
-                             layer_map=layer_map, alignment=alignment)
+                             layer_map=layer_map, alignment=alignment, fusion=fusion)
+        return cls(config)
+
+    @classmethod
+    def oracle(cls, receiver: ModelSignature, sharer: ModelSignature, *, fusion: Fusion = "prompt") -> "Fuser":
+        """The replacement oracle: every fused position of receiver layer i reads the sharer's own
+        layer-i K/V instead of its own. Needs a sharer of the receiver's shape (layers, KV heads,
+        head dim), e.g. the same base model with an adapter."""
+        if not receiver.same_shape(sharer):
+            raise ConfigError(
+                f"the oracle needs a sharer of the receiver's shape; receiver {receiver.name!r} has "
+                f"{receiver.num_layers} layers of {receiver.num_kv_heads} KV heads of dim {receiver.head_dim}, "
+                f"sharer {sharer.name!r} {sharer.num_layers} of {sharer.num_kv_heads} of dim {sharer.head_dim}")
+        args = {"num_heads": receiver.num_kv_heads, "head_dim": receiver.head_dim}
+        routes = tuple(Route(t, t, t) for t in range(receiver.num_layers))
+        config = FuserConfig(receiver=receiver, sharer=sharer, projector="ReplaceProjector",
+                             projector_args=tuple(dict(args) for _ in routes), routes=routes,
+                             layer_map="identity", fusion=fusion, provenance={"kind": "oracle"})
         return cls(config)
 
     @property
@@ -95,16 +124,15 @@ class Fuser(nn.Module):
             if hasattr(p, "update_temperature"):
                 p.update_temperature(step)
 
-    def residuals(self, receiver: KVCache, sharer: KVCache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Per receiver layer, the (key, value) residuals `g * w * P`, each (B, H_r, N, D_r).
-
-        `receiver` and `sharer` hold the same N tokens (the fused span), position for position.
-        """
-        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for r in self.config.routes:
-            out[r.receiver_layer] = self.projectors[r.projector].residual(
-                sharer.layer(r.sharer_layer), receiver.layer(r.receiver_layer))
-        return out
+    def layer_residual(self, layer: int, sharer: KVCache, receiver_kv: tuple[torch.Tensor, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (key, value) residuals `g * w * P` for receiver layer `layer`, each (B, H_r, N, D_r),
+        or None when no projector writes that layer. `sharer` holds the same N tokens as
+        `receiver_kv`, position for position."""
+        r = self._routes.get(layer)
+        if r is None:
+            return None
+        return self.projectors[r.projector].residual(sharer.layer(r.sharer_layer), receiver_kv)
 
     def check_caches(self, receiver: KVCache, sharer: KVCache) -> None:
         receiver.check_signature(self.receiver, "receiver cache")
@@ -131,31 +159,47 @@ class SharerSpan:
     mask: torch.Tensor | None = None
 
 
+def check_mode(mode: str) -> None:
+    if mode not in ("parallel", "sequential"):
+        raise ConfigError(f"fusion mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
+
+
+def fuse_layer(layer: int, keys: torch.Tensor, values: torch.Tensor, sharers: Sequence[SharerSpan],
+               mode: FusionMode = "parallel") -> tuple[torch.Tensor, torch.Tensor]:
+    """Receiver layer `layer`'s keys/values (B, H_r, N, D_r) with every sharer's residual added.
+
+    Each sharer's cache holds the same N tokens, position for position. The sum is taken in the
+    wider of the cache's and the residual's dtype, then stored in the cache's dtype.
+    """
+    out_k, out_v = keys, values
+    for s in sharers:
+        base = (keys, values) if mode == "parallel" else (out_k, out_v)
+        res = s.fuser.layer_residual(layer, s.cache, base)
+        if res is None:
+            continue
+        dk, dv = res
+        if s.mask is not None:
+            keep = s.mask[:, None, :, None].to(dk.device, torch.bool)  # (B, 1, N, 1)
+            dk, dv = torch.where(keep, dk, 0), torch.where(keep, dv, 0)
+        out_k, out_v = (out_k + dk).to(keys.dtype), (out_v + dv).to(values.dtype)
+    return out_k, out_v
+
+
 def fuse(receiver: KVCache, sharers: Sequence[SharerSpan], mode: FusionMode = "parallel",
          *, start: int = 0) -> KVCache:
     """The receiver cache with tokens `[start, start + N)` rewritten by every sharer's fuser.
 
     Each sharer cache holds exactly those N tokens. Tokens outside the span are left as they are.
     """
-    if mode not in ("parallel", "sequential"):
-        raise ConfigError(f"fusion mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
+    check_mode(mode)
     if not sharers:
         return receiver
     n = sharers[0].cache.seq_len
     span = receiver.slice_tokens(start, start + n)
     for s in sharers:
         s.fuser.check_caches(span, s.cache)
-    keys, values = list(span.keys), list(span.values)
-    for s in sharers:
-        base = span if mode == "parallel" else span.replace(keys=tuple(keys), values=tuple(values))
-        for layer, (dk, dv) in s.fuser.residuals(base, s.cache).items():
-            i = span.layer_ids.index(layer)
-            if s.mask is not None:
-                keep = s.mask[:, None, :, None].to(dk.device, torch.bool)  # (B, 1, N, 1)
-                dk, dv = torch.where(keep, dk, 0), torch.where(keep, dv, 0)
-            keys[i] = keys[i] + dk.to(keys[i].dtype)
-            values[i] = values[i] + dv.to(values[i].dtype)
-    fused = span.replace(keys=tuple(keys), values=tuple(values))
+    pairs = [fuse_layer(layer, k, v, sharers, mode) for layer, k, v in zip(span.layer_ids, span.keys, span.values)]
+    fused = span.replace(keys=tuple(k for k, _ in pairs), values=tuple(v for _, v in pairs))
     if start == 0 and n == receiver.seq_len:
         return fused
     pieces = [receiver.slice_tokens(0, start), fused, receiver.slice_tokens(start + n, None)]

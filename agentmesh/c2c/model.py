@@ -1,9 +1,10 @@
 """`C2CModel`: a receiver LLM that reads its sharers' KV caches through fusers, then decodes.
 
-Prompt semantics (spec §4): the receiver and every sharer prefill the same span, the whole prompt
-but its last token; the fusers rewrite the receiver's cache of that span; the receiver then reads
-the last prompt token and decodes as usual. Nothing is stored on the model between calls, so one
-`C2CModel` serves any number of threads at once.
+'prompt' fusion (the published default): the receiver and every sharer prefill the same span, the
+whole prompt but its last token; the fusers rewrite the receiver's cache of that span; the receiver
+then reads the last prompt token and decodes as usual. 'prompt+response' fusion: every token the
+receiver reads, prompt and response, is fused as it is read (`agentmesh.c2c.response`). Nothing is
+stored on the model between calls, so one `C2CModel` serves any number of threads at once.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from agentmesh.c2c.alignment import align_batch, same_vocabulary
-from agentmesh.c2c.fuser import Fuser, FusionMode, SharerSpan, fuse
+from agentmesh.c2c.fuser import Fuser, Fusion, FusionMode, SharerSpan, fuse
+from agentmesh.c2c.response import ResponseFusion, SharerReading
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import CheckpointError, ConfigError
 from agentmesh.models.inference import (
@@ -71,11 +73,19 @@ class C2CModel:
         self.sharers = tuple(sharers)
         self.fusers = tuple(f.eval() for f in fusers)
         self.mode = mode
+        kinds = sorted({f.config.fusion for f in self.fusers})
+        if len(kinds) > 1:
+            raise ConfigError(f"C2CModel got fusers of fusions {kinds}; all fusers of one receiver must fuse the "
+                              "same tokens ('prompt' or 'prompt+response')")
+        self.fusion: Fusion = kinds[0] if kinds else "prompt"  # type: ignore[assignment]
         # Whether each sharer can read the receiver's token ids as they are (spec §5).
         # A sharer whose vocabulary only lacks some of the receiver's added tokens (Qwen2.5 against
         # Qwen3's <think> tokens) still reads the receiver's ids, as the published fusers were trained.
         self.shares_vocab = tuple(same_vocabulary(receiver.tokenizer, s.tokenizer, allow_extension=True)
                                   for s in self.sharers)
+        if self.fusion == "prompt+response" and not all(self.shares_vocab):
+            raise ConfigError("prompt+response fusion needs sharers that read the receiver's token ids (the same "
+                              "vocabulary); a sharer with another tokenizer can only use a 'prompt' fuser")
 
     @classmethod
     def from_pretrained(cls, ref: Any, **kwargs: Any) -> "C2CModel":
@@ -122,13 +132,30 @@ class C2CModel:
         with torch.no_grad():
             return fuse(cache, spans, self.mode)
 
+    def start(self, ids: torch.Tensor, mask: torch.Tensor, sharer_inputs: Sequence[SharerInput | None] | None = None
+              ) -> tuple[KVCache | None, torch.Tensor, torch.Tensor, ResponseFusion | None]:
+        """What decoding a left-padded prompt starts from: (cache, ids and mask still to read, hook).
+
+        'prompt' fusion: the fused cache of all but the last token, which is left to read, no hook.
+        'prompt+response': no cache yet; the whole prompt is read through a `ResponseFusion` hook.
+        """
+        if self.fusion == "prompt" or not self.sharers:
+            return self.prefill_fused(ids, mask, sharer_inputs), ids[:, -1:], mask[:, -1:], None
+        given = list(sharer_inputs) if sharer_inputs is not None else [None] * len(self.sharers)
+        # A SharerInput is the sharer's reading of the span (all but the last prompt token); left
+        # padding puts every row's last token in the last column, so that column completes it.
+        readings = [None if g is None else SharerReading(torch.cat([g.input_ids, ids[:, -1:]], 1),
+                                                         torch.cat([g.attention_mask, mask[:, -1:]], 1))
+                    for g in given]
+        return None, ids, mask, ResponseFusion(self.sharers, self.fusers, readings, self.mode)
+
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                sharer_inputs: Sequence[SharerInput | None] | None = None) -> torch.Tensor:
         """The receiver's next-token logits (B, V) after the fused prompt: what decoding starts from."""
         ids, mask = left_pad(input_ids, attention_mask)
-        cache = self.prefill_fused(ids, mask, sharer_inputs)
-        return next_token_logits(self.receiver, cache, ids[:, -1:], mask[:, -1:])
+        cache, rest, rest_mask, hook = self.start(ids, mask, sharer_inputs)
+        return next_token_logits(self.receiver, cache, rest, rest_mask, hook=hook)
 
     # ---- generation ----------------------------------------------------------------------------
     def generation_config(self, **overrides: Any) -> GenerationConfig:
@@ -159,9 +186,9 @@ class C2CModel:
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop=stop, seed=seed)
         ids, mask = left_pad(input_ids, attention_mask)
-        cache = self.prefill_fused(ids, mask, sharer_inputs)
-        out = decode(self.receiver, cache, ids[:, -1:], mask[:, -1:], gen, pad_token_id=self._pad_id(),
-                     streamer=streamer, on_token=on_token, prompt_ids=ids)
+        cache, rest, rest_mask, hook = self.start(ids, mask, sharer_inputs)
+        out = decode(self.receiver, cache, rest, rest_mask, gen, pad_token_id=self._pad_id(),
+                     streamer=streamer, on_token=on_token, prompt_ids=ids, hook=hook)
         return out.tokens
 
     def encode_chat(self, conversations: Sequence[Messages]) -> tuple[torch.Tensor, torch.Tensor, list[SharerInput] | None]:
@@ -200,4 +227,4 @@ class C2CModel:
 
     def __repr__(self) -> str:
         names = ", ".join(s.name for s in self.sharers) or "none"
-        return f"C2CModel(receiver={self.receiver.name!r}, sharers=[{names}], mode={self.mode!r})"
+        return f"C2CModel(receiver={self.receiver.name!r}, sharers=[{names}], mode={self.mode!r}, fusion={self.fusion!r})"

@@ -199,3 +199,35 @@ class C2CProjector(nn.Module):
         """Fused receiver (key, value): target + residual."""
         rk, rv = self.residual(source_kv, target_kv)
         return target_kv[0] + rk, target_kv[1] + rv
+
+
+@register_projector("ReplaceProjector", aliases=("replace",))
+class ReplaceProjector(nn.Module):
+    """The oracle: the receiver's K/V replaced by the sharer's own (K_out = K_s), for same-shape pairs.
+
+    No weights. What a span reads through it is the most any projector can pass on from the
+    sharer's cache without changing what the receiver's layers expect, so its accuracy bounds
+    what a trained fuser of the same fusion mode can learn on a task.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        return {"num_heads": self.num_heads, "head_dim": self.head_dim}
+
+    def residual(self, source_kv: KV, target_kv: KV) -> KV:
+        """K_s - K_r and V_s - V_r, in at least float32 so that K_r + residual gives back K_s exactly."""
+        out = []
+        for source, target in zip(source_kv, target_kv):
+            if source.shape != target.shape or source.shape[1::2] != (self.num_heads, self.head_dim):
+                raise CacheError(f"ReplaceProjector: sharer {tuple(source.shape)} and receiver "
+                                 f"{tuple(target.shape)} must both be (B, {self.num_heads}, N, {self.head_dim})")
+            wide = torch.promote_types(target.dtype, torch.float32)
+            out.append(source.to(wide) - target.to(wide))
+        return out[0], out[1]
+
+    def forward(self, source_kv: KV, target_kv: KV) -> KV:
+        return source_kv

@@ -5,7 +5,7 @@ is mended here alone.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import DynamicCache
@@ -39,13 +39,40 @@ def from_hf(
                    token_ids=token_ids, positions=positions, attention_mask=attention_mask)
 
 
-def to_hf(kv: KVCache, config: Any) -> DynamicCache:
-    """A fresh `DynamicCache` for a model with `config`, holding `kv`'s tensors (not copied).
+# (layer index, new keys (B, H, k, D), new values) -> the keys and values to store instead.
+Rewrite = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class RewritingCache(DynamicCache):
+    """A `DynamicCache` that passes each layer's new keys/values through `rewrite` before storing them.
+
+    The model's attention reads what `update` returns, so a rewrite takes effect before any query
+    of the same forward pass sees those positions: this is how a sharer's K/V are fused into every
+    token as it is read (include-response fusion), without touching model code.
+    """
+
+    def __init__(self, rewrite: Rewrite, config: Any):
+        super().__init__(config=config)
+        self.rewrite = rewrite
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        key_states, value_states = self.rewrite(layer_idx, key_states, value_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def new_hf(config: Any, rewrite: Rewrite | None = None) -> DynamicCache:
+    """An empty transformers cache for a model with `config` (rewriting new K/V when `rewrite` is given)."""
+    return DynamicCache(config=config) if rewrite is None else RewritingCache(rewrite, config)
+
+
+def to_hf(kv: KVCache, config: Any, rewrite: Rewrite | None = None) -> DynamicCache:
+    """A fresh transformers cache for a model with `config`, holding `kv`'s tensors (not copied).
 
     Sliding-window layers keep only their window, but remember how many tokens were seen so the
-    model's masks stay right.
+    model's masks stay right. `rewrite` (see `RewritingCache`) applies to tokens added later only.
     """
-    cache = DynamicCache(config=config)
+    cache = new_hf(config, rewrite)
     if kv.layer_ids != tuple(range(len(cache.layers))):
         raise CacheError(f"cache holds layers {list(kv.layer_ids)}, but the model needs all "
                          f"{len(cache.layers)} layers in order")

@@ -74,8 +74,9 @@ class ModelGenerator:
 class C2CGenerator:
     """`CacheGenerator` over a `C2CModel` with sharers and fusers.
 
-    Bytes exchanged: every sharer's K/V for the fused span (the prompt minus its last token; the
-    private passage stays with the sharer), in `wire_dtype` (default: the sharer's dtype).
+    Bytes exchanged: every sharer's K/V for the fused tokens (the prompt minus its last token, or
+    with 'prompt+response' fusion every token the receiver read; the private passage stays with
+    the sharer), in `wire_dtype` (default: the sharer's dtype).
     """
 
     def __init__(self, model: Any, *, wire_dtype: torch.dtype | None = None, name: str = "c2c"):
@@ -107,6 +108,8 @@ class C2CGenerator:
         out = model.generate(ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
                              on_token=_token_callback(receiver.tokenizer, on_token), sharer_inputs=sharer_inputs)
         span = int(mask[0].sum()) - 1
+        if model.fusion == "prompt+response":  # also the last prompt token and every generated token read back
+            span += max(out.shape[1], 1)
         sent = sum(kv_nbytes(s.signature, span, self.wire_dtype or s.dtype) for s in model.sharers)
         return CacheGeneration(receiver.decode(out[0]).strip(), sent)
 

@@ -1,5 +1,8 @@
 """The compared methods: receiver alone, sharer alone, text-to-text, cache-to-cache and prefix.
 
+Cache-to-cache also runs with the replacement oracles (`Fuser.oracle`) in place of a trained
+fuser: `oracle` and `oracle-response` are `CacheToCache` under those names.
+
 A method turns an `Item` into a `MethodOutput`: the receiver's final text, the wall time of the
 whole exchange (sharer stage included, batch 1, `time.perf_counter`), the time to the receiver's
 first generated token, and the bytes that went from sharer to receiver. Methods only see models

@@ -23,8 +23,10 @@ from agentmesh.eval.metrics import ItemResult, Summary, summarize
 from agentmesh.eval.report import write_report
 from agentmesh.yaml_file import read_yaml
 
-MethodName = Literal["receiver", "sharer", "t2t", "c2c", "prefix"]
-_NEEDS_SHARER = {"sharer", "t2t", "c2c", "prefix"}
+MethodName = Literal["receiver", "sharer", "t2t", "c2c", "prefix", "oracle", "oracle-response"]
+_NEEDS_SHARER = {"sharer", "t2t", "c2c", "prefix", "oracle", "oracle-response"}
+# The replacement oracles and the fusion whose ceiling each measures.
+_ORACLES = {"oracle": "prompt", "oracle-response": "prompt+response"}
 _WIRE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -127,6 +129,13 @@ def build_methods(config: EvalConfig, pool: Any = None) -> list[Method]:
             methods.append(CacheToCache(C2CGenerator(C2CModel(receiver, [sharer], [fuser]), wire_dtype=wire), n))
         elif name == "prefix":
             methods.append(Prefix(PrefixGenerator(sharer, receiver, wire_dtype=wire), n))
+        elif name in _ORACLES:
+            from agentmesh.c2c.fuser import Fuser
+            from agentmesh.c2c.model import C2CModel
+
+            oracle = Fuser.oracle(receiver.signature, sharer.signature, fusion=_ORACLES[name])  # type: ignore[union-attr]
+            model = C2CModel(receiver, [sharer], [oracle])
+            methods.append(CacheToCache(C2CGenerator(model, wire_dtype=wire, name=name), n, name=name))
     return methods
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from agentmesh.cache.hf import from_hf, to_hf
+from agentmesh.cache.hf import from_hf, new_hf, to_hf
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import ConfigError
 
@@ -86,35 +86,57 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 
 
 # ---- one forward pass --------------------------------------------------------------------------
+class TokenHook(Protocol):
+    """Sees every token a model reads, and may rewrite the K/V it stores for them.
+
+    `read` is called before each forward pass with the tokens about to be read (B, k), their mask
+    and their rotary positions; `rewrite` is then called once per layer, inside that pass, with the
+    layer's new keys/values (B, H, k, D), before attention reads them. Include-response fusion is
+    such a hook: the sharer reads each token first, and its K/V are fused into the receiver's.
+    """
+
+    def read(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None: ...
+    def rewrite(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 @dataclass
-class _Running:
+class RunningCache:
     """A transformers cache being extended in place, with the metadata `KVCache` keeps beside it.
 
     Decoding holds one of these for its whole loop, so the cache is converted from and back to a
     `KVCache` once per call rather than once per token.
     """
 
-    hf: Any                      # transformers cache object, or None before the first forward
+    hf: Any                      # transformers cache object
     token_ids: torch.Tensor      # (B, N)
     positions: torch.Tensor      # (B, N)
     mask: torch.Tensor           # (B, N)
+    hook: TokenHook | None = None
 
     @classmethod
-    def start(cls, lm: Any, past: KVCache | None, batch: int) -> "_Running":
+    def start(cls, lm: Any, past: KVCache | None, batch: int, hook: TokenHook | None = None) -> "RunningCache":
+        rewrite = hook.rewrite if hook is not None else None
         if past is None:
             empty = torch.zeros(batch, 0, dtype=torch.long)
-            return cls(None, empty, empty, empty)
+            return cls(new_hf(lm.config, rewrite), empty, empty, empty, hook)
         mask = past.attention_mask
         if mask is None:
             mask = torch.ones(past.batch_size, past.seq_len, dtype=torch.long)
         ids = past.token_ids if past.token_ids is not None else torch.zeros_like(mask)
         pos = past.positions if past.positions is not None else (mask.cumsum(-1) - 1).clamp(min=0)
-        return cls(to_hf(past.replace(attention_mask=mask), lm.config), ids.cpu(), pos.cpu(), mask.cpu())
+        return cls(to_hf(past.replace(attention_mask=mask), lm.config, rewrite), ids.cpu(), pos.cpu(), mask.cpu(),
+                   hook)
+
+    @property
+    def seq_len(self) -> int:
+        return self.mask.shape[1]
 
     def step(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Read `input_ids` (B, k) with their `mask`; return the last position's logits (B, V)."""
         start = self.mask.sum(-1, keepdim=True)
         positions = (start + mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count on from the past
+        if self.hook is not None:
+            self.hook.read(input_ids, mask, positions)
         self.mask = torch.cat([self.mask, mask], dim=1)
         out = lm.model(
             input_ids=input_ids.to(lm.device), attention_mask=self.mask.to(lm.device),
@@ -132,7 +154,7 @@ class _Running:
 
 @torch.no_grad()
 def prefill(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-            past: KVCache | None = None) -> KVCache:
+            past: KVCache | None = None, *, hook: TokenHook | None = None) -> KVCache:
     """The cache of `input_ids` (B, N) read after `past` (if any); no token is generated.
 
     Rows must be left-padded (see `left_pad`). The returned cache holds `past`'s tokens too.
@@ -142,17 +164,17 @@ def prefill(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
             raise ConfigError("prefill got an empty prompt and no past cache; give at least one token")
         return past
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
-    run = _Running.start(lm, past, input_ids.shape[0])
+    run = RunningCache.start(lm, past, input_ids.shape[0], hook)
     run.step(lm, input_ids, mask)
     return run.cache(lm)
 
 
 @torch.no_grad()
 def next_token_logits(lm: Any, past: KVCache | None, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None, *, hook: TokenHook | None = None) -> torch.Tensor:
     """Logits (B, V) for the token after `input_ids` (B, k) read after `past`."""
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
-    return _Running.start(lm, past, input_ids.shape[0]).step(lm, input_ids, mask)
+    return RunningCache.start(lm, past, input_ids.shape[0], hook).step(lm, input_ids, mask)
 
 
 # ---- sampling ----------------------------------------------------------------------------------
@@ -185,15 +207,17 @@ def next_tokens(logits: torch.Tensor, gen: GenerationConfig, seen: torch.Tensor 
 
 # ---- decoding ----------------------------------------------------------------------------------
 @torch.no_grad()
-def decode(lm: Any, cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def decode(lm: Any, cache: KVCache | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
            gen: GenerationConfig, *, pad_token_id: int = 0, streamer: Streamer | None = None,
            on_token: Callable[[int, torch.Tensor], None] | None = None,
-           prompt_ids: torch.Tensor | None = None, return_cache: bool = False) -> DecodeOutput:
+           prompt_ids: torch.Tensor | None = None, return_cache: bool = False,
+           hook: TokenHook | None = None) -> DecodeOutput:
     """Read `input_ids` (B, k) after `cache`, then generate up to `gen.max_new_tokens` tokens.
 
     `input_ids` are the prompt tokens not yet in `cache` (at least the last one). Decoding stops
     when every row has produced an EOS token or a stop string. `prompt_ids` only feed the
-    repetition penalty. `on_token(step, tokens (B,))` is called after each step.
+    repetition penalty. `on_token(step, tokens (B,))` is called after each step. `hook` sees
+    every token read, prompt and response (see `TokenHook`).
     """
     batch = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
@@ -205,7 +229,7 @@ def decode(lm: Any, cache: KVCache, input_ids: torch.Tensor, attention_mask: tor
     finished = torch.zeros(batch, dtype=torch.bool)
     out: list[torch.Tensor] = []
     step_ids, step_mask = input_ids, mask
-    run = _Running.start(lm, cache, batch)
+    run = RunningCache.start(lm, cache, batch, hook)
     for step in range(gen.max_new_tokens):
         logits = run.step(lm, step_ids, step_mask)
         tok = next_tokens(logits.cpu(), gen, seen, generator)
@@ -227,7 +251,7 @@ def decode(lm: Any, cache: KVCache, input_ids: torch.Tensor, attention_mask: tor
         streamer.end()
     tokens = torch.stack(out, 1) if out else torch.empty(batch, 0, dtype=torch.long)
     # The cache holds the prompt and every new token but the last (which was never read back).
-    return DecodeOutput(tokens=tokens, cache=run.cache(lm) if return_cache and run.hf is not None else None,
+    return DecodeOutput(tokens=tokens, cache=run.cache(lm) if return_cache and run.seq_len else None,
                         finished=finished)
 
 

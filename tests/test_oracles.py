@@ -1,0 +1,111 @@
+"""Replacement oracles and include-response fusion on tiny models.
+
+`oracle`: the receiver reads the sharer's own span cache. `oracle-response`: every token the
+receiver reads, prompt and response, has the sharer's K/V before the receiver's attention reads it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from agentmesh.c2c import C2CModel, Fuser
+from agentmesh.errors import ConfigError
+from agentmesh.models.inference import decode, next_token_logits, pad_sequences, prefill
+
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_factory: Callable[..., Any]) -> tuple[Any, Any]:
+    return tiny_model_factory("qwen3", seed=0), tiny_model_factory("qwen3", seed=1)
+
+
+@pytest.fixture(scope="module")
+def batch(pair: tuple[Any, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    receiver = pair[0]
+    rows = [receiver.chat_ids("What is the capital of France?"), receiver.chat_ids("Hi")]
+    return pad_sequences(rows, receiver.tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_prompt_oracle_is_the_receiver_continuing_from_the_sharer_span(tiny_model_factory, arch: str) -> None:
+    receiver, sharer = tiny_model_factory(arch, seed=0), tiny_model_factory(arch, seed=1)
+    ids = torch.tensor([receiver.chat_ids("What is the capital of France?")])
+    oracle = C2CModel(receiver, [sharer], [Fuser.oracle(receiver.signature, sharer.signature)])
+    want = next_token_logits(receiver, prefill(sharer, ids[:, :-1]), ids[:, -1:])
+    torch.testing.assert_close(oracle.logits(ids), want, rtol=0, atol=1e-5)
+    assert not torch.allclose(want, C2CModel(receiver).logits(ids), atol=1e-3)  # the sharer's cache matters
+
+
+def test_oracle_needs_same_shape(tiny_model_factory) -> None:
+    receiver = tiny_model_factory("qwen3", seed=0)
+    other = tiny_model_factory("qwen3", seed=0, num_layers=3)
+    with pytest.raises(ConfigError, match="receiver's shape"):
+        Fuser.oracle(receiver.signature, other.signature)
+
+
+def test_response_oracle_fuses_every_token_before_attention(pair, batch) -> None:
+    receiver, sharer = pair
+    ids, mask = batch
+    oracle = C2CModel(receiver, [sharer], [Fuser.oracle(receiver.signature, sharer.signature,
+                                                        fusion="prompt+response")])
+    assert oracle.fusion == "prompt+response"
+    cache, rest, rest_mask, hook = oracle.start(ids, mask)
+    assert cache is None and hook is not None and torch.equal(rest, ids)
+    gen = oracle.generation_config(max_new_tokens=NEW, eos_token_id=[])
+    out = decode(receiver, cache, rest, rest_mask, gen, hook=hook, return_cache=True)
+    # Every K/V the receiver stored (prompt, and generated tokens read back) is the sharer's own.
+    read = torch.cat([ids, out.tokens[:, :-1]], 1)
+    read_mask = torch.cat([mask, torch.ones_like(out.tokens[:, :-1])], 1)
+    mine = prefill(sharer, read, read_mask)
+    real = read_mask.bool()
+    for (k, v), (sk, sv) in zip(out.cache, mine):
+        torch.testing.assert_close(k.transpose(1, 2)[real], sk.transpose(1, 2)[real], rtol=0, atol=1e-5)
+        torch.testing.assert_close(v.transpose(1, 2)[real], sv.transpose(1, 2)[real], rtol=0, atol=1e-5)
+    # The last prompt token is fused too, so the first answer differs from the span-only oracle's.
+    span_only = C2CModel(receiver, [sharer], [Fuser.oracle(receiver.signature, sharer.signature)])
+    assert not torch.allclose(oracle.logits(ids, mask), span_only.logits(ids, mask), atol=1e-4)
+    # Batched rows compute what they compute alone.
+    alone = oracle.generate(ids[1:, mask[1].bool()], max_new_tokens=NEW)
+    assert torch.equal(oracle.generate(ids, mask, max_new_tokens=NEW)[1, :alone.shape[1]], alone[0])
+
+
+def test_response_fusion_with_itself_is_the_receiver_alone(pair, batch) -> None:
+    receiver = pair[0]
+    ids, mask = batch
+    same = C2CModel(receiver, [receiver], [Fuser.oracle(receiver.signature, receiver.signature,
+                                                        fusion="prompt+response")])
+    assert torch.equal(same.generate(ids, mask, max_new_tokens=NEW), C2CModel(receiver).generate(ids, mask, max_new_tokens=NEW))
+
+
+def test_fusers_of_one_model_fuse_the_same_tokens(pair) -> None:
+    receiver, sharer = pair
+    with pytest.raises(ConfigError, match="same tokens"):
+        C2CModel(receiver, [sharer, sharer], [Fuser.oracle(receiver.signature, sharer.signature),
+                                              Fuser.oracle(receiver.signature, sharer.signature, fusion="prompt+response")])
+
+
+def test_eval_runs_both_oracles(tmp_path: Path, pair) -> None:
+    from agentmesh.eval.context_task import write_context_task
+    from agentmesh.eval.runner import evaluate, parse_config
+    from agentmesh.models.pool import ModelPool
+
+    receiver, sharer = pair
+    pool = ModelPool()
+    pool.put("r", receiver)
+    pool.put("s", sharer)
+    paths = write_context_task(tmp_path / "ctx", seed=0, n_train=0, n_test=2)
+    config = parse_config({
+        "receiver": "r", "sharer": "s", "methods": ["receiver", "oracle", "oracle-response"],
+        "dataset": {"path": str(paths["test"])}, "max_new_tokens": 3, "output": str(tmp_path / "out")})
+    summary = evaluate(config, pool=pool, progress=False)
+    assert list(summary.methods) == ["receiver", "oracle", "oracle-response"]
+    assert all(r.error is None for r in summary.results)
+    per_token = 2 * sharer.signature.num_layers * sharer.signature.num_kv_heads * sharer.signature.head_dim * 4
+    by = {m: [r for r in summary.results if r.method == m] for m in summary.methods}
+    # The response oracle sends the sharer's K/V of every token read; the span oracle the span's only.
+    for span, full in zip(by["oracle"], by["oracle-response"]):
+        assert span.bytes_exchanged % per_token == 0 and full.bytes_exchanged > span.bytes_exchanged

@@ -156,3 +156,27 @@ def test_mismatched_fuser_and_bad_settings_are_clear_errors(models, prompts):
         C2CModel(receiver, [qwen2], [])
     with pytest.raises(ConfigError, match="top_p"):
         C2CModel(receiver).generate(prompts[0], prompts[1], max_new_tokens=2, do_sample=True, top_p=1.5)
+
+
+def test_fused_generate_uses_the_current_transformers_api(models, prompts):
+    """Any deprecation transformers announces on our calls fails here, in CI, before users see it."""
+    import logging
+    import warnings
+
+    receiver, qwen2, _ = models
+    model = C2CModel(receiver, [qwen2], [make_fuser(receiver, qwen2, gate=1.0)])
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process; see it here too
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            out = model.generate(*prompts, max_new_tokens=3)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert out.shape[0] == 2
+    assert not [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]

@@ -298,7 +298,7 @@ def test_tiny_models_have_the_requested_shape(arch, tiny_model_factory, tiny_tok
     assert (sig.num_layers, sig.num_kv_heads, sig.head_dim, sig.vocab_size) == (3, 1, 8, len(tiny_tokenizer))
     with torch.no_grad():
         out = m.model(torch.tensor([m.encode("hello world, how are you")]), use_cache=True)
-    keys = out.past_key_values.layers[0].keys  # (B, H, N, D)
+    keys = out.cache.layers[0].keys  # (B, H, N, D)
     assert keys.shape[1:] == (1, len(m.encode("hello world, how are you")), 8)
     assert m.tokenizer.pad_token_id is not None and m.model.config.eos_token_id == tiny_tokenizer.eos_token_id
 

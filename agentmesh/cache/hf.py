@@ -1,7 +1,7 @@
 """The one adapter between `KVCache` and transformers' cache objects.
 
-Nothing else in agentmesh touches transformers' cache classes, so a change in their internals
-is mended here alone.
+Nothing else in agentmesh touches transformers' cache classes or names the keyword a model's
+forward takes its cache by, so a change in either is mended here alone.
 """
 from __future__ import annotations
 
@@ -82,3 +82,14 @@ def to_hf(kv: KVCache, config: Any, rewrite: Rewrite | None = None) -> DynamicCa
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length = total
     return cache
+
+
+def forward_with_cache(module: Any, cache: Any, **inputs: Any) -> tuple[Any, Any]:
+    """`module(**inputs)` reading and extending the transformers cache `cache` (None to start one).
+
+    Returns (the model output, the extended cache). transformers 5.24 renamed the cache keyword
+    and output field from `past_key_values` to `cache` (the old name warns and goes in 5.40), so
+    this is the only call site that names it.
+    """
+    out = module(**inputs, cache=cache, use_cache=True)
+    return out, out.cache

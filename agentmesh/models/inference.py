@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from agentmesh.cache.hf import from_hf, new_hf, to_hf
+from agentmesh.cache.hf import forward_with_cache, from_hf, new_hf, to_hf
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import ConfigError
 
@@ -138,11 +138,10 @@ class RunningCache:
         if self.hook is not None:
             self.hook.read(input_ids, mask, positions)
         self.mask = torch.cat([self.mask, mask], dim=1)
-        out = lm.model(
-            input_ids=input_ids.to(lm.device), attention_mask=self.mask.to(lm.device),
-            position_ids=positions.to(lm.device), past_key_values=self.hf, use_cache=True,
+        out, self.hf = forward_with_cache(
+            lm.model, self.hf, input_ids=input_ids.to(lm.device), attention_mask=self.mask.to(lm.device),
+            position_ids=positions.to(lm.device),
             logits_to_keep=1)  # only the last position's logits are ever needed
-        self.hf = out.past_key_values
         self.token_ids = torch.cat([self.token_ids, input_ids.cpu()], dim=1)
         self.positions = torch.cat([self.positions, positions.cpu()], dim=1)
         return out.logits[:, -1].float()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from agentmesh.c2c.fuser import Fuser, fuse
 from agentmesh.c2c.model import C2CModel
 from agentmesh.c2c.train.data import IGNORE_INDEX, Batch, Example, collate
-from agentmesh.cache.hf import to_hf
+from agentmesh.cache.hf import forward_with_cache, to_hf
 from agentmesh.models.inference import prefill
 
 
@@ -30,9 +30,9 @@ def batch_loss(c2c: C2CModel, batch: Batch) -> torch.Tensor:
     step_mask = torch.cat([batch.attention_mask[:, -1:], batch.answer_mask], dim=1)  # (B, 1 + A)
     # Rotary positions count real tokens only, continuing from the span (as decoding does).
     positions = (span_mask.sum(-1, keepdim=True) + step_mask.cumsum(-1) - 1).clamp(min=0)
-    out = receiver.model(
-        input_ids=step_ids.to(dev), attention_mask=torch.cat([span_mask, step_mask], dim=1).to(dev),
-        position_ids=positions.to(dev), past_key_values=to_hf(fused, receiver.config), use_cache=True)
+    out, _ = forward_with_cache(
+        receiver.model, to_hf(fused, receiver.config), input_ids=step_ids.to(dev),
+        attention_mask=torch.cat([span_mask, step_mask], dim=1).to(dev), position_ids=positions.to(dev))
     logits = out.logits[:, :-1].float()  # (B, A, V): the logits at token t predict answer token t
     return F.cross_entropy(logits.flatten(0, 1), batch.labels.to(dev).flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
@@ -42,7 +42,7 @@ def batch_loss(c2c: C2CModel, batch: Batch) -> torch.Tensor:
 def checkpointed_projectors(fuser: Fuser, enabled: bool = True) -> Iterator[None]:
     """Recompute each projector's activations in the backward pass instead of storing them.
 
-    transformers' own gradient checkpointing drops `past_key_values`, so it cannot be used on the
+    transformers' own gradient checkpointing drops the cache, so it cannot be used on the
     receiver's pass over the fused cache; the projectors, run once per layer over the whole span,
     hold most of the memory anyway. The RNG state is replayed, so Gumbel noise and dropout match.
     """

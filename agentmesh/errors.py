@@ -2,6 +2,8 @@
 and says what would be right; the CLI prints it and exits with status 2."""
 from __future__ import annotations
 
+from pydantic_core import PydanticCustomError
+
 
 class AgentMeshError(Exception):
     """Base class of every error agentmesh raises on purpose."""
@@ -46,3 +48,10 @@ class RunError(AgentMeshError):
 
 class TransportError(AgentMeshError):
     """A link between hosts failed (broker unreachable, refused credentials, timeout)."""
+
+
+def schema_error(message: str, hint: str | None = None) -> PydanticCustomError:
+    """Raised inside a pydantic validator: the message is ours, the hint travels in ctx (the YAML
+    loader shows it as `(hint: ...)`)."""
+    # pydantic substitutes "{key}" for ctx keys only, so braces in the message stay as written.
+    return PydanticCustomError("agentmesh", message, {"agentmesh_hint": hint} if hint else None)

@@ -131,16 +131,15 @@ def test_broker_config_reads_password_from_environment(monkeypatch):
     g = Graph(name="g")
     g.agent("a")
     b = g.set_broker("mqtts://broker.local", username="mesh", password_env="MESH_PW", tls=True)
-    assert (b.hostname, b.port, b.secure) == ("broker.local", 8883, True)
+    assert (b.host, b.port, b.secure) == ("broker.local", 8883, True)
     monkeypatch.delenv("MESH_PW", raising=False)
     with pytest.raises(ConfigError, match="MESH_PW is not set"):
-        b.password()
+        b.password_value()
     monkeypatch.setenv("MESH_PW", "s3cret")
-    assert b.password() == "s3cret"
+    assert b.password_value() == "s3cret"
     g.validate()
-    g.set_broker("mqtt://bob:pw@broker.local:1883")
     with pytest.raises(GraphError, match="broker.url: the broker url must not carry credentials"):
-        g.validate()
+        g.set_broker("mqtt://bob:pw@broker.local:1883")
 
 
 # ---------------------------------------------------------------------------------------------

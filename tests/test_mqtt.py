@@ -16,7 +16,8 @@ from agentmesh.cache.kv import KVCache, ModelSignature
 from agentmesh.errors import ConfigError, TransportError
 from agentmesh.transport.broker import LocalBroker, find_mosquitto, free_port
 from agentmesh.transport.link import InProcessLink, edge_channel
-from agentmesh.transport.mqtt import MqttConfig, MqttLink, split_frames
+from agentmesh.transport.config import BrokerConfig
+from agentmesh.transport.mqtt import MqttLink, split_frames
 
 T = TypeVar("T")
 SIG = ModelSignature(name="tiny", model_type="qwen3", num_layers=16, num_kv_heads=4, head_dim=64,
@@ -41,10 +42,10 @@ def big_cache(seed: int = 0) -> KVCache:
                    positions=torch.arange(512).unsqueeze(0))
 
 
-def config(url: str, **kw: Any) -> MqttConfig:
-    base: dict[str, Any] = dict(url=url, connect_timeout=5, send_timeout=10, receive_timeout=10,
-                                reconnect_min_s=0.05, reconnect_max_s=0.5)
-    return MqttConfig(**{**base, **kw})
+def config(url: str, **kw: Any) -> BrokerConfig:
+    base: dict[str, Any] = dict(url=url, timeout_s=10, receive_timeout_s=10, reconnect_min_s=0.05,
+                                reconnect_max_s=0.5)
+    return BrokerConfig(**{**base, **kw})
 
 
 # ---- no broker needed --------------------------------------------------------------------------
@@ -78,25 +79,28 @@ def test_channels_and_configs_are_validated():
     with pytest.raises(TransportError, match="valid topic level"):
         edge_channel("run", "a/b")
     with pytest.raises(TransportError, match="valid topic level"):
-        MqttLink(MqttConfig(), graph="g").topic("r/#")
+        MqttLink(BrokerConfig(), graph="g").topic("r/#")
     with pytest.raises(ValidationError, match="must not carry credentials"):
-        MqttConfig(url="mqtt://user:hunter2@127.0.0.1:1883")
-    with pytest.raises(ValidationError, match="mqtt:// or mqtts://"):
-        MqttConfig(url="http://127.0.0.1:1883")
-    with pytest.raises(ValidationError, match="NAME of an environment variable"):
-        MqttConfig(password_env="hunter2 is my password")
-    with pytest.raises(ValidationError, match="use mqtts://"):
-        MqttConfig(url="mqtt://127.0.0.1", tls_ca="/etc/ssl/ca.pem")
-    with pytest.raises(ValidationError, match="extra"):
-        MqttConfig(password="hunter2")  # type: ignore[call-arg]
-    cfg = MqttConfig(url="mqtts://broker.example:9000", tls_ca="/nonexistent/ca.pem")
-    assert (cfg.host, cfg.port, cfg.tls) == ("broker.example", 9000, True)
-    assert MqttConfig(url="mqtts://h").port == 8883 and MqttConfig(url="mqtt://h").port == 1883
-    with pytest.raises(ConfigError, match="cannot load MQTT TLS files"):
+        BrokerConfig(url="mqtt://user:hunter2@127.0.0.1:1883")
+    with pytest.raises(ValidationError, match="invalid broker url 'http://127.0.0.1:1883'"):
+        BrokerConfig(url="http://127.0.0.1:1883")
+    with pytest.raises(ValidationError, match="is not an environment variable name"):
+        BrokerConfig(password_env="hunter2 is my password")
+    with pytest.raises(ValidationError, match="a password must not be written"):
+        BrokerConfig(password="hunter2")
+    with pytest.raises(ValidationError, match="key_file is set without tls.cert_file"):
+        BrokerConfig(tls={"key_file": "k.pem"})
+    with pytest.raises(ValidationError, match="valid topic level"):
+        BrokerConfig(topic_prefix="a/#")
+    cfg = BrokerConfig(url="mqtts://broker.example:9000", tls={"ca_file": "/nonexistent/ca.pem"})
+    assert (cfg.host, cfg.port, cfg.secure) == ("broker.example", 9000, True)
+    assert BrokerConfig(url="mqtts://h").port == 8883 and BrokerConfig(url="mqtt://h").port == 1883
+    assert BrokerConfig(url="mqtt://h", tls=True).secure  # a tls: section turns TLS on
+    with pytest.raises(ConfigError, match="cannot load the broker's TLS files"):
         cfg.ssl_context()
-    with pytest.raises(ConfigError, match="'AGENTMESH_UNSET_VARIABLE' .* is not set"):
-        MqttConfig(password_env="AGENTMESH_UNSET_VARIABLE").password()
-    link = MqttLink(MqttConfig(), graph="g")
+    with pytest.raises(ConfigError, match="AGENTMESH_UNSET_VARIABLE is not set"):
+        BrokerConfig(password_env="AGENTMESH_UNSET_VARIABLE").password_value()
+    link = MqttLink(BrokerConfig(), graph="g")
     assert link.topic(edge_channel("r7", "a->b")) == "agentmesh/g/r7/a->b/msg"
 
 
@@ -104,7 +108,7 @@ def test_unreachable_broker_fails_within_connect_timeout():
     port = free_port()  # nothing listens there
 
     async def go() -> None:
-        async with MqttLink(config(f"mqtt://127.0.0.1:{port}", connect_timeout=1.0), graph="g"):
+        async with MqttLink(config(f"mqtt://127.0.0.1:{port}", timeout_s=1.0), graph="g"):
             pass
     t = time.monotonic()
     with pytest.raises(TransportError, match=f"cannot reach MQTT broker mqtt://127.0.0.1:{port} within 1.0 s"):
@@ -146,7 +150,7 @@ def test_multi_mb_cache_crosses_the_broker_in_chunks_and_arrives_identical(broke
     assert len(payload) > 8 * 2 ** 20
 
     async def go() -> tuple[KVCache, dict[str, str], float]:
-        cfg = config(broker.url, chunk_size=256 * 1024)
+        cfg = config(broker.url, chunk_bytes=256 * 1024)
         async with MqttLink(cfg, graph="edge-cloud") as rx, MqttLink(cfg, graph="edge-cloud") as tx:
             ch = edge_channel("run-1", "cloud->edge")
             await rx.subscribe(ch)
@@ -200,7 +204,7 @@ def test_incomplete_or_corrupted_messages_fail_with_clear_errors(broker):
     bad[-1] ^= 0xFF  # one flipped byte in the data: the SHA-256 must catch it
 
     async def go() -> None:
-        async with MqttLink(config(broker.url, reassembly_timeout=0.4), graph="g") as rx:
+        async with MqttLink(config(broker.url, reassembly_timeout_s=0.4), graph="g") as rx:
             a, b = edge_channel("r", "lossy"), edge_channel("r", "corrupt")
             await rx.subscribe(a)
             await rx.subscribe(b)
@@ -220,7 +224,7 @@ def test_incomplete_or_corrupted_messages_fail_with_clear_errors(broker):
 @pytest.mark.mqtt
 def test_mqtt_311_and_no_sender_timeout(broker):
     async def go() -> None:
-        cfg = config(broker.url, protocol="3.1.1", chunk_size=1024)
+        cfg = config(broker.url, protocol="3.1.1", chunk_bytes=1024)
         async with MqttLink(cfg, graph="g") as rx, MqttLink(cfg, graph="g") as tx:
             assert rx.protocol == "3.1.1"
             ch = edge_channel("r", "old")
@@ -283,8 +287,8 @@ def test_broker_restart_mid_transfer_completes_or_fails_within_the_timeout():
     send_timeout = 12.0
 
     async def go(broker: LocalBroker) -> tuple[Any, Any, float, int]:
-        cfg = config(broker.url, chunk_size=64 * 1024, max_inflight=2, send_timeout=send_timeout,
-                     receive_timeout=send_timeout)
+        cfg = config(broker.url, chunk_bytes=64 * 1024, max_inflight=2, timeout_s=send_timeout,
+                     receive_timeout_s=send_timeout)
         async with MqttLink(cfg, graph="g") as rx, MqttLink(cfg, graph="g") as tx:
             publish = tx._publish
 
@@ -322,7 +326,7 @@ def test_credentials_wrong_are_refused_and_right_ones_from_the_environment_work(
     except TransportError as exc:
         pytest.skip(str(exc))
     with LocalBroker(username="edge", password="correct-horse") as broker:
-        async def attempt(cfg: MqttConfig) -> bytes:
+        async def attempt(cfg: BrokerConfig) -> bytes:
             async with MqttLink(cfg, graph="g") as link:
                 ch = edge_channel("r", "auth")
                 await link.subscribe(ch)

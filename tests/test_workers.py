@@ -25,7 +25,7 @@ from agentmesh.models.pool import ModelPool
 from agentmesh.runtime import Token, run_graph
 from agentmesh.mesh.envelope import pack, unpack
 from agentmesh.mesh.remote import arun_remote
-from agentmesh.mesh.settings import mqtt_config
+from agentmesh.mesh.settings import broker_config
 from agentmesh.mesh.worker import ServedCall, Worker
 from agentmesh.transport import InProcessLink, MqttLink
 from agentmesh.transport.broker import LocalBroker, find_mosquitto
@@ -111,7 +111,7 @@ async def serving(graph: Graph, host: str, pool: ModelPool, log: list[ServedCall
                   link: Any = None) -> tuple[Worker, Any, Any]:
     """A worker for `host` serving in a task, on `link` or its own MQTT link; returns (worker, task, link)."""
     if link is None:
-        link = MqttLink(mqtt_config(graph, host=host, reconnect_max_s=0.5), graph=graph.name)
+        link = MqttLink(broker_config(graph, host=host, reconnect_max_s=0.5), graph=graph.name)
         await link.open()
     worker = Worker(graph, host, link, pool=pool, on_served=None if log is None else log.append)
     ready = asyncio.Event()

@@ -76,7 +76,8 @@ async def _run(cfg: Config, url: str, payload: bytes, kv: Any,
     from contextlib import AsyncExitStack
 
     from agentmesh.cache.codec import decode_cache, encode_cache
-    from agentmesh.transport.mqtt import MqttConfig, MqttLink
+    from agentmesh.transport.config import BrokerConfig
+    from agentmesh.transport.mqtt import MqttLink
 
     times: dict[int, list[tuple[float, float, float]]] = {c: [] for c in cfg.chunk_sizes}
     stats: dict[int, Any] = {}
@@ -85,7 +86,7 @@ async def _run(cfg: Config, url: str, payload: bytes, kv: Any,
     async with AsyncExitStack() as stack:
         pairs = {}
         for size in cfg.chunk_sizes:
-            conf = MqttConfig(url=url, chunk_size=size, qos=cfg.qos)  # type: ignore[arg-type]
+            conf = BrokerConfig(url=url, chunk_bytes=size, qos=cfg.qos)  # type: ignore[arg-type]
             a = await stack.enter_async_context(MqttLink(conf, graph="bench"))
             b = await stack.enter_async_context(MqttLink(conf, graph="bench"))
             channel = f"run/chunk{size}"

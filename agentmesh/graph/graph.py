@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import networkx as nx
+from pydantic import ValidationError
 
 from agentmesh.errors import ConfigError, GraphError
 from agentmesh.graph import template
 from agentmesh.graph.source import KeyPath, SourceMap, choices_hint, graph_error
-from agentmesh.graph.spec import BROKER_URL_RE, DEFAULT_MODEL, IDENT_HINT, IDENT_RE, AgentSpec, GraphSpec
+from agentmesh.graph.spec import DEFAULT_MODEL, IDENT_HINT, IDENT_RE, AgentSpec, GraphSpec
+from agentmesh.transport.config import BrokerConfig, TLSConfig
 
 if TYPE_CHECKING:
     from agentmesh.graph.validate import FuserInfo
@@ -122,56 +124,6 @@ class FuserDecl:
 class HostDecl:
     broker: str | None = None  # mqtt:// url; None = the graph's broker
     description: str | None = None
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    insecure: bool = False
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    """MQTT broker settings; the password is read from the environment variable `password_env`."""
-
-    url: str
-    username: str | None = None
-    password_env: str | None = None
-    tls: TLSConfig | None = None
-    topic_prefix: str = "agentmesh"
-    keepalive_s: int = 60
-    timeout_s: float = 60.0
-    chunk_bytes: int = 256 * 1024
-
-    @property
-    def secure(self) -> bool:
-        return self.url.startswith("mqtts://") or self.tls is not None
-
-    @property
-    def hostname(self) -> str:
-        return self._parts()[0]
-
-    @property
-    def port(self) -> int:
-        return self._parts()[1]
-
-    def _parts(self) -> tuple[str, int]:
-        m = BROKER_URL_RE.match(self.url)
-        if m is None:
-            raise ConfigError(f"invalid broker url {self.url!r}", hint="write mqtt://HOST:PORT")
-        scheme, host, port = m.groups()
-        return host.strip("[]"), int(port) if port else (8883 if scheme == "mqtts" else 1883)
-
-    def password(self) -> str | None:
-        if self.password_env is None:
-            return None
-        value = os.environ.get(self.password_env)
-        if value is None:
-            raise ConfigError(f"broker password variable {self.password_env} is not set",
-                              hint=f"export {self.password_env}=... before starting")
-        return value
 
 
 @dataclass(frozen=True)
@@ -279,9 +231,13 @@ class Graph:
 
     def set_broker(self, url: str, *, username: str | None = None, password_env: str | None = None,
                    tls: bool | TLSConfig | None = None, **options: Any) -> BrokerConfig:
-        """Set the MQTT broker (options: topic_prefix, keepalive_s, timeout_s, chunk_bytes)."""
-        tls_cfg = TLSConfig() if tls is True else (tls or None)
-        self.broker = BrokerConfig(url=url, username=username, password_env=password_env, tls=tls_cfg, **options)
+        """Set the MQTT broker (options: any `BrokerConfig` field, e.g. topic_prefix, timeout_s, chunk_bytes)."""
+        try:
+            self.broker = BrokerConfig(url=url, username=username, password_env=password_env, tls=tls, **options)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise self._error(("broker", *first.get("loc", ())), str(first.get("msg", "invalid")),
+                              (first.get("ctx") or {}).get("agentmesh_hint")) from None
         return self.broker
 
     def input(self, name: str, default: str = "") -> str:
@@ -519,12 +475,6 @@ class Graph:
             d["stop"] = list(a.stop)
             return d
 
-        broker = None
-        if self.broker is not None:
-            b = self.broker
-            broker = {"url": b.url, "username": b.username, "password_env": b.password_env,
-                      "tls": None if b.tls is None else vars(b.tls).copy(), "topic_prefix": b.topic_prefix,
-                      "keepalive_s": b.keepalive_s, "timeout_s": b.timeout_s, "chunk_bytes": b.chunk_bytes}
         return {
             "version": 1, "name": self.name, "description": self.description,
             "models": {k: vars(v).copy() for k, v in self.models.items()},
@@ -534,7 +484,7 @@ class Graph:
                       for e in self.edges],
             "fusion": {n: a.fusion for n, a in self.agents.items() if a.fusion != "parallel"},
             "hosts": {k: vars(v).copy() for k, v in self.hosts.items()},
-            "broker": broker,
+            "broker": None if self.broker is None else self.broker.model_dump(mode="json", exclude_defaults=True),
             "inputs": dict(self.inputs),
             "outputs": None if self.outputs is None else list(self.outputs),
         }
@@ -548,12 +498,7 @@ class Graph:
         g.models = {k: ModelDecl(ref=m.ref, dtype=m.dtype, device=m.device) for k, m in spec.models.items()}
         g.fusers = {k: FuserDecl(path=f.path, receiver=f.receiver, sharer=f.sharer) for k, f in spec.fusers.items()}
         g.hosts = {k: HostDecl(broker=h.broker, description=h.description) for k, h in spec.hosts.items()}
-        if spec.broker is not None:
-            b = spec.broker
-            tls = None if b.tls is None else TLSConfig(**b.tls.model_dump())
-            g.broker = BrokerConfig(url=b.url, username=b.username, password_env=b.password_env, tls=tls,
-                                    topic_prefix=b.topic_prefix, keepalive_s=b.keepalive_s, timeout_s=b.timeout_s,
-                                    chunk_bytes=b.chunk_bytes)
+        g.broker = spec.broker
         for name, a in spec.agents.items():
             fields = a.model_dump()
             fields["stop"] = tuple(fields["stop"])

@@ -27,7 +27,9 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+
+from agentmesh.errors import schema_error as custom_error
+from agentmesh.transport.config import BrokerConfig, check_broker_url
 
 # Must equal agentmesh.models.builtin.DEFAULT_MODEL; repeated here so that reading a pipeline file
 # never imports torch/transformers.
@@ -38,7 +40,6 @@ IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 IDENT_RE = re.compile(IDENT_PATTERN)
 IDENT_HINT = "names start with a letter or _, then letters, digits, _ or -"
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-BROKER_URL_RE = re.compile(r"^(mqtts?)://([^:/@\s]+|\[[0-9A-Fa-f:]+\])(?::(\d{1,5}))?/?$")
 DEVICE_RE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 
 Name = Annotated[str, StringConstraints(pattern=IDENT_PATTERN)]
@@ -48,21 +49,6 @@ FusionMode = Literal["parallel", "sequential"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 _DTYPE_SYNONYMS = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-
-
-def custom_error(message: str, hint: str | None = None) -> PydanticCustomError:
-    """A pydantic error whose message is ours; the hint travels in ctx and is shown as `(hint: ...)`."""
-    # pydantic substitutes "{key}" for ctx keys only, so braces in the message stay as written.
-    return PydanticCustomError("agentmesh", message, {"agentmesh_hint": hint} if hint else None)
-
-
-def check_broker_url(url: str) -> str:
-    if "@" in url:
-        raise custom_error("the broker url must not carry credentials",
-                           "use username: and password_env: instead of user:pass@ in the url")
-    if not BROKER_URL_RE.match(url):
-        raise custom_error(f"invalid broker url {url!r}", "write mqtt://HOST:PORT or mqtts://HOST:PORT")
-    return url
 
 
 class _Spec(BaseModel):
@@ -153,58 +139,6 @@ class EdgeSpec(_Spec):
         return self
 
 
-class TLSSpec(_Spec):
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    insecure: bool = Field(default=False, description="skip certificate verification (testing only)")
-
-
-class BrokerSpec(_Spec):
-    """The MQTT broker that links hosts. Secrets come from the environment, never from the file."""
-
-    url: str = Field(description="mqtt://host:port or mqtts://host:port")
-    username: str | None = None
-    password_env: str | None = Field(default=None, description="environment variable holding the password")
-    password: str | None = Field(default=None, exclude=True, description="rejected: use password_env")
-    tls: TLSSpec | None = None
-    topic_prefix: str = Field(default="agentmesh", pattern=r"^[A-Za-z0-9_\-/]+$")
-    keepalive_s: int = Field(default=60, ge=1)
-    timeout_s: float = Field(default=60.0, gt=0)
-    chunk_bytes: int = Field(default=256 * 1024, ge=1024)
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        return check_broker_url(v)
-
-    @field_validator("password")
-    @classmethod
-    def _no_password(cls, v: str | None) -> None:
-        if v is not None:
-            raise custom_error("a password must not be written in a pipeline file",
-                               "put it in an environment variable and name it with password_env: MQTT_PASSWORD")
-        return None
-
-    @field_validator("password_env")
-    @classmethod
-    def _env_name(cls, v: str | None) -> str | None:
-        if v is not None and not ENV_NAME_RE.match(v):
-            raise custom_error(f"{v!r} is not an environment variable name",
-                               "name the variable that holds the password, e.g. MQTT_PASSWORD")
-        return v
-
-    @field_validator("tls", mode="before")
-    @classmethod
-    def _tls_bool(cls, v: Any) -> Any:
-        # `tls: true` = TLS with the system's CA store; `tls: false` = none.
-        if v is True:
-            return {}
-        if v is False:
-            return None
-        return v
-
-
 class HostSpec(_Spec):
     """A machine that runs some of the agents (a worker process joins as this host)."""
 
@@ -234,7 +168,7 @@ class GraphSpec(_Spec):
     edges: list[EdgeSpec] = Field(default_factory=list)
     fusion: dict[Name, FusionMode] = Field(default_factory=dict, description="multi-sharer fusion mode per receiver")
     hosts: dict[Name, HostSpec] = Field(default_factory=dict)
-    broker: BrokerSpec | None = None
+    broker: BrokerConfig | None = None
     inputs: dict[Name, str] = Field(default_factory=dict, description="input name -> default text")
     outputs: list[Name] | None = Field(default=None, description="agents whose outputs a run returns; default the sinks")
 

@@ -47,7 +47,7 @@ def worker_command(
     """Serve the agents FILE places on HOST: answer runs started on any host (`agentmesh run FILE
     --broker ...`) until Ctrl-C or SIGTERM."""
     from agentmesh.graph import Graph
-    from agentmesh.mesh.settings import mqtt_config
+    from agentmesh.mesh.settings import broker_config
     from agentmesh.mesh.worker import Worker, served_agents
     from agentmesh.transport.mqtt import MqttLink
 
@@ -56,7 +56,7 @@ def worker_command(
     try:
         graph = Graph.from_yaml(file)
         served_agents(graph, host)
-        config = mqtt_config(graph, url=broker, host=host, username=username, password_env=password_env)
+        config = broker_config(graph, url=broker, host=host, username=username, password_env=password_env)
     except AgentMeshError as e:
         _fail(e)
     logging.basicConfig(level=logging.WARNING, format="worker: %(message)s", stream=sys.stderr)

@@ -36,7 +36,7 @@ from agentmesh.errors import ConfigError, TransportError
 from agentmesh.graph import Graph
 from agentmesh.mesh.client import DEFAULT_CALL_TIMEOUT, CallReply, RemoteClient
 from agentmesh.mesh.envelope import Envelope
-from agentmesh.mesh.settings import broker_timeout, mqtt_config
+from agentmesh.mesh.settings import broker_timeout, broker_config
 from agentmesh.models.pool import ModelPool, default_pool
 from agentmesh.runtime.endpoint import (CallContext, Endpoint, LocalEndpoint, ReadRequest, ShareFn, ShareRequest,
                                         TextOutput, TextRequest)
@@ -331,7 +331,7 @@ async def arun_remote(graph: Graph, inputs: str | Mapping[str, str] | None = Non
         clients: dict[str, RemoteClient] = {}
         shared: dict[str, RemoteClient] = {}  # one link and one client per distinct broker setting
         for h in hosts:
-            cfg = None if link is not None else mqtt_config(graph, url=broker, host=h, username=username,
+            cfg = None if link is not None else broker_config(graph, url=broker, host=h, username=username,
                                                              password_env=password_env)
             key = "" if cfg is None else cfg.model_dump_json()
             if key not in shared:

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from agentmesh.errors import ConfigError
 from agentmesh.graph import Graph
-from agentmesh.transport.mqtt import MqttConfig
+from agentmesh.transport.config import BrokerConfig
 
 
 def graph_digest(graph: Graph) -> str:
@@ -24,43 +24,37 @@ def graph_digest(graph: Graph) -> str:
     return hashlib.sha256(orjson.dumps(facts)).hexdigest()[:16]
 
 
-def mqtt_config(graph: Graph, *, url: str | None = None, host: str | None = None, username: str | None = None,
-                password_env: str | None = None, **overrides: Any) -> MqttConfig:
-    """The `MqttConfig` for reaching `host`'s agents (or, for a worker, for serving them).
+def broker_config(graph: Graph, *, url: str | None = None, host: str | None = None, username: str | None = None,
+                  password_env: str | None = None, **overrides: Any) -> BrokerConfig:
+    """The broker settings for reaching `host`'s agents (or, for a worker, for serving them).
 
     `url` (e.g. `--broker`) wins; else the host's own `broker:` in the file, else the file's
-    `broker:` url. Username, password variable, TLS and timeouts come from the file's `broker:`
-    section unless given here. `timeout_s` bounds every wait on the broker and on a peer.
+    `broker:` url. Everything else comes from the file's `broker:` section unless given here;
+    TLS file paths resolve against the file's folder. `timeout_s` bounds every wait on the
+    broker and on a peer.
     """
-    b = graph.broker
+    b = graph.broker or BrokerConfig()
     decl = graph.hosts.get(host) if host is not None else None
-    chosen = url or (decl.broker if decl is not None else None) or (b.url if b is not None else None)
+    chosen = url or (decl.broker if decl is not None else None) or (graph.broker.url if graph.broker else None)
     if chosen is None:
         raise ConfigError(f"graph {graph.name!r} names no MQTT broker",
                           hint="pass --broker mqtt://HOST:PORT or add `broker: {url: mqtt://HOST:PORT}` to the file")
-    opts: dict[str, Any] = {}
-    if b is not None:
-        opts.update(username=b.username, password_env=b.password_env, topic_root=b.topic_prefix,
-                    keepalive=max(5, int(b.keepalive_s)), chunk_size=b.chunk_bytes,
-                    connect_timeout=b.timeout_s, send_timeout=b.timeout_s)
-        if b.tls is not None:
-            if chosen.startswith("mqtt://"):  # `tls:` in the file turns the connection into TLS
-                chosen = "mqtts://" + chosen[len("mqtt://"):]
-            resolve = lambda p: None if p is None else Path(graph.resolve_path(p))  # noqa: E731
-            opts.update(tls_ca=resolve(b.tls.ca_file), tls_cert=resolve(b.tls.cert_file),
-                        tls_key=resolve(b.tls.key_file), tls_insecure=b.tls.insecure)
+    changes: dict[str, Any] = {"url": chosen}
+    if b.tls is not None:
+        resolve = lambda p: None if p is None else Path(graph.resolve_path(p))  # noqa: E731
+        changes["tls"] = b.tls.model_copy(update={"ca_file": resolve(b.tls.ca_file),
+                                                 "cert_file": resolve(b.tls.cert_file),
+                                                 "key_file": resolve(b.tls.key_file)})
     if username is not None:
-        opts["username"] = username
+        changes["username"] = username
     if password_env is not None:
-        opts["password_env"] = password_env
-    opts.update(overrides)
-    try:
-        return MqttConfig(url=chosen, **opts)
+        changes["password_env"] = password_env
+    try:  # validated again: the overrides come from the command line
+        return BrokerConfig.model_validate({**b.model_dump(exclude_defaults=True), **changes, **overrides})
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "broker"
-        why = str(first.get("msg", "invalid")).replace("Value error, ", "")
-        raise ConfigError(f"broker setting {where}: {why}") from None
+        raise ConfigError(f"broker setting {where}: {first.get('msg', 'invalid')}") from None
 
 
 def broker_timeout(graph: Graph, default: float = 60.0) -> float:

@@ -1,6 +1,6 @@
 """`Worker`: serves the agents a graph places on one host, answering callers over a `Link`.
 
-    async with MqttLink(mqtt_config(graph, host="cloud"), graph=graph.name) as link:
+    async with MqttLink(broker_config(graph, host="cloud"), graph=graph.name) as link:
         worker = Worker(graph, "cloud", link)
         await worker.preload()
         await worker.serve()            # until cancelled or the link closes

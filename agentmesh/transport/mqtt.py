@@ -1,6 +1,6 @@
 """`MqttLink`: channels over an MQTT broker (aiomqtt), for agents on different hosts.
 
-Topics: `{topic_root}/{graph}/{channel}/msg`, so an edge channel `"{run}/{edge}"` (see
+Topics: `{topic_prefix}/{graph}/{channel}/msg`, so an edge channel `"{run}/{edge}"` (see
 `edge_channel`) lives on `agentmesh/{graph}/{run}/{edge}/msg`.
 
 Every message travels as one or more chunks of at most `chunk_size` payload bytes, each framed by
@@ -11,7 +11,7 @@ a 72-byte binary header (so MQTT 3.1.1 brokers carry it as well as MQTT 5 ones):
 
 followed by the message headers as JSON (chunk 0 only) and the chunk's bytes. The receiver
 reassembles by (message id, index): redelivered chunks (QoS 1 is at-least-once) are counted and
-dropped, a message whose chunks stop coming for `reassembly_timeout` s fails, and a completed
+dropped, a message whose chunks stop coming for `reassembly_timeout_s` fails, and a completed
 message must match its SHA-256. Message ids of finished messages are remembered so a late
 duplicate never delivers a message twice.
 
@@ -27,28 +27,22 @@ import asyncio
 import hashlib
 import logging
 import math
-import os
 import random
-import re
-import ssl
 import struct
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Mapping
-from urllib.parse import urlsplit
+from typing import Any, Mapping
 
 import aiomqtt
 import paho.mqtt.client as paho_mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from agentmesh.errors import ConfigError, TransportError
+from agentmesh.errors import TransportError
+from agentmesh.transport.config import BrokerConfig
 from agentmesh.transport.link import (
-    DEFAULT_MAX_MESSAGE_BYTES, Link, LinkClosed, LinkMessage, LinkTimeout, decode_headers, encode_headers, validate_channel,
-    validate_segment, wait_bounded)
+    Link, LinkClosed, LinkMessage, LinkTimeout, decode_headers, encode_headers, validate_channel, validate_segment,
+    wait_bounded)
 
 log = logging.getLogger(__name__)
 
@@ -60,116 +54,6 @@ _HASH_IN_THREAD = 4 << 20  # hash big payloads off the event loop
 # CONNACK codes: 3.1.1 (4 bad credentials, 5 not authorised) and MQTT 5 (0x86, 0x87).
 _AUTH_CODES = {4, 5, 134, 135}
 _BAD_PROTOCOL_CODES = {1, 132}
-
-
-class MqttConfig(BaseModel):
-    """How to reach the broker. Secrets never live here: `password_env` names the environment
-    variable that holds the password."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    url: str = "mqtt://127.0.0.1:1883"
-    username: str | None = None
-    password_env: str | None = None
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_insecure: bool = False
-    client_id: str | None = None
-    protocol: Literal["auto", "5", "3.1.1"] = "auto"
-    qos: Literal[0, 1, 2] = 1
-    keepalive: int = Field(30, ge=5, le=3600)
-    topic_root: str = "agentmesh"
-    chunk_size: int = Field(256 * 1024, ge=1024, le=64 << 20)
-    max_inflight: int = Field(16, ge=1, le=1024)
-    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1)
-    connect_timeout: float = Field(10.0, gt=0)
-    send_timeout: float = Field(120.0, gt=0)
-    receive_timeout: float = Field(300.0, gt=0)
-    reassembly_timeout: float = Field(60.0, gt=0)
-    message_expiry_s: int = Field(600, ge=1)
-    session_expiry_s: int = Field(600, ge=0)
-    reconnect_min_s: float = Field(0.2, gt=0)
-    reconnect_max_s: float = Field(10.0, gt=0)
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"broker url {url!r} must start with mqtt:// or mqtts://")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(f"broker url {url!r} must not carry credentials; set `username` and name "
-                             "the environment variable holding the password in `password_env`")
-        if not parts.hostname:
-            raise ValueError(f"broker url {url!r} has no host; write mqtt://HOST:PORT")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"broker url {url!r} must be just mqtt[s]://HOST[:PORT]")
-        try:
-            parts.port
-        except ValueError:
-            raise ValueError(f"broker url {url!r} has an invalid port") from None
-        return url
-
-    @field_validator("password_env")
-    @classmethod
-    def _check_env(cls, name: str | None) -> str | None:
-        if name is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
-            raise ValueError(f"password_env {name!r} must be the NAME of an environment variable "
-                             "(letters, digits, underscores), not the password itself")
-        return name
-
-    @field_validator("topic_root")
-    @classmethod
-    def _check_root(cls, root: str) -> str:
-        validate_segment(root, "topic_root")
-        return root
-
-    @model_validator(mode="after")
-    def _check_tls(self) -> "MqttConfig":
-        if not self.tls and (self.tls_ca or self.tls_cert or self.tls_key or self.tls_insecure):
-            raise ValueError(f"TLS options are set but url {self.url!r} is plain mqtt://; use mqtts://")
-        if self.tls_key and not self.tls_cert:
-            raise ValueError("tls_key is set without tls_cert")
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
-        return self
-
-    @property
-    def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts"
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.tls else 1883)
-
-    def password(self) -> str | None:
-        """The password, read from the environment variable `password_env` at connect time."""
-        if self.password_env is None:
-            return None
-        value = os.environ.get(self.password_env)
-        if value is None:
-            raise ConfigError(f"environment variable {self.password_env!r} (MQTT password_env) is not set")
-        return value
-
-    def ssl_context(self) -> ssl.SSLContext | None:
-        if not self.tls:
-            return None
-        try:
-            ctx = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
-            if self.tls_cert:
-                ctx.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load MQTT TLS files (tls_ca={self.tls_ca}, tls_cert={self.tls_cert}, "
-                              f"tls_key={self.tls_key}): {exc}") from None
-        if self.tls_insecure:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
 
 
 class _AuthRefused(Exception):
@@ -228,11 +112,11 @@ def split_frames(payload: bytes, *, chunk_size: int, headers: Mapping[str, str] 
 class MqttLink(Link):
     """Channels of one graph over an MQTT broker. `async with MqttLink(cfg, graph="g") as link:`."""
 
-    def __init__(self, config: MqttConfig | str, *, graph: str) -> None:
+    def __init__(self, config: BrokerConfig | str, *, graph: str) -> None:
         super().__init__()
-        self.config = MqttConfig(url=config) if isinstance(config, str) else config
+        self.config = BrokerConfig(url=config) if isinstance(config, str) else config
         self.graph = validate_segment(graph, "graph name")
-        self.default_timeout = self.config.receive_timeout
+        self.default_timeout = self.config.receive_timeout_s
         self.client_id = self.config.client_id or f"agentmesh-{uuid.uuid4().hex[:16]}"
         self._queues: dict[str, asyncio.Queue[LinkMessage | TransportError]] = {}
         self._subscriptions: set[str] = set()
@@ -261,10 +145,10 @@ class MqttLink(Link):
         return "5" if self._protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1"
 
     def topic(self, channel: str) -> str:
-        return f"{self.config.topic_root}/{self.graph}/{validate_channel(channel)}/msg"
+        return f"{self.config.topic_prefix}/{self.graph}/{validate_channel(channel)}/msg"
 
     def _channel_of(self, topic: str) -> str | None:
-        head = f"{self.config.topic_root}/{self.graph}/"
+        head = f"{self.config.topic_prefix}/{self.graph}/"
         if topic.startswith(head) and topic.endswith("/msg") and len(topic) > len(head) + 4:
             return topic[len(head):-4]
         return None
@@ -274,7 +158,7 @@ class MqttLink(Link):
             raise TransportError("MqttLink cannot be opened twice; make a new one")
         self._connected, self._closed = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.connect_timeout
+        deadline = loop.time() + self.config.timeout_s
         attempt = 0
         while True:
             try:
@@ -290,7 +174,7 @@ class MqttLink(Link):
             if loop.time() + delay >= deadline:
                 self._closed.set()
                 raise TransportError(f"cannot reach MQTT broker {self.config.url} within "
-                                     f"{self.config.connect_timeout:.1f} s: {self._last_error}")
+                                     f"{self.config.timeout_s:.1f} s: {self._last_error}")
             await asyncio.sleep(delay)
         self._set_connection(conn)
         self._tasks = [asyncio.create_task(self._run(conn), name=f"mqtt-link-{self.client_id}"),
@@ -324,7 +208,7 @@ class MqttLink(Link):
         """Connect once (trying MQTT 5 then 3.1.1 when `protocol` is auto) and resubscribe."""
         loop = asyncio.get_running_loop()
         cfg = self.config
-        password = cfg.password()
+        password = cfg.password_value()
         tls = cfg.ssl_context()
         versions = [self._protocol] if self._protocol is not None else \
             [aiomqtt.ProtocolVersion.V5, aiomqtt.ProtocolVersion.V311]
@@ -340,7 +224,7 @@ class MqttLink(Link):
                 cfg.host, cfg.port, username=cfg.username, password=password, identifier=self.client_id,
                 protocol=version, clean_session=None if v5 else False,
                 clean_start=clean if v5 else paho_mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-                keepalive=cfg.keepalive, timeout=remaining, properties=props, tls_context=tls,
+                keepalive=cfg.keepalive_s, timeout=remaining, properties=props, tls_context=tls,
                 max_inflight_messages=cfg.max_inflight)
             client.pending_calls_threshold = 2 * cfg.max_inflight + 8  # our window bounds them already
             try:
@@ -392,7 +276,7 @@ class MqttLink(Link):
                 await asyncio.sleep(self._backoff(attempt))
                 attempt += 1
                 try:
-                    conn = await self._connect(clean=False, deadline=loop.time() + self.config.connect_timeout)
+                    conn = await self._connect(clean=False, deadline=loop.time() + self.config.timeout_s)
                     break
                 except Exception as exc:  # keep trying: waiters are bounded by their own timeouts
                     self._last_error = _describe(exc)
@@ -493,9 +377,9 @@ class MqttLink(Link):
                                  f"{self.config.max_message_bytes} (max_message_bytes)")
         head = encode_headers(headers)
         loop = asyncio.get_running_loop()
-        t = self.config.send_timeout if timeout is None else self._timeout(timeout)
+        t = self.config.timeout_s if timeout is None else self._timeout(timeout)
         deadline = loop.time() + t
-        frame = Framer(data, chunk_size=self.config.chunk_size, digest=await _sha256(data), headers=head)
+        frame = Framer(data, chunk_size=self.config.chunk_bytes, digest=await _sha256(data), headers=head)
         count = frame.count
         stats = self._state.channel(channel)
         pending = set(range(count))
@@ -679,14 +563,14 @@ class MqttLink(Link):
             f"{part.received}/{part.total} bytes) {why}"))
 
     async def _sweep(self) -> None:
-        """Fail messages whose chunks stopped coming for `reassembly_timeout` s."""
-        limit = self.config.reassembly_timeout
+        """Fail messages whose chunks stopped coming for `reassembly_timeout_s`."""
+        limit = self.config.reassembly_timeout_s
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
             now = loop.time()
             for msg_id in [k for k, p in self._partials.items() if now - p.last_progress > limit]:
-                self._fail(msg_id, f"failed: no new chunk for {limit:.1f} s (reassembly_timeout)")
+                self._fail(msg_id, f"failed: no new chunk for {limit:.1f} s (reassembly_timeout_s)")
 
 
 async def _sha256(data: memoryview) -> bytes:

@@ -53,7 +53,10 @@ def generate(
     model: Optional[str] = typer.Option(
         None, "--model", "-m",
         help="Receiver: built-in name, folder, .gguf or hub id. Default: the fuser's receiver, else smollm2-135m-instruct."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="A PEFT adapter folder merged into the receiver."),
     sharer: list[str] = typer.Option([], "--sharer", "-s", help="A sharer model (repeat for several)."),
+    sharer_adapter: list[str] = typer.Option(
+        [], "--sharer-adapter", help="A PEFT adapter folder per sharer, in --sharer order (repeat; '-' for none)."),
     fuser: list[str] = typer.Option([], "--fuser", "-f", help="A fuser folder or hf:// ref, one per sharer (repeat)."),
     mode: str = typer.Option("parallel", help="Multi-sharer fusion: parallel or sequential."),
     system: Optional[str] = typer.Option(None, help="A system message."),
@@ -74,7 +77,8 @@ def generate(
     try:
         if mode not in ("parallel", "sequential"):
             raise ConfigError(f"--mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
-        c2c = build_c2c_model(model, sharers=sharer, fusers=fuser, mode=mode, dtype=dtype)
+        receiver, sharers = with_adapters(model, adapter, sharer, sharer_adapter, dtype=dtype)
+        c2c = build_c2c_model(receiver, sharers=sharers, fusers=fuser, mode=mode, dtype=dtype)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         on_token = None
         if stream:
@@ -88,6 +92,23 @@ def generate(
     except AgentMeshError as e:
         fail(e)
     print() if stream else print(answer)
+
+
+def with_adapters(model: str | None, adapter: str | None, sharers: list[str], sharer_adapters: list[str], *,
+                  dtype: str) -> tuple[Any, list[Any]]:
+    """The receiver and sharers as references, or as loaded models where an adapter goes on top."""
+    from agentmesh.models import DEFAULT_MODEL, default_pool
+
+    if sharer_adapters and len(sharer_adapters) != len(sharers):
+        raise ConfigError(f"{len(sharer_adapters)} --sharer-adapter for {len(sharers)} --sharer; give one per sharer, "
+                          "'-' for a sharer without one")
+    pool = default_pool()
+    receiver: Any = model if adapter is None else pool.get(model or DEFAULT_MODEL, dtype=dtype, adapter=adapter)
+    loaded: list[Any] = list(sharers)
+    for i, a in enumerate(sharer_adapters):
+        if a != "-":
+            loaded[i] = pool.get(sharers[i], dtype=dtype, adapter=a)
+    return receiver, loaded
 
 
 def _mount() -> None:

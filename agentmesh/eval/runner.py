@@ -38,6 +38,9 @@ class EvalConfig(BaseModel):
 
     receiver: str = Field(default="smollm2-135m-instruct", description="model ref of the receiver")
     sharer: str | None = Field(default=None, description="model ref of the sharer")
+    receiver_adapter: str | None = Field(default=None, description="PEFT adapter folder merged into the receiver")
+    sharer_adapter: str | None = Field(default=None, description="PEFT adapter folder merged into the sharer "
+                                       "(a specialist fine-tune of a base model)")
     fuser: str | None = Field(default=None, description="fuser folder for c2c")
     methods: list[MethodName] = Field(default_factory=lambda: ["receiver"], min_length=1)
     dataset: DatasetConfig
@@ -108,8 +111,9 @@ def build_methods(config: EvalConfig, pool: Any = None) -> list[Method]:
         from agentmesh.models.pool import default_pool
 
         pool = default_pool()
-    receiver = pool.get(config.receiver, dtype=config.dtype, device=config.device)
-    sharer = pool.get(config.sharer, dtype=config.dtype, device=config.device) if config.sharer else None
+    receiver = pool.get(config.receiver, dtype=config.dtype, device=config.device, adapter=config.receiver_adapter)
+    sharer = pool.get(config.sharer, dtype=config.dtype, device=config.device,
+                      adapter=config.sharer_adapter) if config.sharer else None
     wire = getattr(torch, config.wire_dtype) if config.wire_dtype else None
     rgen = ModelGenerator(receiver)
     sgen = ModelGenerator(sharer) if sharer is not None else None
@@ -188,6 +192,7 @@ def evaluate(config: EvalConfig, *, pool: Any = None, progress: bool = True,
     results = run_methods(items, built, progress=progress)
     meta = {
         "receiver": config.receiver, "sharer": config.sharer, "fuser": config.fuser,
+        "receiver_adapter": config.receiver_adapter, "sharer_adapter": config.sharer_adapter,
         "methods": [m.name for m in built], "items": len(items),
         "dataset": config.dataset.model_dump(mode="json"), "max_new_tokens": config.max_new_tokens,
         "t2t_background_tokens": config.t2t_background_tokens, "device": config.device, "dtype": config.dtype,

@@ -111,6 +111,7 @@ class ModelDecl:
     ref: str
     dtype: str = "auto"
     device: str = "cpu"
+    adapter: str | None = None  # PEFT adapter folder on top of `ref`
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,11 @@ class ResolvedModel:
     dtype: str = "auto"
     device: str = "cpu"
     alias: str | None = None
+    adapter: str | None = None  # absolute path of a PEFT adapter folder
 
     def same_weights(self, other: ResolvedModel) -> bool:
-        # Device may differ (a cache can move between devices); ref and dtype may not.
-        return self.ref == other.ref and self.dtype == other.dtype
+        # Device may differ (a cache can move between devices); ref, adapter and dtype may not.
+        return self.ref == other.ref and self.adapter == other.adapter and self.dtype == other.dtype
 
 
 @dataclass(frozen=True)
@@ -211,10 +213,13 @@ class Graph:
                               "use mode='fuse' or mode='prefix'")
         return self._connect(sender, receiver, "cache", mode, None if fuser is None else str(fuser))
 
-    def model(self, alias: str, ref: str | Path, *, dtype: str = "auto", device: str = "cpu") -> str:
-        """Declare a model alias; returns the alias, to pass as `agent(..., model=...)`."""
+    def model(self, alias: str, ref: str | Path, *, dtype: str = "auto", device: str = "cpu",
+              adapter: str | Path | None = None) -> str:
+        """Declare a model alias (`adapter`: a PEFT adapter folder merged into `ref`); returns the
+        alias, to pass as `agent(..., model=...)`."""
         self._check_name(("models",), alias, self.models, "model alias")
-        self.models[alias] = ModelDecl(ref=str(ref), dtype=dtype, device=device)
+        self.models[alias] = ModelDecl(ref=str(ref), dtype=dtype, device=device,
+                                       adapter=None if adapter is None else str(adapter))
         return alias
 
     def fuser(self, alias: str, path: str | Path, *, receiver: str | None = None, sharer: str | None = None) -> str:
@@ -363,8 +368,9 @@ class Graph:
         written = a.model or DEFAULT_MODEL
         decl = self.models.get(written)
         if decl is not None:
+            adapter = None if decl.adapter is None else str(self.resolve_path(decl.adapter))
             return ResolvedModel(ref=self.resolve_model_ref(decl.ref), dtype=decl.dtype, device=decl.device,
-                                 alias=written)
+                                 alias=written, adapter=adapter)
         return ResolvedModel(ref=self.resolve_model_ref(written))
 
     def resolve_fuser_ref(self, path: str) -> str:
@@ -495,7 +501,8 @@ class Graph:
         """Build a graph from a checked spec; `base_dir` is where relative paths resolve (the YAML's folder)."""
         g = cls(spec.name, description=spec.description, base_dir=base_dir)
         g.source = source
-        g.models = {k: ModelDecl(ref=m.ref, dtype=m.dtype, device=m.device) for k, m in spec.models.items()}
+        g.models = {k: ModelDecl(ref=m.ref, dtype=m.dtype, device=m.device, adapter=m.adapter)
+                    for k, m in spec.models.items()}
         g.fusers = {k: FuserDecl(path=f.path, receiver=f.receiver, sharer=f.sharer) for k, f in spec.fusers.items()}
         g.hosts = {k: HostDecl(broker=h.broker, description=h.description) for k, h in spec.hosts.items()}
         g.broker = spec.broker

@@ -59,6 +59,8 @@ class ModelSpec(_Spec):
     """A model the agents can name by alias."""
 
     ref: str = Field(min_length=1, description="builtin name, local folder, .gguf file or hub id (org/name, hf://org/name)")
+    adapter: str | None = Field(default=None, min_length=1,
+                                description="PEFT adapter folder (e.g. LoRA) merged into the base model `ref`")
     dtype: Dtype = "auto"
     device: str = "cpu"
 

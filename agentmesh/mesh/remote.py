@@ -300,7 +300,7 @@ def remote_endpoints(plan: RunPlan, clients: Mapping[str, RemoteClient], *, host
                 raise ConfigError(f"no link to host {where!r}, where agent {name!r} runs")
             out[name] = RemoteEndpoint(name, where, client, prefix=a.prefix, wire_dtype=wire_dtype)
             continue
-        ep = LocalEndpoint(name, a.model_ref, pool=pool, dtype=a.dtype, device=a.device)
+        ep = LocalEndpoint(name, a.model_ref, pool=pool, dtype=a.dtype, device=a.device, adapter=a.adapter)
         feeds = {r for r, p in plan.agents.items() if p.prefix == name} | set(a.shares_with)
         out[name] = FeedingEndpoint(ep, remote) if feeds & remote else ep
     return out

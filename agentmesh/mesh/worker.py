@@ -160,8 +160,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         for name in self.agents:
             a = self.plan[name]
-            await loop.run_in_executor(self._executor, lambda a=a: self.pool.get(a.model_ref, dtype=a.dtype,
-                                                                                  device=a.device))
+            await loop.run_in_executor(self._executor, lambda a=a: self.pool.get(
+                a.model_ref, dtype=a.dtype, device=a.device, adapter=a.adapter))
 
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
         """Answer calls until `stop()`, cancellation or the link closing. `ready()` runs once the
@@ -249,7 +249,8 @@ class Worker:
         self._runs.move_to_end(run)
         if agent not in eps:
             a = self.plan[agent]
-            eps[agent] = LocalEndpoint(agent, a.model_ref, pool=self.pool, dtype=a.dtype, device=a.device)
+            eps[agent] = LocalEndpoint(agent, a.model_ref, pool=self.pool, dtype=a.dtype, device=a.device,
+                                       adapter=a.adapter)
         return eps[agent]
 
     async def _send(self, c: _Call, body: dict[str, Any], blobs: Mapping[str, bytes] | None = None) -> None:

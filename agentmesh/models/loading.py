@@ -197,17 +197,24 @@ def load_model(
     dtype: DTypeLike = "auto",
     device: str | torch.device = "cpu",
     verbose: bool = False,
+    adapter: str | Path | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode with gradients off.
 
     `ref` is a built-in name, a folder, a ``.gguf`` path or a hub id (see the module docstring).
-    `verbose` shows transformers' loading progress bars (hidden by default).
-    Raises `ModelLoadError` for missing files or failed loads, `ConfigError` for a bad dtype/device.
+    `adapter` is a PEFT adapter folder (e.g. LoRA) merged into this load's weights; the model is
+    then named ``"<base>+<adapter folder name>"``. `verbose` shows transformers' loading progress
+    bars (hidden by default). Raises `ModelLoadError` for missing files, failed loads or an
+    adapter made for another base model, `ConfigError` for a bad dtype/device.
     """
     torch_dtype = resolve_dtype(dtype, device)
     dev = resolve_device(device)
     _check_device_available(dev)
     mref = resolve_ref(ref)
+    if adapter is not None:
+        from agentmesh.models.adapters import check_adapter_folder
+
+        check_adapter_folder(adapter)  # before the (slow) base load
     with progress_bars(verbose):
         if mref.kind == "builtin":
             gguf = builtin_gguf_path(mref.name)
@@ -229,7 +236,13 @@ def load_model(
             loader = _load_gguf if inner.kind == "gguf" else _load_folder
             model, tokenizer = loader(inner.path, torch_dtype)
             source = mref.key
-    return finish_loaded(model, tokenizer, name=mref.name, source=source, device=dev)
+    name = mref.name
+    if adapter is not None:
+        from agentmesh.models.adapters import adapter_key, apply_adapter
+
+        model = apply_adapter(model, adapter, ModelSignature.from_config(model.config, mref.name))
+        name, source = f"{mref.name}+{Path(adapter_key(adapter)).name}", f"{source}+adapter:{adapter_key(adapter)}"
+    return finish_loaded(model, tokenizer, name=name, source=source, device=dev)
 
 
 def finish_loaded(model: Any, tokenizer: Any, *, name: str, source: str,

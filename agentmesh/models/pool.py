@@ -9,15 +9,16 @@ from typing import Callable
 import torch
 
 from agentmesh.errors import ConfigError
+from agentmesh.models.adapters import adapter_key
 from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.loading import DTypeLike, load_model, resolve_device, resolve_dtype, resolve_ref
 
-Loader = Callable[..., LoadedModel]  # loader(ref, *, dtype=..., device=...) -> LoadedModel
-_Key = tuple[str, torch.dtype, str]
+Loader = Callable[..., LoadedModel]  # loader(ref, *, dtype=..., device=...[, adapter=...]) -> LoadedModel
+_Key = tuple[str, str, torch.dtype, str]
 
 
 class ModelPool:
-    """Thread-safe cache of loaded models, keyed by (resolved reference, dtype, device).
+    """Thread-safe cache of loaded models, keyed by (resolved reference, adapter, dtype, device).
 
     Each key has its own lock, so two different models load concurrently while two requests for
     the same model wait for one load. A failed load is not remembered: the next `get` retries.
@@ -31,21 +32,23 @@ class ModelPool:
         self._key_locks: dict[_Key, threading.Lock] = {}
         self._named: dict[str, LoadedModel] = {}
 
-    def get(self, ref: str | Path, *, dtype: DTypeLike = "auto", device: str | torch.device = "cpu") -> LoadedModel:
-        """The model for `ref`, loading it on first use.
+    def get(self, ref: str | Path, *, dtype: DTypeLike = "auto", device: str | torch.device = "cpu",
+            adapter: str | Path | None = None) -> LoadedModel:
+        """The model for `ref` (with the PEFT `adapter` folder merged in, if given), loaded on first use.
 
         A name registered with `put` returns that model; asking it for another dtype or device
         than it has raises `ConfigError` (a registered model is never converted behind your back).
+        A registered name cannot take an adapter: register the adapted model under its own name.
         """
         torch_dtype = resolve_dtype(dtype, device)
         dev = resolve_device(device)
-        if isinstance(ref, str):
+        if isinstance(ref, str) and adapter is None:
             with self._lock:
                 named = self._named.get(ref)
             if named is not None:
                 self._check_named(ref, named, dtype, torch_dtype, dev)
                 return named
-        key: _Key = (resolve_ref(ref).key, torch_dtype, str(dev))
+        key: _Key = (resolve_ref(ref).key, adapter_key(adapter), torch_dtype, str(dev))
         with self._lock:
             if key in self._loaded:
                 return self._loaded[key]
@@ -54,7 +57,8 @@ class ModelPool:
             with self._lock:
                 if key in self._loaded:  # loaded by the thread we waited for
                     return self._loaded[key]
-            loaded = self._loader(ref, dtype=torch_dtype, device=dev)
+            extra = {} if adapter is None else {"adapter": adapter}
+            loaded = self._loader(ref, dtype=torch_dtype, device=dev, **extra)
             with self._lock:
                 self._loaded[key] = loaded
             return loaded
@@ -80,15 +84,19 @@ class ModelPool:
             self._named[name] = loaded
 
     def __contains__(self, ref: object) -> bool:
-        """Whether `ref` is registered by name or already loaded (with any dtype/device)."""
+        """Whether `ref` (without an adapter) is registered by name or already loaded."""
+        return self.has(ref)
+
+    def has(self, ref: object, adapter: str | Path | None = None) -> bool:
+        """Whether `ref` with `adapter` is registered by name or already loaded (any dtype/device)."""
         if not isinstance(ref, (str, Path)):
             return False
         with self._lock:
-            if isinstance(ref, str) and ref in self._named:
+            if isinstance(ref, str) and adapter is None and ref in self._named:
                 return True
-            loaded_keys = {k[0] for k in self._loaded}
+            loaded_keys = {k[:2] for k in self._loaded}
         try:
-            return resolve_ref(ref).key in loaded_keys
+            return (resolve_ref(ref).key, adapter_key(adapter)) in loaded_keys
         except Exception:  # an unresolvable ref is simply not in the pool
             return False
 

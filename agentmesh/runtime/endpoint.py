@@ -167,9 +167,11 @@ class LocalEndpoint:
 
     is_local = True
 
-    def __init__(self, agent: str, model_ref: str, *, pool: Any, dtype: str = "auto", device: str = "cpu"):
+    def __init__(self, agent: str, model_ref: str, *, pool: Any, dtype: str = "auto", device: str = "cpu",
+                 adapter: str | None = None):
         self.agent = agent
         self.model_ref = model_ref
+        self.adapter = adapter
         self.dtype = dtype
         self.device = device
         self.pool = pool
@@ -189,11 +191,13 @@ class LocalEndpoint:
     def _load(self, ctx: CallContext) -> Any:
         with self._load_lock:
             if self._lm is None:
-                if self.model_ref in self.pool:  # loaded already (or registered): nothing to time
-                    self._lm = self.pool.get(self.model_ref, dtype=self.dtype, device=self.device)
+                get = lambda: self.pool.get(self.model_ref, dtype=self.dtype, device=self.device,  # noqa: E731
+                                            adapter=self.adapter)
+                if self.pool.has(self.model_ref, self.adapter):  # loaded already (or registered): nothing to time
+                    self._lm = get()
                 else:
                     with ctx.trace.span(self.agent, "load") as sp:
-                        self._lm = self.pool.get(self.model_ref, dtype=self.dtype, device=self.device)
+                        self._lm = get()
                         sp.detail = str(getattr(self._lm, "name", self.model_ref))
         return self._lm
 

@@ -42,6 +42,7 @@ class AgentPlan:
     shares_with: tuple[str, ...] = ()
     has_prompt: bool = False    # the agent declares its own prompt template
     host: str | None = None
+    adapter: str | None = None  # PEFT adapter folder merged into the model
 
     @property
     def reader_only(self) -> bool:
@@ -95,6 +96,6 @@ def build_plan(graph: Any, *, validate: bool = True) -> RunPlan:
             text_inputs=tuple(a.name for a in graph.text_inputs_of(name)),
             prefix=None if prefix is None else prefix.name, fuse=fuse, fusion=agent.fusion, decode=decode,
             read=any(e.is_prefix for e in out_edges), shares_with=tuple(e.receiver for e in out_edges if e.is_fuse),
-            has_prompt=agent.prompt is not None, host=agent.host)
+            has_prompt=agent.prompt is not None, host=agent.host, adapter=model.adapter)
     edges = tuple(EdgeInfo(sender=e.sender, receiver=e.receiver, type=e.type, mode=e.mode) for e in graph.edges)
     return RunPlan(graph=graph.name, agents=agents, outputs=outputs, edges=edges)

@@ -58,7 +58,7 @@ class _Reading:
 
 def make_endpoints(plan: RunPlan, pool: Any) -> dict[str, Endpoint]:
     """One `LocalEndpoint` per agent (models come from `pool`, so a shared model loads once)."""
-    return {n: LocalEndpoint(n, a.model_ref, pool=pool, dtype=a.dtype, device=a.device)
+    return {n: LocalEndpoint(n, a.model_ref, pool=pool, dtype=a.dtype, device=a.device, adapter=a.adapter)
             for n, a in plan.agents.items()}
 
 

@@ -1,7 +1,8 @@
-"""`agentmesh train RECIPE.yaml`: train a fuser from a recipe (mounted by the main CLI).
+"""`agentmesh train RECIPE.yaml`: train a fuser, or a LoRA adapter, from a recipe (mounted by the main CLI).
 
 The Typer app has no sub-commands: its callback is the command, so `add_typer(app, name="train")`
-gives `agentmesh train RECIPE.yaml [--steps N] [--out DIR] [--no-resume]`.
+gives `agentmesh train RECIPE.yaml [--steps N] [--out DIR] [--no-resume]`. The recipe's `kind`
+picks what is trained: `fuser` (the default) or `finetune` (a LoRA adapter on a base model).
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from typing import Optional
 
 import typer
 
-from agentmesh.errors import AgentMeshError
+from agentmesh.errors import AgentMeshError, ConfigError
 
-app = typer.Typer(help="Train a fuser (only the projectors learn) from a recipe YAML.", add_completion=False)
+app = typer.Typer(help="Train a fuser (only the projectors learn) or, with kind: finetune, a LoRA adapter, "
+                       "from a recipe YAML.", add_completion=False)
 
 
 @app.callback(invoke_without_command=True, context_settings={"allow_interspersed_args": True})
@@ -25,16 +27,26 @@ def train_command(
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                           help="CPU threads for torch (1 is fastest on a busy machine)"),
 ) -> None:
-    """Train a fuser; writes OUT/fuser (the fuser), checkpoints, history.json and loss_curve.png."""
+    """Train a fuser (writes OUT/fuser) or an adapter (kind: finetune, writes OUT/adapter), with
+    checkpoints, history.json and loss_curve.png."""
     try:
         import torch
 
         from agentmesh.c2c.train import TrainRecipe, train
+        from agentmesh.yaml_file import read_yaml
 
         if threads is not None:
             torch.set_num_threads(threads)
 
-        loaded = TrainRecipe.from_yaml(recipe)
+        raw = read_yaml(recipe, "recipe file")
+        kind = raw.pop("kind", "fuser") if isinstance(raw, dict) else "fuser"
+        if kind == "finetune":
+            _finetune(raw, str(recipe), steps=steps, out=out, resume=resume, progress=progress)
+            return
+        if kind != "fuser":
+            raise ConfigError(f"{recipe}: kind {kind!r} is unknown; expected 'fuser' (train a fuser) or 'finetune' "
+                              "(train a LoRA adapter)")
+        loaded = TrainRecipe.parse(raw, source=str(recipe)) if isinstance(raw, dict) else TrainRecipe.from_yaml(recipe)
         changes = {k: v for k, v in (("steps", steps), ("output", out)) if v is not None}
         if steps is not None:
             changes["epochs"] = None
@@ -49,6 +61,21 @@ def train_command(
     train_loss = f"{result.final_train_loss:.4f}" if result.final_train_loss is not None else "n/a"
     typer.echo(f"trained {result.steps}/{result.total_steps} steps: train loss {train_loss}{evals}")
     typer.echo(f"fuser: {result.fuser_dir}  (plot: {result.output_dir / 'loss_curve.png'})")
+
+
+def _finetune(raw: dict, source: str, *, steps: int | None, out: Path | None, resume: bool, progress: bool) -> None:
+    from agentmesh.c2c.train.finetune import FinetuneRecipe, finetune
+
+    changes = {k: v for k, v in (("steps", steps), ("output", out)) if v is not None}
+    if steps is not None:
+        changes["epochs"] = None
+    result = finetune(FinetuneRecipe.parse({**raw, "kind": "finetune", **changes}, source=source),
+                      progress=progress, resume=resume)
+    evals = f", held-out loss {result.eval_losses[0][1]:.4f} -> {result.eval_losses[-1][1]:.4f}" \
+        if len(result.eval_losses) > 1 else ""
+    loss = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+    typer.echo(f"trained {result.steps}/{result.total_steps} steps: train loss {loss}{evals}")
+    typer.echo(f"adapter: {result.adapter_dir}  (plot: {result.output_dir / 'loss_curve.png'})")
 
 
 if __name__ == "__main__":  # python -m agentmesh.c2c.train.cli RECIPE.yaml

@@ -1,0 +1,304 @@
+"""`kind: finetune` recipes: train a LoRA adapter on a base model, e.g. a specialist sharer.
+
+The base model stays frozen; only the LoRA matrices learn, from the model's own next-token loss on
+the final assistant turn of each chat (labels -100 on the prompt). Targets are module names or a
+preset: ``attention`` (q/k/v/o projections), ``mlp`` (gate/up/down projections: an adapter whose
+knowledge sits in the MLPs only) or ``all`` (both). Same data formats, schedule (linear warm-up
+then decay), resumable safetensors + JSON checkpoints and held-out loss as fuser training. The
+result, ``OUT/adapter``, is a peft adapter folder plus ``agentmesh_adapter.json`` (the base model's
+signature and the run's provenance), loadable with ``load_model(base, adapter=OUT/adapter)`` or
+``models: {name: {ref: BASE, adapter: OUT/adapter}}`` in a graph.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import orjson
+import torch
+import yaml
+from pydantic import Field, ValidationError, model_validator
+from torch import nn
+
+from agentmesh.c2c.train.data import IGNORE_INDEX, Example, data_fingerprint, load_rows, micro_batch, tokenize_rows
+from agentmesh.c2c.train.loop import lr_factor, plot_loss_curve
+from agentmesh.c2c.train.recipe import _RESUME_FREE_KEYS, DataRecipe, _Strict
+from agentmesh.c2c.train.state import CHECKPOINT_DIR, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from agentmesh.errors import ConfigError
+from agentmesh.models.adapters import AGENTMESH_ADAPTER
+from agentmesh.models.builtin import DEFAULT_MODEL
+
+ADAPTER_DIR = "adapter"
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+TARGET_PRESETS["all"] = TARGET_PRESETS["attention"] + TARGET_PRESETS["mlp"]
+
+
+class LoraRecipe(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: Literal["attention", "mlp", "all"] | list[str] = "attention"
+
+    def target_modules(self) -> list[str]:
+        return list(TARGET_PRESETS[self.targets]) if isinstance(self.targets, str) else list(self.targets)
+
+
+class FinetuneRecipe(_Strict):
+    """Everything a `kind: finetune` run needs."""
+
+    kind: Literal["finetune"] = "finetune"
+    model: str = DEFAULT_MODEL
+    lora: LoraRecipe = Field(default_factory=LoraRecipe)
+    data: DataRecipe
+    steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0.0)
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    eval_every: int = Field(0, ge=0)    # optimizer steps; 0: only before and after training
+    save_every: int = Field(50, ge=0)   # optimizer steps; 0: only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    output: Path = Path("runs/adapter")
+
+    @model_validator(mode="after")
+    def _length(self) -> "FinetuneRecipe":
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        return self
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any], *, source: str = "recipe") -> "FinetuneRecipe":
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            value = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+            raise ConfigError(f"{source}: {where}: {err['msg']}{value}") from None
+
+    def resume_key(self) -> str:
+        data = self.model_dump(mode="json", exclude=set(_RESUME_FREE_KEYS))
+        return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+    def total_steps(self, num_rows: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        per_epoch = math.ceil(num_rows / self.batch_size)
+        return max(1, math.ceil((self.epochs or 1.0) * per_epoch / self.grad_accum))
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    output_dir: Path
+    adapter_dir: Path | None    # None when the run stopped early (`stop_at`)
+    steps: int
+    total_steps: int
+    losses: list[float]
+    eval_losses: list[tuple[int, float]]
+
+
+def _trainable(model: nn.Module) -> nn.ParameterDict:
+    """The adapter's parameters as one module (shared, not copied), for checkpoints and the optimizer."""
+    return nn.ParameterDict({n.replace(".", "__"): p for n, p in model.named_parameters() if p.requires_grad})
+
+
+def _wrap(lm: Any, lora: LoraRecipe) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, m in lm.model.named_modules() if isinstance(m, nn.Linear)}
+    targets = lora.target_modules()
+    missing = sorted(set(targets) - names)
+    if missing:
+        raise ConfigError(f"lora.targets {missing} are not linear modules of {lm.name!r}; "
+                          f"its linear modules are {', '.join(sorted(names))}")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers property
+        return get_peft_model(lm.model, config)
+
+
+def _batch(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+answer ids (B, L), their mask, and labels on the answer tokens only."""
+    width = max(len(e.prompt_ids) + len(e.answer_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mask = torch.zeros_like(ids)
+    for b, e in enumerate(examples):
+        p, a = len(e.prompt_ids), len(e.answer_ids)
+        ids[b, :p + a] = torch.tensor([*e.prompt_ids, *e.answer_ids])
+        labels[b, p:p + a] = torch.tensor(e.answer_ids)
+        mask[b, :p + a] = 1
+    return ids, mask, labels
+
+
+def _loss_sum(model: nn.Module, examples: Sequence[Example], pad_id: int, device: Any) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the answer tokens, and their count."""
+    ids, mask, labels = (t.to(device) for t in _batch(examples, pad_id))
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]  # (B, L-1, V)
+    target = labels[:, 1:]
+    ce = nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="sum")
+    return ce, int((target != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def _held_out(model: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, device: Any) -> float:
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        ce, k = _loss_sum(model, examples[i:i + batch_size], pad_id, device)
+        total, n = total + float(ce), n + k
+    model.train(was)
+    return total / max(n, 1)
+
+
+def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: Any = None, progress: bool = True,
+             resume: bool = True, stop_at: int | None = None) -> FinetuneResult:
+    """Train a LoRA adapter for `recipe`; write checkpoints, OUT/adapter and a loss plot.
+
+    `pool` supplies the base model by name (tests register tiny ones); the run loads its own copy
+    otherwise. With `resume`, the newest checkpoint in the output folder is continued; `stop_at`
+    ends the run after that many optimizer steps with a checkpoint.
+    """
+    from tqdm.auto import tqdm
+
+    from agentmesh.models.loading import load_model
+
+    if not isinstance(recipe, FinetuneRecipe):
+        recipe = FinetuneRecipe.parse(recipe)
+    out = Path(recipe.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    # A private copy: LoRA layers are inserted into the model's modules.
+    if pool is not None and recipe.model in pool:
+        base = pool.get(recipe.model)
+        lm = dataclasses.replace(base, model=copy.deepcopy(base.model))
+    else:
+        lm = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
+    train_rows, eval_rows = load_rows(recipe.data, seed=recipe.seed)
+    what = recipe.data.describe()
+    tok = dict(sharer_context=False, max_length=recipe.data.max_length)
+    train_ex, skipped = tokenize_rows(train_rows, lm, lm, what=what, **tok)
+    eval_ex, _ = tokenize_rows(eval_rows, lm, lm, what=f"{what} (held out)", **tok)
+    if not train_ex:
+        raise ConfigError(f"data {what}: all {len(train_rows)} training rows are longer than "
+                          f"data.max_length={recipe.data.max_length} tokens")
+    fingerprint = data_fingerprint([e.row for e in train_ex])
+    steps = recipe.total_steps(len(train_ex))
+    warmup = math.ceil(recipe.warmup_ratio * steps)
+    pad_id = int(lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0)
+
+    torch.manual_seed(recipe.seed)
+    model = _wrap(lm, recipe.lora)
+    model.train()
+    params = _trainable(model)
+    opt = torch.optim.AdamW(params.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
+    state = TrainState()
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, fuser=params, opt=opt, sched=sched, recipe=recipe,  # type: ignore[arg-type]
+                                data_sha256=fingerprint)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+    def evaluate() -> None:
+        if eval_ex and not any(s == state.step for s, _ in state.eval_losses):
+            state.eval_losses.append([state.step, _held_out(model, eval_ex, recipe.batch_size, pad_id, lm.device)])
+
+    def checkpoint() -> None:
+        save_checkpoint(out, fuser=params, opt=opt, sched=sched, state=state, recipe=recipe,  # type: ignore[arg-type]
+                        data_sha256=fingerprint, keep=recipe.keep_checkpoints)
+
+    end = steps if stop_at is None else min(steps, stop_at)
+    orders: dict[int, list[int]] = {}
+    if state.step == 0:
+        evaluate()
+    bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="finetune adapter", unit="step",
+               dynamic_ncols=True)
+    try:
+        while state.step < end:
+            started = time.perf_counter()
+            first = state.step * recipe.grad_accum
+            micro = [[train_ex[i] for i in micro_batch(len(train_ex), recipe.batch_size, recipe.seed, first + j, orders)]
+                     for j in range(recipe.grad_accum)]
+            n_labels = sum(len(e.answer_ids) for m in micro for e in m)
+            loss_sum = 0.0
+            for m in micro:
+                ce, _ = _loss_sum(model, m, pad_id, lm.device)
+                (ce / n_labels).backward()  # token-weighted over the whole step
+                loss_sum += float(ce.detach())
+            if recipe.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(list(params.parameters()), recipe.grad_clip)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state.step += 1
+            state.losses.append(loss_sum / n_labels)
+            state.lrs.append(lr)
+            state.tokens += sum(len(e.prompt_ids) + len(e.answer_ids) for m in micro for e in m)
+            state.seconds += time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.losses[-1]:.3f}", lr=f"{lr:.2e}")
+            if recipe.eval_every and state.step % recipe.eval_every == 0:
+                evaluate()
+            if recipe.save_every and state.step % recipe.save_every == 0 and state.step < end:
+                checkpoint()
+    finally:
+        bar.close()
+    done = state.step >= steps
+    if done:
+        evaluate()
+    checkpoint()
+    (out / "history.json").write_text(json.dumps(state.__dict__), encoding="utf-8")
+    plot_loss_curve(state, out / "loss_curve.png", title=f"LoRA adapter on {lm.name}")
+    adapter_dir = None
+    if done:
+        provenance = {
+            "trained_by": "agentmesh train (kind: finetune)", "recipe": recipe.model_dump(mode="json"),
+            "data": what, "data_sha256": fingerprint, "train_rows": len(train_ex), "eval_rows": len(eval_ex),
+            "skipped_rows": skipped, "steps": state.step, "final_train_loss": state.losses[-1] if state.losses else None,
+            "eval_losses": state.eval_losses, "train_seconds": round(state.seconds, 2), "tokens": state.tokens,
+            "base_source": lm.source, "trainable_parameters": sum(p.numel() for p in params.parameters()),
+        }
+        adapter_dir = _save_adapter(model, lm, out / ADAPTER_DIR, recipe, provenance)
+    return FinetuneResult(out, adapter_dir, state.step, steps, list(state.losses),
+                          [(int(s), float(v)) for s, v in state.eval_losses])
+
+
+def _save_adapter(model: Any, lm: Any, folder: Path, recipe: FinetuneRecipe, provenance: dict[str, Any]) -> Path:
+    """Write the peft adapter and its agentmesh metadata to a temporary folder, then swap it in."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    meta = {"format": "agentmesh-adapter", "format_version": 1,
+            "base": {"ref": recipe.model, "signature": lm.signature.to_dict()},
+            "lora": {**recipe.lora.model_dump(mode="json"), "target_modules": recipe.lora.target_modules()},
+            "provenance": provenance}
+    (tmp / AGENTMESH_ADAPTER).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+__all__ = ["ADAPTER_DIR", "FinetuneRecipe", "FinetuneResult", "LoraRecipe", "TARGET_PRESETS", "finetune"]

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import struct
 import zlib
+from pathlib import Path
 
 import orjson
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load as st_load
 
 from agentmesh.cache.codec import (
@@ -38,7 +40,7 @@ def split(payload: bytes) -> tuple[tuple, dict, bytes]:
     fields = PREFIX.unpack_from(payload, 0)
     header_len = fields[3]
     header = orjson.loads(payload[PREFIX.size:PREFIX.size + header_len])
-    return fields, header, payload[PREFIX.size + header_len:]
+    return fields, header, bytes(payload[PREFIX.size + header_len:])
 
 
 def rebuild(fields: tuple, header: dict, body: bytes) -> bytes:
@@ -88,9 +90,20 @@ def test_source_dtype_is_the_default_decode_dtype_and_widening_is_exact():
 
 def test_cache_without_metadata_or_signature_round_trips():
     kv = make_cache(meta=False).replace(signature=None)
-    out = decode_cache(encode_cache(kv, dtype="fp32"), expected=SIG)  # shapes still checked
+    out = decode_cache(encode_cache(kv, dtype="fp32"))
     assert_same(kv, out)
     assert out.signature is None and out.token_ids is None
+
+
+def test_payload_without_signature_is_rejected_when_a_model_is_expected():
+    anonymous = encode_cache(make_cache().replace(signature=None), dtype="bf16")
+    with pytest.raises(CodecError, match="carries no model signature; expected one from 'tiny-a'"):
+        decode_cache(anonymous, expected=SIG)
+    # a forger who nulls the signature of a real payload gets the same answer
+    fields, header, body = split(encode_cache(make_cache(), dtype="bf16"))
+    header["signature"] = None
+    with pytest.raises(CodecError, match="carries no model signature"):
+        decode_cache(rebuild(fields, header, body), expected=SIG)
 
 
 def test_bf16_wire_from_fp32_source_is_a_plain_cast():
@@ -208,7 +221,7 @@ def test_fp8_error_is_within_its_relative_bound(axis):
 def test_corrupted_body_byte_fails_the_checksum():
     payload = bytearray(encode_cache(make_cache(), dtype="fp32"))
     payload[-100] ^= 0x01
-    with pytest.raises(CodecError, match="CRC-32"):
+    with pytest.raises(CodecError, match="xxh3 checksum of its body does not match"):
         decode_cache(bytes(payload))
 
 
@@ -294,7 +307,7 @@ def test_safetensors_entries_must_tile_the_body_exactly():
     raw = orjson.dumps(table)
     raw += b" " * (-len(raw) % 8)
     forged = struct.pack("<Q", len(raw)) + raw + body[8 + n:]
-    header["body_crc32"], header["body_bytes"] = zlib.crc32(forged), len(forged)
+    header["body_xxh3"], header["body_bytes"] = xxhash.xxh3_64_hexdigest(forged), len(forged)
     assert a != b
     with pytest.raises(CodecError, match="overlap or leave a gap"):
         decode_cache(rebuild(fields, header, forged))
@@ -305,9 +318,8 @@ def test_payload_from_another_model_is_rejected():
     with pytest.raises(CodecError, match="made by model 'tiny-a'.*expected 'tiny-b'"):
         decode_cache(payload, expected=OTHER)
     narrow = ModelSignature(**{**SIG.to_dict(), "num_kv_heads": 4})
-    anonymous = encode_cache(make_cache().replace(signature=None), dtype="bf16")
     with pytest.raises(CodecError, match="layer 0 has 2 heads of dim 8"):
-        decode_cache(anonymous, expected=narrow)
+        decode_cache(payload, expected=narrow)
     shallow = ModelSignature(**{**SIG.to_dict(), "num_layers": 2})
     with pytest.raises(CodecError, match="layer 2 has"):
         decode_cache(payload, expected=shallow)
@@ -343,3 +355,103 @@ def test_bad_encode_arguments_are_codec_errors():
         encode_cache(kv, dtype="int8", int8_scale="per_token")  # type: ignore[arg-type]
     with pytest.raises(CodecError, match="decode dtype 'int4'"):
         decode_cache(encode_cache(kv), dtype="int4")
+
+
+# ---- format versions, zero-copy decode, argument types, decoded size --------------------------
+def _fixture_cache() -> KVCache:
+    """The cache in tests/data/kvcache_v2_fp32.bin, written by the format version 2 encoder."""
+    shape, n = (1, 2, 3, 8), 48
+    keys = [torch.arange(n, dtype=torch.float32).reshape(shape) / 8 + lid for lid in range(2)]
+    values = [-torch.arange(n, dtype=torch.float32).reshape(shape) / 4 - lid for lid in range(2)]
+    return KVCache(keys=keys, values=values, signature=SIG, token_ids=torch.tensor([[5, 6, 7]]),
+                   positions=torch.tensor([[0, 1, 2]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                   layer_ids=(1, 3))
+
+
+def test_version_2_payloads_with_crc32_stay_readable():
+    old = (Path(__file__).parent / "data" / "kvcache_v2_fp32.bin").read_bytes()
+    assert PREFIX.unpack_from(old, 0)[1] == 2 and "body_crc32" in split(old)[1]
+    assert_same(decode_cache(old, expected=SIG), _fixture_cache())
+    corrupted = bytearray(old)
+    corrupted[-1] ^= 0x01
+    with pytest.raises(CodecError, match="CRC-32 of its body does not match"):
+        decode_cache(corrupted)
+    # each version carries its own checksum, and only that one
+    fields, header, body = split(encode_cache(make_cache()))
+    header["body_crc32"] = zlib.crc32(body)
+    with pytest.raises(CodecError, match="version 3 must carry body_xxh3 and not body_crc32"):
+        decode_cache(rebuild(fields, header, body))
+
+
+def _inside(t: torch.Tensor, buf: bytearray | memoryview) -> bool:
+    start = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+    return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= start + len(buf)
+
+
+def test_decode_views_a_writable_payload_and_copies_immutable_bytes():
+    kv = make_cache(torch.bfloat16)
+    payload = encode_cache(kv, dtype="bf16")
+    assert isinstance(payload, bytearray)
+    out = decode_cache(payload, expected=SIG)
+    assert_same(kv, out)
+    for t in (*out.keys, *out.values, out.token_ids, out.positions, out.attention_mask):
+        assert _inside(t, payload)
+    # a payload inside a larger receive buffer (an envelope), even at an odd offset
+    for pad in (8, 3):
+        envelope = bytearray(pad) + payload + bytearray(5)
+        inner = memoryview(envelope)[pad:pad + len(payload)]
+        out = decode_cache(inner, expected=SIG)
+        assert_same(kv, out)
+        assert _inside(out.keys[0], envelope) == (pad % 2 == 0)
+    frozen = decode_cache(bytes(payload), expected=SIG)
+    assert_same(kv, frozen)
+    assert not _inside(frozen.keys[0], payload)
+    # a conversion to another dtype owns its result
+    widened = decode_cache(payload, dtype=torch.float32)
+    assert not _inside(widened.keys[0], payload)
+
+
+def test_non_bytes_arguments_raise_codec_errors():
+    payload = encode_cache(make_cache())
+    for bad in ("a string", 123, None, [1, 2, 3], make_cache()):
+        with pytest.raises(CodecError, match="needs the payload as bytes"):
+            decode_cache(bad)  # type: ignore[arg-type]
+        with pytest.raises(CodecError, match="needs the payload as bytes"):
+            read_header(bad)  # type: ignore[arg-type]
+    with pytest.raises(CodecError, match="encode_cache needs a KVCache, got bytearray"):
+        encode_cache(payload)  # type: ignore[arg-type]
+    with pytest.raises(CodecError, match="expected must be a ModelSignature, got str"):
+        decode_cache(payload, expected="tiny-a")  # type: ignore[arg-type]
+    for limit in ("1000", 0, 1.5):
+        with pytest.raises(CodecError, match="max_bytes must be a positive int"):
+            decode_cache(payload, max_bytes=limit)  # type: ignore[arg-type]
+
+
+def test_decoded_size_is_bounded_before_anything_is_allocated():
+    kv = make_cache(torch.float32, tokens=64, meta=False)
+    payload = encode_cache(kv, dtype="int8")  # decodes to about 4x its size
+    with pytest.raises(CodecError, match=rf"decodes to {kv.nbytes} bytes of float32, over the limit"):
+        decode_cache(payload, max_bytes=len(payload) + 1)
+    assert decode_cache(payload, max_bytes=kv.nbytes + 1).nbytes == kv.nbytes
+    # a header claiming a wider source dtype makes the decode wider still, and is held to the limit
+    fields, header, body = split(payload)
+    header["source_dtype"] = "float64"
+    with pytest.raises(CodecError, match=rf"decodes to {2 * kv.nbytes} bytes of float64"):
+        decode_cache(rebuild(fields, header, body), max_bytes=kv.nbytes + 1)
+
+
+def test_header_claiming_a_wider_wire_dtype_than_the_body_holds_is_rejected():
+    payload = encode_cache(make_cache(meta=False), dtype="bf16")
+    fields, header, body = split(payload)
+    # a consistent forgery: the header and the safetensors table both claim fp32 for bf16 bytes
+    (n,) = struct.unpack_from("<Q", body, 0)
+    table = orjson.loads(body[8:8 + n])
+    for info in table.values():
+        info["dtype"] = "F32"
+    raw = orjson.dumps(table)
+    raw += b" " * (-len(raw) % 8)
+    forged = struct.pack("<Q", len(raw)) + raw + body[8 + n:]
+    header["wire_dtype"] = "fp32"
+    header["body_xxh3"], header["body_bytes"] = xxhash.xxh3_64_hexdigest(forged), len(forged)
+    with pytest.raises(CodecError, match=r"tensor 'k\.\d' has data offsets \[\d+, \d+\]; expected \d+ bytes"):
+        decode_cache(rebuild(fields, header, forged))

@@ -113,7 +113,7 @@ def with_adapters(model: str | None, adapter: str | None, sharers: list[str], sh
 
 def _mount() -> None:
     """Attach the sub-command groups; each lives next to the code it drives."""
-    from agentmesh.bench import app as bench_app
+    from agentmesh.bench.cli import app as bench_app
     from agentmesh.c2c.fuser_cli import app as fuser_app
     from agentmesh.c2c.train.cli import app as train_app
     from agentmesh.eval.cli import app as eval_app

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from agentmesh.benchmarks import BENCHMARKS, make_config, module
-from agentmesh.benchmarks.common import BenchResult, Target, interleave, write_json
+from agentmesh.bench import BENCHMARKS, make_config, module
+from agentmesh.bench.common import BenchResult, Target, interleave, write_json
 from agentmesh.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(120)
@@ -157,25 +155,29 @@ def test_configs_quick_overrides_and_errors() -> None:
     assert math.isnan(float("nan")) and not Target("x", float("nan"), ">=", 1.0).met
 
 
-def test_script_and_cli_write_the_same_json(tmp_path: Path) -> None:
-    from agentmesh.bench import app
+def test_quick_runs_never_replace_the_published_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentmesh.bench.cli import app
 
-    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
     args = ["--threads", "1", "--set", "repeats=1", "--set", "tiny_repeats=1"]
-    done = subprocess.run([sys.executable, str(root / "bench" / "scheduler.py"), "--json", str(tmp_path / "s.json"),
-                           *args], capture_output=True, text=True, cwd=root, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "Scheduler overhead per agent" in done.stdout
-    r = CliRunner().invoke(app, ["scheduler", "--json", str(tmp_path / "c.json"), *args])
+    published = tmp_path / "bench" / "results" / "scheduler.json"
+    published.parent.mkdir(parents=True)
+    published.write_text('{"published": true}')
+    r = CliRunner().invoke(app, ["scheduler", "--quick", *args])
     assert r.exit_code == 0, r.output
-    a, b = (json.loads((tmp_path / f).read_text()) for f in ("s.json", "c.json"))
-    assert a["columns"] == b["columns"] and a["config"] == b["config"] and len(a["rows"]) == len(b["rows"])
+    assert "Scheduler overhead per agent" in r.output
+    quick = json.loads((tmp_path / "bench" / "results" / "quick" / "scheduler.json").read_text())
+    assert quick["config"]["quick"] is True
+    assert json.loads(published.read_text()) == {"published": True}
+    r = CliRunner().invoke(app, ["scheduler", "--json", str(tmp_path / "full.json"), *args])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "full.json").read_text())["config"]["quick"] is False
     bad = CliRunner().invoke(app, ["codec", "--set", "tokens=many"])
     assert bad.exit_code == 2 and "tokens" in bad.output
 
 
 def test_report_renders_every_result_with_targets_and_command(tiny_tokenizer: Any, tmp_path: Path) -> None:
-    from agentmesh.bench import app
+    from agentmesh.bench.cli import app
 
     mod = module("codec")
     result = mod.run(mod.Config(tokens=8, num_layers=2, repeats=1, wires=("bf16", "int8")), tokenizer=tiny_tokenizer)
@@ -186,6 +188,6 @@ def test_report_renders_every_result_with_targets_and_command(tiny_tokenizer: An
     assert r.exit_code == 0, r.output
     text = out.read_text()
     assert result.title in text and "Machine: 2-core CPU, no GPU" in text
-    assert "`python bench/codec.py`" in text and "| bfloat16 | bf16 |" in text
+    assert "`agentmesh bench codec`" in text and "| bfloat16 | bf16 |" in text
     target = result.targets[0]
     assert f"| codec | {target.name} |" in text and ("| yes |" if target.met else "| no |") in text

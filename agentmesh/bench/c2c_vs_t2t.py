@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from agentmesh.benchmarks.common import (
+from agentmesh.bench.common import (
     BenchResult, Runs, Target, bench_models, interleave, median, pct, sync, timed)
 from agentmesh.errors import ConfigError
 

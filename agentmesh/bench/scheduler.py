@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from agentmesh.benchmarks.common import BenchResult, Target, median
+from agentmesh.bench.common import BenchResult, Target, median
 
 NAME = "scheduler"
 TARGET_MS = 2.0

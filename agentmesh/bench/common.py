@@ -23,6 +23,8 @@ import torch
 from agentmesh.errors import ConfigError
 
 RESULTS_DIR = Path("bench") / "results"
+# Quick runs land beside the published figures, in a folder git ignores.
+QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
 # Where the shipped fuser of the embedded model lives (the first that exists is timed).
 TRAINED_FUSERS = (Path("fusers") / "smollm2_context", Path("runs") / "smollm2_context" / "fuser")
 
@@ -203,9 +205,14 @@ def print_result(result: BenchResult, console: Any = None) -> None:
         console.print(f"[dim]- {note}[/]")
 
 
+def default_json_path(name: str, *, quick: bool = False) -> Path:
+    """`bench/results/NAME.json` for a full run, `bench/results/quick/NAME.json` for a quick one."""
+    return (QUICK_RESULTS_DIR if quick else RESULTS_DIR) / f"{name.replace('-', '_')}.json"
+
+
 def write_json(result: BenchResult, path: str | Path | None) -> Path:
-    """Write the result as JSON (default `bench/results/NAME.json`); returns the path."""
-    out = Path(path) if path is not None else RESULTS_DIR / f"{result.name}.json"
+    """Write the result as JSON (default `default_json_path`); returns the path."""
+    out = Path(path) if path is not None else default_json_path(result.name, quick=bool(result.config.get("quick")))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n")
     return out

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from agentmesh.benchmarks.common import (
+from agentmesh.bench.common import (
     BenchResult, Target, bench_models, interleave, median, sync)
 
 NAME = "fusion_overhead"

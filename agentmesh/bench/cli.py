@@ -1,8 +1,7 @@
-"""`agentmesh bench NAME [--quick]`: the benchmarks of `bench/`, from the command line.
+"""`agentmesh bench NAME [--quick]`: every benchmark of `agentmesh.bench`, from the command line.
 
-`app` is a typer sub-app (one command per benchmark, plus `all`), mounted by the main CLI with
-`app.add_typer(bench.app, name="bench")`. Both this and `python bench/NAME.py` call
-`agentmesh.benchmarks.run_named`, so they measure exactly the same thing.
+`app` is a typer sub-app (one command per benchmark, plus `all` and `report`), mounted by the
+main CLI as `agentmesh bench`.
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from typing import Callable, Optional
 
 import typer
 
-from agentmesh.benchmarks import BENCHMARKS, DESCRIPTIONS
+from agentmesh.bench import BENCHMARKS, DESCRIPTIONS
 from agentmesh.errors import AgentMeshError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -26,13 +25,13 @@ def _fail(error: AgentMeshError) -> None:
 def _command(name: str) -> Callable[..., None]:
     def command(
         quick: bool = typer.Option(False, "--quick", help="The small configuration (under two minutes)."),
-        json_path: Optional[Path] = typer.Option(None, "--json", help=f"JSON output (default bench/results/{name}.json)."),
+        json_path: Optional[Path] = typer.Option(None, "--json", help=f"JSON output (default bench/results/{name}.json; bench/results/quick/ with --quick)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (model benchmarks only)."),
         threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                               help="torch threads (default 1; 2 on a dedicated 2-core machine)."),
         overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config field."),
     ) -> None:
-        from agentmesh.benchmarks import run_named
+        from agentmesh.bench import run_named
 
         try:
             run_named(name, quick=quick, json_path=json_path, device=device, threads=threads, overrides=overrides)
@@ -52,12 +51,12 @@ for _name in BENCHMARKS:
 @app.command("all")
 def run_all(
     quick: bool = typer.Option(False, "--quick", help="The small configuration of each benchmark."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the JSON files (default bench/results)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the JSON files (default bench/results; bench/results/quick with --quick)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                           help="torch threads (default 1; 2 on a dedicated 2-core machine)."),
 ) -> None:
     """Run every benchmark, one after another."""
-    from agentmesh.benchmarks import run_named
+    from agentmesh.bench import run_named
 
     try:
         for name in BENCHMARKS:
@@ -74,6 +73,6 @@ def report(
     machine: Optional[str] = typer.Option(None, "--machine", help='Machine label, e.g. "2-core CPU, no GPU".'),
 ) -> None:
     """Write the results table (figures, targets, machine, commands) from the JSON files."""
-    from agentmesh.benchmarks.report import write
+    from agentmesh.bench.report import write
 
     typer.echo(f"wrote {write(out, results, machine_label=machine)}")

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agentmesh.benchmarks import BENCHMARKS
-from agentmesh.benchmarks.common import RESULTS_DIR, fmt
+from agentmesh.bench import BENCHMARKS
+from agentmesh.bench.common import RESULTS_DIR, fmt
 
 # Per benchmark: which columns of its main table go into the summary (all rows are kept).
 _COLUMNS: dict[str, list[str]] = {
@@ -32,7 +32,7 @@ def _table(columns: list[str], rows: list[dict[str, Any]]) -> list[str]:
 def _command(data: dict[str, Any]) -> str:
     cfg = data.get("config", {})
     threads = data.get("machine", {}).get("torch_threads")
-    parts = [f"python bench/{data['benchmark']}.py"]
+    parts = [f"agentmesh bench {data['benchmark']}"]
     if cfg.get("quick"):
         parts.append("--quick")
     if data["benchmark"] in ("c2c_vs_t2t", "fusion_overhead", "batching") and threads and threads != 1:

@@ -1,8 +1,10 @@
-"""Benchmarks: one module per benchmark, shared by `bench/NAME.py` and `agentmesh bench NAME`.
+"""Benchmarks, run as `agentmesh bench NAME` (`agentmesh.bench.cli`); their figures and write-ups
+live in the repository's `bench/` folder (`bench/results/NAME.json`, `bench/RESULTS.md`).
 
 Each module has `NAME`, a frozen `Config` dataclass (defaults = the full run, `Config.quick()`
 = a run under two minutes on two CPU cores) and `run(cfg, ...) -> BenchResult`. `run_named`
-is what both entry points call: it builds the config, runs, prints the table and writes JSON.
+builds the config, runs, prints the table and writes JSON. Quick runs write to
+`bench/results/quick/` (not tracked), so they never replace the published full-run figures.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def module(name: str) -> Any:
     key = name.replace("-", "_")
     if key not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
-    return importlib.import_module(f"agentmesh.benchmarks.{key}")
+    return importlib.import_module(f"agentmesh.bench.{key}")
 
 
 def make_config(name: str, *, quick: bool = False, device: str | None = None,
@@ -83,7 +85,7 @@ def _coerce(hint: Any, raw: str, key: str) -> Any:
 def run_named(name: str, *, quick: bool = False, json_path: str | Path | None = None, device: str | None = None,
               threads: int | None = None, overrides: Sequence[str] = (), console: Any = None) -> Any:
     """Run benchmark `name`, print its tables and write its JSON; returns the `BenchResult`."""
-    from agentmesh.benchmarks.common import print_result, set_threads, write_json
+    from agentmesh.bench.common import default_json_path, print_result, set_threads, write_json
 
     cfg = make_config(name, quick=quick, device=device, overrides=overrides)
     # One thread unless told otherwise: on a shared machine a second intra-op thread waits for a busy
@@ -92,33 +94,9 @@ def run_named(name: str, *, quick: bool = False, json_path: str | Path | None = 
     result = module(name).run(cfg)
     result.config["quick"] = quick
     print_result(result, console)
-    path = write_json(result, json_path)
+    path = write_json(result, json_path if json_path is not None else default_json_path(name, quick=quick))
     if console is not None:
         console.print(f"[dim]wrote {path}[/]")
     else:
         print(f"wrote {path}")
     return result
-
-
-def script_main(name: str, argv: Sequence[str] | None = None) -> int:
-    """`python bench/NAME.py [--quick] [--json PATH] [--device D] [--threads N] [--set K=V ...]`."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog=f"bench/{name}.py", description=DESCRIPTIONS[name])
-    parser.add_argument("--quick", action="store_true", help="the small configuration (under two minutes)")
-    parser.add_argument("--json", dest="json_path", default=None,
-                        help=f"where to write the JSON (default bench/results/{name}.json)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (model benchmarks only)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help=f"torch threads (default {DEFAULT_THREADS}; 2 on a dedicated 2-core machine)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        run_named(name, quick=args.quick, json_path=args.json_path, device=args.device, threads=args.threads,
-                  overrides=args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from agentmesh.benchmarks.common import BenchResult, Target, bench_models, interleave, median
+from agentmesh.bench.common import BenchResult, Target, bench_models, interleave, median
 
 NAME = "batching"
 TARGET_RATIO = 3.0
@@ -37,7 +37,7 @@ class Config:
 
 def prompts(lm: Any, n: int, seed: int = 0) -> list[list[int]]:
     """Receiver prompts (chat ids) of `n` context-task questions."""
-    from agentmesh.benchmarks.c2c_vs_t2t import load_items
+    from agentmesh.bench.c2c_vs_t2t import load_items
     from agentmesh.eval.prompts import receiver_messages
 
     return [lm.chat_ids(receiver_messages(item)) for item in load_items(n, seed)]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from agentmesh.benchmarks.common import BenchResult, Target, median
+from agentmesh.bench.common import BenchResult, Target, median
 
 NAME = "mqtt"
 TARGET_MBPS = 100.0
@@ -118,7 +118,7 @@ async def _run(cfg: Config, url: str, payload: bytes, kv: Any,
 
 
 def run(cfg: Config = Config(), **_: Any) -> BenchResult:
-    from agentmesh.benchmarks.codec import Config as CodecConfig, make_cache
+    from agentmesh.bench.codec import Config as CodecConfig, make_cache
     from agentmesh.cache.codec import encode_cache
     from agentmesh.transport.broker import LocalBroker
 

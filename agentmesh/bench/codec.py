@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from agentmesh.benchmarks.common import BenchResult, Target, interleave, median
+from agentmesh.bench.common import BenchResult, Target, interleave, median
 
 NAME = "codec"
 TARGET_GBPS = 2.0

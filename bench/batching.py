@@ -1,7 +1,0 @@
-"""Benchmark: batching. See agentmesh/benchmarks/batching.py."""
-import sys
-
-from agentmesh.benchmarks import script_main
-
-if __name__ == "__main__":
-    sys.exit(script_main("batching"))

@@ -69,7 +69,7 @@ class ResponseFusion:
             if self._runs[i] is None:
                 self._runs[i] = RunningCache.start(lm, None, ids.shape[0], capture)
             run = self._runs[i]
-            run.step(lm, ids, smask)
+            run.read(lm, ids, smask)
             layers = sorted(capture.keys)
             cache = KVCache(keys=tuple(capture.keys[j][:, :, -k:] for j in layers),
                             values=tuple(capture.values[j][:, :, -k:] for j in layers),

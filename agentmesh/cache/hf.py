@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from agentmesh.cache.kv import KVCache, ModelSignature
 from agentmesh.errors import CacheError
@@ -78,7 +79,13 @@ def to_hf(kv: KVCache, config: Any, rewrite: Rewrite | None = None) -> DynamicCa
                          f"{len(cache.layers)} layers in order")
     total = kv.attention_mask.shape[1] if kv.attention_mask is not None else kv.seq_len
     for layer, k, v in zip(cache.layers, kv.keys, kv.values):
-        layer.update(k, v)
+        if type(layer) is DynamicLayer:
+            # `update` on an empty layer concatenates onto an empty tensor: a copy of the whole
+            # cache before the first token; handing the tensors over shares them instead.
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+        else:
+            layer.update(k, v)
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length = total
     return cache

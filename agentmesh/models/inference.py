@@ -133,18 +133,28 @@ class RunningCache:
 
     def step(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Read `input_ids` (B, k) with their `mask`; return the last position's logits (B, V)."""
+        # Only the last position's logits are ever needed.
+        return self._forward(lm, input_ids, mask, head=True).logits[:, -1].float()
+
+    def read(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Read `input_ids` (B, k) with their `mask` into the cache: the base model only, no LM head."""
+        self._forward(lm, input_ids, mask, head=False)
+
+    def _forward(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor, *, head: bool) -> Any:
         start = self.mask.sum(-1, keepdim=True)
         positions = (start + mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count on from the past
         if self.hook is not None:
             self.hook.read(input_ids, mask, positions)
         self.mask = torch.cat([self.mask, mask], dim=1)
-        out, self.hf = forward_with_cache(
-            lm.model, self.hf, input_ids=input_ids.to(lm.device), attention_mask=self.mask.to(lm.device),
-            position_ids=positions.to(lm.device),
-            logits_to_keep=1)  # only the last position's logits are ever needed
+        inputs = dict(input_ids=input_ids.to(lm.device), attention_mask=self.mask.to(lm.device),
+                      position_ids=positions.to(lm.device))
+        if head:
+            out, self.hf = forward_with_cache(lm.model, self.hf, **inputs, logits_to_keep=1)
+        else:
+            out, self.hf = forward_with_cache(lm.model.get_decoder(), self.hf, **inputs)
         self.token_ids = torch.cat([self.token_ids, input_ids.cpu()], dim=1)
         self.positions = torch.cat([self.positions, positions.cpu()], dim=1)
-        return out.logits[:, -1].float()
+        return out
 
     def cache(self, lm: Any) -> KVCache:
         return from_hf(self.hf, signature=lm.signature, token_ids=self.token_ids,
@@ -164,7 +174,7 @@ def prefill(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
         return past
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
     run = RunningCache.start(lm, past, input_ids.shape[0], hook)
-    run.step(lm, input_ids, mask)
+    run.read(lm, input_ids, mask)
     return run.cache(lm)
 
 

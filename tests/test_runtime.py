@@ -43,6 +43,10 @@ class _Wrapped(nn.Module):
     def generation_config(self) -> Any:
         return self.inner.generation_config
 
+    def get_decoder(self) -> "_Wrapped":
+        """The base model, wrapped alike: readings (prefill) run it without the LM head."""
+        return _Wrapped(self.inner.get_decoder(), delay=self.delay, fail=self.fail)
+
     def forward(self, **kwargs: Any) -> Any:
         if self.fail is not None:
             raise RuntimeError(self.fail)

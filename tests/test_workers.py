@@ -60,6 +60,10 @@ class _Slow(nn.Module):
     def generation_config(self) -> Any:
         return self.inner.generation_config
 
+    def get_decoder(self) -> "_Slow":
+        """The base model, slowed alike: readings (prefill) run it without the LM head."""
+        return _Slow(self.inner.get_decoder(), self.delay)
+
     def forward(self, **kwargs: Any) -> Any:
         time.sleep(self.delay)
         return self.inner(**kwargs)

@@ -84,6 +84,15 @@ def pool(tiny: LoadedModel, tiny_model_factory: Any) -> ModelPool:
     return p
 
 
+KEY_ENV = "AGENTMESH_TEST_MESH_KEY"
+
+
+@pytest.fixture(autouse=True)
+def mesh_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key every graph of this module names (`auth: {key_env: ...}`), as each host would export it."""
+    monkeypatch.setenv(KEY_ENV, "k3y-for-the-tests-" + "7" * 32)
+
+
 @pytest.fixture(scope="module")
 def broker() -> Any:
     try:
@@ -108,6 +117,7 @@ def edge_cloud(mode: str, url: str, *, doc_model: str = "tiny", timeout_s: float
     else:
         g.cache("doc", "ask", mode="prefix")
     g.set_broker(url, timeout_s=timeout_s)
+    g.set_auth(key_env=KEY_ENV)
     return g
 
 
@@ -192,6 +202,7 @@ def test_fuse_and_prefix_edges_across_hosts_match_one_process(pool: ModelPool, t
     g.cache("helper", "n", mode="fuse", fuser=fdir)
     g.cache("helper2", "m", mode="fuse", fuser=fdir)
     g.set_broker("mqtt://127.0.0.1:1", timeout_s=10)
+    g.set_auth(key_env=KEY_ENV)
     local = run_graph(g, QUESTION, pool=pool)
     assert local.ok, local.error
 
@@ -342,6 +353,10 @@ def test_worker_cli_errors_are_one_line_and_exit_2(monkeypatch: pytest.MonkeyPat
     except TransportError as exc:
         pytest.skip(str(exc))
     yaml = str(ROOT / "graphs" / "edge_cloud.yaml")
+    monkeypatch.delenv("AGENTMESH_KEY", raising=False)
+    keyless = CliRunner().invoke(app, ["worker", yaml, "--host", "cloud", "--broker", "mqtt://127.0.0.1:1"])
+    assert keyless.exit_code == 2 and "auth.key_env: environment variable AGENTMESH_KEY is not set" in keyless.stderr
+    monkeypatch.setenv("AGENTMESH_KEY", "0123456789abcdef0123456789abcdef")
     with LocalBroker(username="cloud", password="correct-horse") as secured:
         monkeypatch.setenv("AGENTMESH_TEST_WORKER_PW", "wrong")
         out = CliRunner().invoke(app, ["worker", yaml, "--host", "cloud", "--broker", secured.url,
@@ -374,6 +389,7 @@ models:
   m: {{ref: ./model}}
 hosts: {{edge: {{}}, cloud: {{}}}}
 broker: {{url: mqtt://127.0.0.1:1, timeout_s: 20}}
+auth: {{key_env: {KEY_ENV}}}
 agents:
   doc: {{model: m, host: cloud, role: You keep the handbook., context: {json.dumps(DOCUMENT)}}}
   ask: {{model: m, host: edge, max_new_tokens: 8}}

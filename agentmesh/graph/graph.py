@@ -14,10 +14,10 @@ them on demand. Everything the scheduler needs to plan a run is answered here: `
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import networkx as nx
 from pydantic import ValidationError
@@ -25,12 +25,13 @@ from pydantic import ValidationError
 from agentmesh.errors import ConfigError, GraphError
 from agentmesh.graph import template
 from agentmesh.graph.source import KeyPath, SourceMap, choices_hint, graph_error
-from agentmesh.graph.spec import DEFAULT_MODEL, IDENT_HINT, IDENT_RE, AgentSpec, GraphSpec
+from agentmesh.graph.spec import DEFAULT_MODEL, IDENT_HINT, IDENT_RE, AgentSpec, AuthSpec, GraphSpec
 from agentmesh.transport.config import BrokerConfig, TLSConfig
 
 if TYPE_CHECKING:
     from agentmesh.graph.validate import FuserInfo
 
+S = TypeVar("S")
 EdgeType = Literal["text", "cache"]
 CacheMode = Literal["fuse", "prefix"]
 FusionMode = Literal["parallel", "sequential"]
@@ -125,6 +126,7 @@ class FuserDecl:
 class HostDecl:
     broker: str | None = None  # mqtt:// url; None = the graph's broker
     description: str | None = None
+    callers: tuple[str, ...] | None = None  # hosts its worker serves; None = those its agents share an edge with
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,7 @@ class Graph:
         self.fusers: dict[str, FuserDecl] = {}
         self.hosts: dict[str, HostDecl] = {}
         self.broker: BrokerConfig | None = None
+        self.auth: AuthSpec | None = None
         self.inputs: dict[str, str] = {}
         self.outputs: list[str] | None = None
         # Set when the graph came from a file, so that errors can name file and line.
@@ -228,22 +231,36 @@ class Graph:
         self.fusers[alias] = FuserDecl(path=str(path), receiver=receiver, sharer=sharer)
         return alias
 
-    def host(self, name: str, *, broker: str | None = None, description: str | None = None) -> str:
+    def host(self, name: str, *, broker: str | None = None, description: str | None = None,
+             callers: Sequence[str] | None = None) -> str:
         """Declare a host (a machine a worker runs on); returns its name, to pass as `agent(..., host=...)`."""
         self._check_name(("hosts",), name, self.hosts, "host name")
-        self.hosts[name] = HostDecl(broker=broker, description=description)
+        self.hosts[name] = HostDecl(broker=broker, description=description,
+                                    callers=None if callers is None else tuple(callers))
         return name
 
     def set_broker(self, url: str, *, username: str | None = None, password_env: str | None = None,
                    tls: bool | TLSConfig | None = None, **options: Any) -> BrokerConfig:
         """Set the MQTT broker (options: any `BrokerConfig` field, e.g. topic_prefix, timeout_s, chunk_bytes)."""
+        self.broker = self._section("broker", lambda: BrokerConfig(
+            url=url, username=username, password_env=password_env, tls=tls, **options))
+        return self.broker
+
+    def set_auth(self, *, key_env: str | None = None, key_file: str | Path | None = None,
+                 window_s: float = 60.0) -> AuthSpec:
+        """Name where the key authenticating messages between hosts is (one of key_env, key_file)."""
+        self.auth = self._section("auth", lambda: AuthSpec(
+            key_env=key_env, key_file=None if key_file is None else str(key_file), window_s=window_s))
+        return self.auth
+
+    def _section(self, key: str, build: Callable[[], S]) -> S:
+        """A settings model built in Python, its validation error said as a YAML file's would be."""
         try:
-            self.broker = BrokerConfig(url=url, username=username, password_env=password_env, tls=tls, **options)
+            return build()
         except ValidationError as e:
             first = e.errors()[0]
-            raise self._error(("broker", *first.get("loc", ())), str(first.get("msg", "invalid")),
+            raise self._error((key, *first.get("loc", ())), str(first.get("msg", "invalid")),
                               (first.get("ctx") or {}).get("agentmesh_hint")) from None
-        return self.broker
 
     def input(self, name: str, default: str = "") -> str:
         """Declare a named input with its default text; prompts refer to it as `{name}`."""
@@ -491,6 +508,7 @@ class Graph:
             "fusion": {n: a.fusion for n, a in self.agents.items() if a.fusion != "parallel"},
             "hosts": {k: vars(v).copy() for k, v in self.hosts.items()},
             "broker": None if self.broker is None else self.broker.model_dump(mode="json", exclude_defaults=True),
+            "auth": None if self.auth is None else self.auth.model_dump(exclude_defaults=True),
             "inputs": dict(self.inputs),
             "outputs": None if self.outputs is None else list(self.outputs),
         }
@@ -504,7 +522,9 @@ class Graph:
         g.models = {k: ModelDecl(ref=m.ref, dtype=m.dtype, device=m.device, adapter=m.adapter)
                     for k, m in spec.models.items()}
         g.fusers = {k: FuserDecl(path=f.path, receiver=f.receiver, sharer=f.sharer) for k, f in spec.fusers.items()}
-        g.hosts = {k: HostDecl(broker=h.broker, description=h.description) for k, h in spec.hosts.items()}
+        g.hosts = {k: HostDecl(broker=h.broker, description=h.description,
+                               callers=None if h.callers is None else tuple(h.callers)) for k, h in spec.hosts.items()}
+        g.auth = spec.auth
         g.broker = spec.broker
         for name, a in spec.agents.items():
             fields = a.model_dump()

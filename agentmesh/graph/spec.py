@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from agentmesh.errors import schema_error as custom_error
-from agentmesh.transport.config import BrokerConfig, check_broker_url
+from agentmesh.transport.config import ENV_NAME_RE, BrokerConfig, check_broker_url
 
 # Must equal agentmesh.models.builtin.DEFAULT_MODEL; repeated here so that reading a pipeline file
 # never imports torch/transformers.
@@ -39,7 +39,6 @@ SPEC_VERSION = 1
 IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 IDENT_RE = re.compile(IDENT_PATTERN)
 IDENT_HINT = "names start with a letter or _, then letters, digits, _ or -"
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEVICE_RE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 
 Name = Annotated[str, StringConstraints(pattern=IDENT_PATTERN)]
@@ -146,6 +145,9 @@ class HostSpec(_Spec):
 
     broker: str | None = Field(default=None, description="mqtt:// url for this host; default: the top-level broker")
     description: str | None = None
+    callers: list[Name] | None = Field(default=None, description="hosts whose runs this host's worker serves "
+                                       "(`client`: a caller without --host); default: the hosts its agents "
+                                       "share an edge with")
 
     @model_validator(mode="before")
     @classmethod
@@ -156,6 +158,40 @@ class HostSpec(_Spec):
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         return None if v is None else check_broker_url(v)
+
+
+class AuthSpec(_Spec):
+    """Where the key that authenticates messages between hosts is: an environment variable or a
+    file (never the key itself). Every host of the pipeline needs the same key."""
+
+    key_env: str | None = Field(default=None, description="environment variable holding the key")
+    key_file: str | None = Field(default=None, description="file holding the key (mode 600), relative to this file")
+    key: str | None = Field(default=None, exclude=True, description="rejected: use key_env or key_file")
+    window_s: float = Field(default=60.0, gt=0, le=3600, description="how old (or early) a message may be, "
+                            "seconds; clocks of the hosts must agree within it")
+
+    @field_validator("key")
+    @classmethod
+    def _no_key(cls, v: str | None) -> None:
+        if v is not None:
+            raise custom_error("a key must not be written in a pipeline file",
+                               "put it in a file (chmod 600) named by key_file:, or in an environment variable "
+                               "named by key_env:")
+        return None
+
+    @field_validator("key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not ENV_NAME_RE.match(v):
+            raise custom_error(f"{v!r} is not an environment variable name",
+                               "name the variable that holds the key, e.g. AGENTMESH_KEY")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AuthSpec:
+        if (self.key_env is None) == (self.key_file is None):
+            raise custom_error("auth needs exactly one of key_env and key_file")
+        return self
 
 
 class GraphSpec(_Spec):
@@ -171,6 +207,7 @@ class GraphSpec(_Spec):
     fusion: dict[Name, FusionMode] = Field(default_factory=dict, description="multi-sharer fusion mode per receiver")
     hosts: dict[Name, HostSpec] = Field(default_factory=dict)
     broker: BrokerConfig | None = None
+    auth: AuthSpec | None = None
     inputs: dict[Name, str] = Field(default_factory=dict, description="input name -> default text")
     outputs: list[Name] | None = Field(default=None, description="agents whose outputs a run returns; default the sinks")
 

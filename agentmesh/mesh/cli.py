@@ -17,6 +17,9 @@ from typing import Annotated, NoReturn, Optional
 import typer
 
 from agentmesh.errors import AgentMeshError, ConfigError
+from agentmesh.transport.config import BrokerConfig
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 WIRE_DTYPES = ("fp32", "bf16", "fp16", "int8", "fp8")
 
@@ -43,10 +46,14 @@ def worker_command(
     wire_dtype: Annotated[Optional[str], typer.Option("--wire-dtype", help="Encoding of the caches this worker "
                                                       "sends: fp32, bf16, fp16, int8 or fp8 (default: the "
                                                       "cache's own dtype, lossless).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Serve without a key (the file has no auth:): "
+                                           "anyone on the broker could drive this worker. Loopback "
+                                           "development only.")] = False,
 ) -> None:
     """Serve the agents FILE places on HOST: answer runs started on any host (`agentmesh run FILE
     --broker ...`) until Ctrl-C or SIGTERM."""
     from agentmesh.graph import Graph
+    from agentmesh.mesh.auth import make_guard
     from agentmesh.mesh.settings import broker_config
     from agentmesh.mesh.worker import Worker, served_agents
     from agentmesh.transport.mqtt import MqttLink
@@ -57,8 +64,11 @@ def worker_command(
         graph = Graph.from_yaml(file)
         served_agents(graph, host)
         config = broker_config(graph, url=broker, host=host, username=username, password_env=password_env)
+        guard = make_guard(graph, host, insecure=insecure)
     except AgentMeshError as e:
         _fail(e)
+    if not guard.secure:
+        warn_insecure(config)
     logging.basicConfig(level=logging.WARNING, format="worker: %(message)s", stream=sys.stderr)
 
     async def main() -> None:
@@ -70,7 +80,8 @@ def worker_command(
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
                 pass
         async with MqttLink(config, graph=graph.name) as link:
-            worker = Worker(graph, host, link, wire_dtype=wire_dtype, on_served=lambda call: _say(call.line()))
+            worker = Worker(graph, host, link, wire_dtype=wire_dtype, on_served=lambda call: _say(call.line()),
+                            key=guard.key, insecure=insecure)
             await worker.preload()
             models = ", ".join(f"{n} ({graph.model_of(n).alias or graph.model_of(n).ref})" for n in worker.agents)
             serving = asyncio.create_task(worker.serve(ready=lambda: _say(
@@ -91,6 +102,13 @@ def worker_command(
         _fail(e)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def warn_insecure(config: BrokerConfig) -> None:
+    """One line on stderr: without a key, nothing stops another client of the broker."""
+    where = "" if config.host in LOOPBACK else f" on {config.host}, which is not this machine"
+    typer.echo(f"warning: --insecure: messages are not authenticated; any client of the broker{where} can "
+               "drive this pipeline's workers", err=True)
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,

@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 from agentmesh.errors import TransportError
 from agentmesh.graph import Graph
+from agentmesh.mesh.auth import Guard, Rejected
 from agentmesh.mesh.envelope import Envelope, inbox_channel, pack, raise_remote, reply_channel, unpack
 from agentmesh.mesh.settings import graph_digest
 from agentmesh.runtime.endpoint import CallContext
@@ -57,18 +58,19 @@ class CallReply:
 class RemoteClient:
     """The caller's side of one link for one run: sends calls to workers, routes their replies."""
 
-    def __init__(self, link: Link, graph: Graph, *, run_id: str | None = None, caller: str | None = None,
+    def __init__(self, link: Link, graph: Graph, guard: Guard, *, run_id: str | None = None,
                  timeout: float = 60.0, call_timeout: float = DEFAULT_CALL_TIMEOUT, url: str | None = None):
         self.link = link
         self.graph_name = graph.name
         self.digest = graph_digest(graph)
+        self.guard = guard
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        self.caller = caller or "client"
+        self.caller = guard.identity
         self.timeout = float(timeout)
         self.call_timeout = float(call_timeout)
         self.url = url or getattr(getattr(link, "config", None), "url", None) or type(link).__name__
         self._pumps: dict[str, asyncio.Task[None]] = {}
-        self._waiting: dict[str, asyncio.Queue[Envelope]] = {}
+        self._waiting: dict[str, tuple[str, asyncio.Queue[Envelope]]] = {}  # call -> (its host, its replies)
         self._lock: asyncio.Lock | None = None
         self._hosts: set[str] = set()
         self._closing = False
@@ -103,19 +105,27 @@ class RemoteClient:
                 await asyncio.sleep(0.05)
                 continue
             try:
-                env = unpack(msg.payload)
+                env = unpack(msg.payload, guard=self.guard, channel=channel)
+            except Rejected:
+                continue  # counted in guard.dropped
             except TransportError as e:
                 log.warning("dropping a reply on %s: %s", channel, e.message)
                 continue
-            queue = self._waiting.get(env.get("call"))  # type: ignore[arg-type]
-            if queue is not None:
-                queue.put_nowait(env)
+            waiting = self._waiting.get(env.get("call"))  # type: ignore[arg-type]
+            if waiting is None:
+                continue
+            host, queue = waiting
+            if env.sender != host:
+                self.guard.refuse("unauthorised", f"{env.sender!r} answered a call to host {host!r}")
+                continue
+            queue.put_nowait(env)
 
     async def send_control(self, host: str, body: Mapping[str, Any], blobs: Mapping[str, bytes] | None = None,
                            *, timeout: float | None = None) -> int:
         """Send a message that expects no reply (a sharer's cache, a cancel, a release); returns its size."""
-        payload = pack(body, blobs)
-        await self.link.send(inbox_channel(host), payload, timeout=timeout or self.timeout)
+        inbox = inbox_channel(host)
+        payload = pack(body, blobs, guard=self.guard, channel=inbox)
+        await self.link.send(inbox, payload, timeout=timeout or self.timeout)
         return len(payload)
 
     async def call(self, host: str, agent: str, op: str, body: Mapping[str, Any], ctx: CallContext, *,
@@ -130,7 +140,7 @@ class RemoteClient:
         reply = reply_channel(self.run_id, agent, to or self.caller)
         what = f"agent {agent!r} on host {host!r}"
         queue: asyncio.Queue[Envelope] = asyncio.Queue()
-        self._waiting[call] = queue
+        self._waiting[call] = (host, queue)
         self._hosts.add(host)
         deadline = loop.time() + self.call_timeout
         started = ctx.trace.now()
@@ -140,7 +150,7 @@ class RemoteClient:
                 await self._ensure_pump(reply)
                 size = await self.send_control(host, {
                     "op": op, "call": call, "run": self.run_id, "agent": agent, "reply": reply,
-                    "caller": self.caller, "graph": self.digest, "heartbeat_s": self.heartbeat_s,
+                    "graph": self.digest, "heartbeat_s": self.heartbeat_s,
                     "deadline_s": self.call_timeout, **body}, blobs)
             except TransportError as e:
                 cancel_remote = False

@@ -11,8 +11,9 @@ Channels (over any `Link`; with `MqttLink` a channel `c` is the topic `{topic_ro
 
 Every message is an envelope: a small JSON body plus named binary blobs (encoded caches)
 
-    magic b"AMRP" | version u16 | reserved u16 | JSON length u32 | blob count u32   (little-endian)
-    JSON body (with "blobs": [[name, size], ...]) | blob bytes, in that order
+    magic b"AMRP" | version u16 | flags u16 | JSON length u32 | blob count u32   (little-endian)
+    JSON body (with "blobs": [[name, size], ...], "auth": {from, nonce, ts}) | blob bytes, in order
+    | HMAC-SHA256 seal (32 bytes, when flags has SEALED; see `agentmesh.mesh.auth`)
 
 Caches inside are `encode_cache` payloads, checked by `decode_cache`; nothing is ever unpickled.
 Envelopes come from the network: `unpack` checks sizes and shapes before trusting anything.
@@ -28,13 +29,15 @@ import orjson
 
 from agentmesh import errors
 from agentmesh.errors import AgentMeshError, RunError, TransportError
+from agentmesh.mesh.auth import MAC_BYTES, Guard
 from agentmesh.runtime.endpoint import RunCancelled
 from agentmesh.transport.link import edge_channel, validate_segment
 
 MAGIC = b"AMRP"
-VERSION = 1
+VERSION = 2
+SEALED = 1  # prefix flag: a MAC_BYTES seal follows the blobs
 PREFIX = struct.Struct("<4sHHII")
-MAX_JSON_BYTES = 64 << 20   # prompts and documents travel in the JSON body
+MAX_JSON_BYTES = 16 << 20   # prompts and conversations travel in the JSON body
 MAX_BLOBS = 16
 _BLOB_NAME = re.compile(r"^[a-z_]{1,32}$")
 
@@ -49,13 +52,16 @@ class Envelope:
     body: dict[str, Any]
     blobs: dict[str, memoryview] = field(default_factory=dict)
     size: int = 0  # bytes of the packed message
+    sender: str | None = None  # who sealed it (checked when the receiver holds the key)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.body.get(key, default)
 
 
-def pack(body: Mapping[str, Any], blobs: Mapping[str, bytes | bytearray | memoryview] | None = None) -> bytes:
-    """One message: `body` (JSON-serializable) and `blobs` (name -> bytes)."""
+def pack(body: Mapping[str, Any], blobs: Mapping[str, bytes | bytearray | memoryview] | None = None, *,
+         guard: Guard | None = None, channel: str = "") -> bytes:
+    """One message: `body` (JSON-serializable) and `blobs` (name -> bytes), stamped with the
+    sender and sealed for `channel` by `guard` (when it holds a key)."""
     blobs = dict(blobs or {})
     if len(blobs) > MAX_BLOBS:
         raise TransportError(f"a message may carry at most {MAX_BLOBS} blobs, not {len(blobs)}")
@@ -64,25 +70,40 @@ def pack(body: Mapping[str, Any], blobs: Mapping[str, bytes | bytearray | memory
             raise TransportError(f"blob name {name!r} must be 1-32 lowercase letters or underscores")
     head = dict(body)
     head["blobs"] = [[name, len(memoryview(b).cast("B"))] for name, b in blobs.items()]
+    if guard is not None:
+        head["auth"] = guard.stamp()
     raw = orjson.dumps(head)
     if len(raw) > MAX_JSON_BYTES:
         raise TransportError(f"message body is {len(raw)} bytes of JSON; the limit is {MAX_JSON_BYTES}")
-    return b"".join([PREFIX.pack(MAGIC, VERSION, 0, len(raw), len(blobs)), raw,
-                     *(memoryview(b).cast("B") for b in blobs.values())])
+    sealed = guard is not None and guard.secure
+    parts: list[bytes | memoryview] = [PREFIX.pack(MAGIC, VERSION, SEALED if sealed else 0, len(raw), len(blobs)),
+                                       raw, *(memoryview(b).cast("B") for b in blobs.values())]
+    if sealed:
+        assert guard is not None
+        parts.append(guard.mac(channel, parts))
+    return b"".join(parts)
 
 
-def unpack(data: bytes | bytearray | memoryview) -> Envelope:
-    """The envelope in `data`, or `TransportError` when anything about it is off."""
+def unpack(data: bytes | bytearray | memoryview, *, guard: Guard | None = None, channel: str = "") -> Envelope:
+    """The envelope in `data` as it arrived on `channel`, or `TransportError` when anything about
+    it is off (`Rejected` when `guard` refuses it: its seal is checked before anything is parsed)."""
     mv = memoryview(data).cast("B")
     if len(mv) < PREFIX.size:
         raise TransportError(f"message of {len(mv)} bytes is shorter than the {PREFIX.size}-byte envelope prefix")
-    magic, version, _, json_len, count = PREFIX.unpack_from(mv, 0)
+    magic, version, flags, json_len, count = PREFIX.unpack_from(mv, 0)
     if magic != MAGIC:
         raise TransportError(f"message is not an agentmesh envelope (magic {bytes(magic)!r})")
     if version != VERSION:
         raise TransportError(f"envelope version {version} is not supported (this agentmesh speaks {VERSION}); "
                              "run the same agentmesh version on every host")
-    if json_len > min(MAX_JSON_BYTES, len(mv) - PREFIX.size) or count > MAX_BLOBS:
+    if flags & ~SEALED:
+        raise TransportError(f"envelope has unknown flags {flags:#x}")
+    end = len(mv) - (MAC_BYTES if flags & SEALED else 0)
+    if end < PREFIX.size:
+        raise TransportError(f"sealed message of {len(mv)} bytes is too short for its seal")
+    if guard is not None:
+        guard.verify(channel, mv[:end], mv[end:] if flags & SEALED else None)
+    if json_len > min(MAX_JSON_BYTES, end - PREFIX.size) or count > MAX_BLOBS:
         raise TransportError(f"envelope claims {json_len} bytes of JSON and {count} blobs in a {len(mv)}-byte message")
     try:
         body = orjson.loads(mv[PREFIX.size:PREFIX.size + json_len])
@@ -101,13 +122,15 @@ def unpack(data: bytes | bytearray | memoryview) -> Envelope:
                 and _BLOB_NAME.match(entry[0]) and isinstance(entry[1], int) and entry[1] >= 0):
             raise TransportError(f"envelope blob entry {str(entry)[:80]!r} is not [name, size]")
         name, size = entry
-        if name in blobs or pos + size > len(mv):
+        if name in blobs or pos + size > end:
             raise TransportError(f"envelope blob {name!r} repeats or runs past the end of the message")
         blobs[name] = mv[pos:pos + size]
         pos += size
-    if pos != len(mv):
-        raise TransportError(f"envelope has {len(mv) - pos} trailing bytes after its blobs")
-    return Envelope(body, blobs, len(mv))
+    if pos != end:
+        raise TransportError(f"envelope has {end - pos} trailing bytes after its blobs")
+    auth = body.pop("auth", None)
+    sender = guard.admit(auth) if guard is not None else None
+    return Envelope(body, blobs, len(mv), sender)
 
 
 def inbox_channel(host: str) -> str:

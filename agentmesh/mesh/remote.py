@@ -24,6 +24,7 @@ twice, once to the caller and once to the receiver's host.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from contextlib import AsyncExitStack
 from typing import Any, Mapping, Sequence
@@ -34,9 +35,10 @@ from agentmesh.cache.codec import decode_cache, encode_cache
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import ConfigError, TransportError
 from agentmesh.graph import Graph
+from agentmesh.mesh.auth import CLIENT, make_guard
 from agentmesh.mesh.client import DEFAULT_CALL_TIMEOUT, CallReply, RemoteClient
 from agentmesh.mesh.envelope import Envelope
-from agentmesh.mesh.settings import broker_timeout, broker_config
+from agentmesh.mesh.settings import allowed_callers, broker_config, broker_timeout, caller_view
 from agentmesh.models.pool import ModelPool, default_pool
 from agentmesh.runtime.endpoint import (CallContext, Endpoint, LocalEndpoint, ReadRequest, ShareFn, ShareRequest,
                                         TextOutput, TextRequest)
@@ -46,6 +48,8 @@ from agentmesh.runtime.scheduler import arun_graph, run_sync
 from agentmesh.runtime.trace import SPAN_KINDS, Span, edge_key
 from agentmesh.transport.link import Link
 from agentmesh.transport.mqtt import MqttLink
+
+log = logging.getLogger(__name__)
 
 
 def _shape_only(tokens: int) -> KVCache:
@@ -310,20 +314,34 @@ async def arun_remote(graph: Graph, inputs: str | Mapping[str, str] | None = Non
                       broker: str | None = None, link: Link | None = None, username: str | None = None,
                       password_env: str | None = None, pool: ModelPool | None = None, wire_dtype: str | None = None,
                       timeout: float | None = None, call_timeout: float | None = None, validate: bool = True,
-                      **opts: Any) -> RunResult:
+                      key: bytes | None = None, insecure: bool = False, **opts: Any) -> RunResult:
     """Run `graph` from this process acting as `host` (None: a pure client); agents on other hosts
     run on their workers, reached over `link` (an open link, e.g. for tests) or over MQTT
-    (`broker`, else each host's or the file's broker). `opts` go to `arun_graph` (on_event, trace)."""
-    if validate:
-        graph.validate()
+    (`broker`, else each host's or the file's broker). Messages are sealed with `key`, else the
+    file's `auth:` key; without either the run refuses to start unless `insecure`.
+    `opts` go to `arun_graph` (on_event, trace)."""
     if host is not None and host not in graph.hosts:
         known = ", ".join(sorted(graph.hosts)) or "none"
         raise ConfigError(f"graph {graph.name!r} declares no host {host!r} (hosts: {known})",
                           hint="pass one of the hosts under hosts: to --host, or leave it out to run as a client")
+    graph = caller_view(graph, host)  # other hosts' private contexts stay on their hosts
+    if validate:
+        graph.validate()
     plan = build_plan(graph, validate=False)
     if pool is None:
         pool = default_pool()
     hosts = sorted({a.host for a in plan.agents.values() if a.host is not None and a.host != host})
+    guard = make_guard(graph, host or CLIENT, key=key, insecure=insecure)
+    if not guard.secure:
+        log.warning("--insecure: messages between hosts are not authenticated; any client of the broker can "
+                    "drive this pipeline's workers")
+    for h in hosts:
+        callers = allowed_callers(graph, h)
+        if guard.identity not in callers:
+            raise ConfigError(f"host {h!r} serves runs only from {', '.join(sorted(callers)) or 'no host'}, not "
+                              f"from {guard.identity!r}",
+                              hint=f"pass --host with one of those, or list {guard.identity} under "
+                                   f"hosts: {h}: callers: in the file")
     run_id = uuid.uuid4().hex[:12]
     limit = call_timeout or timeout or DEFAULT_CALL_TIMEOUT
     wait = broker_timeout(graph)
@@ -333,13 +351,13 @@ async def arun_remote(graph: Graph, inputs: str | Mapping[str, str] | None = Non
         for h in hosts:
             cfg = None if link is not None else broker_config(graph, url=broker, host=h, username=username,
                                                              password_env=password_env)
-            key = "" if cfg is None else cfg.model_dump_json()
-            if key not in shared:
+            where = "" if cfg is None else cfg.model_dump_json()
+            if where not in shared:
                 use = link if cfg is None else await stack.enter_async_context(MqttLink(cfg, graph=graph.name))
-                shared[key] = RemoteClient(use, graph, run_id=run_id, caller=host, timeout=wait, call_timeout=limit,
-                                           url=None if cfg is None else cfg.url)
-                stack.push_async_callback(shared[key].close)
-            clients[h] = shared[key]
+                shared[where] = RemoteClient(use, graph, guard, run_id=run_id, timeout=wait, call_timeout=limit,
+                                             url=None if cfg is None else cfg.url)
+                stack.push_async_callback(shared[where].close)
+            clients[h] = shared[where]
         endpoints = remote_endpoints(plan, clients, host=host, pool=pool, wire_dtype=wire_dtype)
         return await arun_graph(graph, inputs, endpoints=endpoints, timeout=timeout, validate=False, **opts)
 

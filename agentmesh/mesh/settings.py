@@ -1,6 +1,8 @@
 """What caller and workers derive from the pipeline file: the graph's fingerprint and the broker settings."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from pydantic import ValidationError
 
 from agentmesh.errors import ConfigError
 from agentmesh.graph import Graph
+from agentmesh.mesh.auth import CLIENT
 from agentmesh.transport.config import BrokerConfig
 
 
@@ -59,3 +62,34 @@ def broker_config(graph: Graph, *, url: str | None = None, host: str | None = No
 
 def broker_timeout(graph: Graph, default: float = 60.0) -> float:
     return float(graph.broker.timeout_s) if graph.broker is not None else default
+
+
+def allowed_callers(graph: Graph, host: str) -> frozenset[str]:
+    """Who may call the worker of `host`: the file's `callers:` for that host, else the hosts
+    (`CLIENT` for agents without a host) whose agents share an edge with this host's agents."""
+    decl = graph.hosts.get(host)
+    if decl is not None and decl.callers is not None:
+        return frozenset(decl.callers)
+    mine = {a.name for a in graph.agents_on(host)}
+    out: set[str] = set()
+    for e in graph.edges:
+        for here, there in ((e.sender, e.receiver), (e.receiver, e.sender)):
+            if here in mine and there not in mine:
+                out.add(graph.agents[there].host or CLIENT)
+    return frozenset(out)
+
+
+def context_ref(agent: str) -> str:
+    """What travels instead of `agent`'s private context: the host that runs the agent puts its
+    own copy (read from its own disk) where this reference stands."""
+    return f"[agentmesh: the private context of {agent}, read on its own host]"
+
+
+def caller_view(graph: Graph, host: str | None) -> Graph:
+    """`graph` as a caller acting as `host` runs it: an agent of another host keeps its private
+    context there, so here its context is a reference (and its `context_file` is never opened)."""
+    view = copy.copy(graph)
+    view.agents = {name: dataclasses.replace(a, context=context_ref(name), context_file=None)
+                   if a.host is not None and a.host != host and (a.context or a.context_file) else a
+                   for name, a in graph.agents.items()}
+    return view

@@ -41,8 +41,9 @@ from agentmesh.runtime.plan import build_plan
 from agentmesh.runtime.prompts import Messages
 from agentmesh.runtime.trace import Trace
 from agentmesh.graph import Graph
+from agentmesh.mesh.auth import Rejected, make_guard
 from agentmesh.mesh.envelope import CALL_OPS, Envelope, error_body, inbox_channel, pack, raise_remote, unpack
-from agentmesh.mesh.settings import graph_digest
+from agentmesh.mesh.settings import allowed_callers, context_ref, graph_digest
 from agentmesh.models.pool import ModelPool, default_pool
 from agentmesh.transport.link import Link, LinkClosed, LinkMessage, LinkTimeout, validate_channel
 from agentmesh.units import human_bytes
@@ -83,6 +84,7 @@ class _Call:
     run: str
     agent: str
     reply: str
+    caller: str
     cancel: threading.Event = field(default_factory=threading.Event)
     callbacks: dict[int, asyncio.Future[Envelope]] = field(default_factory=dict)
     bytes_in: int = 0
@@ -134,9 +136,13 @@ class Worker:
     """Serves the agents `graph` places on `host` over `link` (an open `Link`)."""
 
     def __init__(self, graph: Graph, host: str, link: Link, *, pool: ModelPool | None = None, wire_dtype: str | None = None,
-                 max_runs: int = 8, on_served: Callable[[ServedCall], None] | None = None):
+                 max_runs: int = 8, on_served: Callable[[ServedCall], None] | None = None, key: bytes | None = None,
+                 insecure: bool = False):
         self.agents = served_agents(graph, host)
+        self.guard = make_guard(graph, host, key=key, insecure=insecure)
+        self.callers = allowed_callers(graph, host)
         self.plan = build_plan(graph)
+        self._contexts = {context_ref(n): self.plan[n].context for n in self.agents if self.plan[n].context}
         self.graph = graph
         self.host = host
         self.link = link
@@ -147,6 +153,7 @@ class Worker:
         self.digest = graph_digest(graph)
         self.inbox = inbox_channel(host)
         self._runs: OrderedDict[str, dict[str, LocalEndpoint]] = OrderedDict()
+        self._owners: OrderedDict[str, str] = OrderedDict()  # run -> the caller that started it
         self._calls: dict[str, _Call] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -207,38 +214,64 @@ class Worker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Messages dropped unexecuted, by reason (unsigned, bad_seal, stale, replayed, unauthorised, malformed)."""
+        return dict(self.guard.dropped)
+
+    def _drop(self, e: Rejected) -> None:
+        """Log a dropped message: the first of each reason, then every 100th, so that a flood of
+        forgeries cannot flood the log too (the counts are in `dropped`)."""
+        n = self.guard.dropped[e.reason]
+        if n == 1 or n % 100 == 0:
+            log.warning("worker %s dropped a message (%s, %d so far): %s", self.host, e.reason, n, e.message)
+
     def _dispatch(self, msg: LinkMessage) -> None:
         try:
-            env = unpack(msg.payload)
+            env = unpack(msg.payload, guard=self.guard, channel=self.inbox)
             op = _str(env.body, "op")
+        except Rejected as e:
+            self._drop(e)
+            return
         except TransportError as e:
-            log.warning("worker %s dropped a message: %s", self.host, e.message)
+            self._drop(self.guard.refuse("malformed", e.message))
+            return
+        sender = env.sender or "?"
+        if sender not in self.callers:
+            self._drop(self.guard.refuse("unauthorised", f"host {sender!r} may not call host {self.host!r} "
+                                                         f"(allowed: {', '.join(sorted(self.callers)) or 'none'})"))
             return
         call = env.get("call")
+        c = self._calls.get(call) if isinstance(call, str) else None
         if op == "cancel":
-            c = self._calls.get(call) if isinstance(call, str) else None
-            if c is not None:
+            if c is not None and c.caller == sender:
                 c.cancel.set()
         elif op == "release":
             run = env.get("run")
-            if isinstance(run, str):
+            if isinstance(run, str) and self._owners.get(run) == sender:
                 self._runs.pop(run, None)
+                self._owners.pop(run, None)
         elif op == "share_result":
-            c = self._calls.get(call) if isinstance(call, str) else None
             cb = env.get("cb")
-            fut = c.callbacks.get(cb) if c is not None and isinstance(cb, int) else None
+            fut = c.callbacks.get(cb) if c is not None and c.caller == sender and isinstance(cb, int) else None
             if fut is not None and not fut.done():
                 c.bytes_in += env.size  # type: ignore[union-attr]
                 fut.set_result(env)
         elif op in CALL_OPS:
-            if not isinstance(call, str) or call in self._calls or call in self._recent:
+            if not isinstance(call, str) or c is not None or call in self._recent:
                 return  # a resent request we already have
             self._recent[call] = None
             while len(self._recent) > _RECENT_CALLS:
                 self._recent.popitem(last=False)
-            self._spawn(self._serve_call(op, env))
+            self._spawn(self._serve_call(op, env, sender))
         else:
-            log.warning("worker %s dropped a message with unknown op %r", self.host, op)
+            self._drop(self.guard.refuse("malformed", f"unknown op {op!r}"))
+
+    def _messages(self, value: Any, key: str) -> Messages:
+        """Messages from the wire, with each reference to a served agent's private context replaced
+        by that context as this host read it (callers never hold it)."""
+        return tuple({"role": m["role"], "content": self._contexts.get(m["content"], m["content"])}
+                     for m in _messages(value, key))
 
     def _endpoint(self, run: str, agent: str) -> LocalEndpoint:
         eps = self._runs.get(run)
@@ -254,21 +287,27 @@ class Worker:
         return eps[agent]
 
     async def _send(self, c: _Call, body: dict[str, Any], blobs: Mapping[str, bytes] | None = None) -> None:
-        payload = pack({"call": c.call, **body}, blobs)
+        payload = pack({"call": c.call, **body}, blobs, guard=self.guard, channel=c.reply)
         await self.link.send(c.reply, payload)
         c.bytes_out += len(payload)
 
-    async def _serve_call(self, op: str, env: Envelope) -> None:
+    async def _serve_call(self, op: str, env: Envelope, caller: str) -> None:
         # One clock for the call: its spans, `encode_s` and `elapsed` are all seconds since it arrived.
         trace = Trace(f"{self.graph.name}@{self.host}")
         body = env.body
         try:
             c = _Call(call=_str(body, "call"), run=_str(body, "run"), agent=_str(body, "agent"),
-                      reply=validate_channel(_str(body, "reply")), bytes_in=env.size)
+                      reply=validate_channel(_str(body, "reply")), caller=caller, bytes_in=env.size)
         except (TransportError, AgentMeshError) as e:
-            log.warning("worker %s dropped a request: %s", self.host, e.message)
+            self._drop(self.guard.refuse("malformed", e.message))
             return
-        caller = str(body.get("caller") or "?")[:64]
+        owner = self._owners.setdefault(c.run, caller)
+        self._owners.move_to_end(c.run)
+        while len(self._owners) > _RECENT_CALLS:
+            self._owners.popitem(last=False)
+        if owner != caller:
+            self._drop(self.guard.refuse("unauthorised", f"{caller!r} called into run {c.run} of {owner!r}"))
+            return
         budget = body.get("deadline_s")
         if isinstance(budget, (int, float)) and budget > 0:
             c.deadline = asyncio.get_running_loop().time() + float(budget)
@@ -352,8 +391,8 @@ class Worker:
         receivers = b.get("receivers") or []
         if not (isinstance(receivers, list) and all(isinstance(r, str) for r in receivers)):
             raise TransportError("request field 'receivers' must be a list of agent names")
-        req = ReadRequest(messages=_messages(b.get("messages"), "messages"), past=await self._past(env, ep, ctx),
-                          past_messages=_messages(b.get("past_messages", []), "past_messages"),
+        req = ReadRequest(messages=self._messages(b.get("messages"), "messages"), past=await self._past(env, ep, ctx),
+                          past_messages=self._messages(b.get("past_messages", []), "past_messages"),
                           receivers=tuple(receivers))
         cache = await ep.reading(req, ctx)
         if cache is None:
@@ -369,8 +408,8 @@ class Worker:
         keep = b.get("keep_last")
         if not isinstance(keep, int):
             raise TransportError("request field 'keep_last' must be an integer")
-        reading = ReadRequest(messages=_messages(b.get("messages"), "messages"), past=await self._past(env, ep, ctx),
-                              past_messages=_messages(b.get("past_messages", []), "past_messages"))
+        reading = ReadRequest(messages=self._messages(b.get("messages"), "messages"), past=await self._past(env, ep, ctx),
+                              past_messages=self._messages(b.get("past_messages", []), "past_messages"))
         req = ShareRequest(receiver=_str(b, "receiver"), reading=reading, span_ids=_ids(b.get("span_ids"), "span_ids"),
                            span_mask=_ids(b.get("span_mask"), "span_mask"), keep_last=keep)
         cache = await ep.share(req, ctx)
@@ -385,9 +424,9 @@ class Worker:
         if sorted(asked) != sorted(f.sharer for f in a.fuse):
             raise ConfigError(f"the caller fuses {asked} into {c.agent}, this host's file fuses "
                               f"{[f.sharer for f in a.fuse]}", hint="use the same pipeline file on every host")
-        req = TextRequest(messages=_messages(b.get("messages"), "messages"), generation=a.generation,
+        req = TextRequest(messages=self._messages(b.get("messages"), "messages"), generation=a.generation,
                           past=await self._past(env, ep, ctx),
-                          past_messages=_messages(b.get("past_messages", []), "past_messages"),
+                          past_messages=self._messages(b.get("past_messages", []), "past_messages"),
                           fuse=a.fuse, fusion=a.fusion)
         share = [self._share_fn(c, f.sharer, ctx) for f in a.fuse]
         stream = bool(b.get("stream"))

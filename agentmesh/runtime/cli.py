@@ -65,6 +65,9 @@ def run_command(
                                                   "(`agentmesh worker`).")] = None,
     host: Annotated[Optional[str], typer.Option("--host", help="With a broker: act as this host and run its "
                                                 "agents here (default: a pure client).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Across hosts without a key (the file has no "
+                                           "auth:): messages are not authenticated. Loopback development "
+                                           "only.")] = False,
 ) -> None:
     """Run a pipeline once and print each output agent's text, then latency and bytes per edge."""
     from agentmesh.runtime.display import LiveView, PlainStream, footer, print_outputs
@@ -72,7 +75,8 @@ def run_command(
     from agentmesh.runtime.scheduler import run_graph
 
     # Across hosts (a broker or a host named): through the file's broker, or the one given.
-    runner = functools.partial(_across_hosts(ctx), broker=broker, host=host) if (broker or host) else run_graph
+    runner = (functools.partial(_across_hosts(ctx), broker=broker, host=host, insecure=insecure)
+              if (broker or host) else run_graph)
 
     try:
         graph = _load(file)

@@ -1,0 +1,214 @@
+"""Attacks on runs across hosts, against a real mosquitto on loopback: forged, replayed, stale and
+unauthorised messages are dropped and counted, never executed; runs without a key refuse to start;
+private context never crosses the broker."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+import aiomqtt
+import pytest
+
+from agentmesh.errors import ConfigError, TransportError
+from agentmesh.graph import Graph
+from agentmesh.mesh.auth import Guard
+from agentmesh.mesh.envelope import inbox_channel, pack, unpack
+from agentmesh.mesh.remote import arun_remote
+from agentmesh.mesh.settings import broker_config, graph_digest
+from agentmesh.mesh.worker import Worker
+from agentmesh.models.loaded import LoadedModel
+from agentmesh.models.pool import ModelPool
+from agentmesh.runtime import run_graph
+from agentmesh.transport import MqttLink
+from agentmesh.transport.broker import LocalBroker, find_mosquitto
+
+pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(120)]
+
+T = TypeVar("T")
+KEY = b"the-shared-key-of-these-tests-0123456789"
+KEY_ENV = "AGENTMESH_TEST_SECURITY_KEY"
+QUESTION = "How long is the warranty? Answer briefly. "
+SECRET = ("Internal note 7731: the Kestrel rover battery warranty is thirty-one months; "
+          "claims go to desk QX-4 on the second floor. ") * 3
+
+
+def run(aw: Awaitable[T], limit: float = 60.0) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(aw, limit)
+    return asyncio.run(bounded())
+
+
+async def until(check: Callable[[], bool], limit: float = 10.0) -> None:
+    """Wait for `check()` to hold (an event, polled), failing after `limit` s."""
+    deadline = time.monotonic() + limit
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("the expected state never came")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def broker() -> Any:
+    try:
+        find_mosquitto()
+    except TransportError as exc:
+        pytest.skip(str(exc))
+    with LocalBroker() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_model_factory: Any) -> ModelPool:
+    p = ModelPool()
+    tiny: LoadedModel = tiny_model_factory("qwen3", "tiny", seed=0)
+    p.put("tiny", tiny)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def mesh_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY.decode())
+
+
+def edge_cloud(url: str, *, auth: bool = True, mode: str = "prefix") -> Graph:
+    g = Graph(f"sec_{mode}")
+    g.host("edge")
+    g.host("cloud")
+    g.agent("doc", model="tiny", host="cloud", role="You keep the handbook.", context=SECRET,
+            **({"prompt": "Quote the warranty facts. {input}", "max_new_tokens": 6} if mode == "text" else {}))
+    g.agent("ask", model="tiny", host="edge", max_new_tokens=6)
+    if mode == "text":
+        g.text("doc", "ask")
+    else:
+        g.cache("doc", "ask", mode="prefix")
+    g.set_broker(url, timeout_s=10)
+    if auth:
+        g.set_auth(key_env=KEY_ENV)
+    return g
+
+
+async def serving(graph: Graph, host: str, pool: ModelPool, **kw: Any) -> tuple[Worker, Any, MqttLink]:
+    link = MqttLink(broker_config(graph, host=host, reconnect_max_s=0.5), graph=graph.name)
+    await link.open()
+    worker = Worker(graph, host, link, pool=pool, **kw)
+    ready = asyncio.Event()
+    task = asyncio.create_task(worker.serve(ready=ready.set))
+    await asyncio.wait_for(ready.wait(), 10)
+    return worker, task, link
+
+
+async def stop(worker: Worker, task: Any, link: MqttLink) -> None:
+    worker.stop()
+    await asyncio.wait_for(task, 5)
+    await link.close()
+
+
+def test_forged_replayed_stale_and_unauthorised_requests_are_dropped_and_counted(broker: Any,
+                                                                                pool: ModelPool) -> None:
+    g = edge_cloud(broker.url)
+    inbox = inbox_channel("cloud")
+
+    def request(call: str, reply: str) -> dict[str, Any]:
+        return {"op": "load", "call": call, "run": "r1", "agent": "doc", "reply": reply, "heartbeat_s": 5.0,
+                "graph": graph_digest(g)}
+
+    async def go() -> tuple[Worker, list[str]]:
+        worker, task, link = await serving(g, "cloud", pool)
+        try:
+            async with MqttLink(broker_config(g), graph=g.name) as attacker:  # anonymous, like any broker client
+                reply = "r1/doc->edge"
+                await attacker.subscribe(reply)
+                edge = Guard(KEY, "edge", g.name)
+                forged = {
+                    "unsigned": pack(request("c-unsigned", reply)),
+                    "bad_seal": pack(request("c-wrong-key", reply), guard=Guard(b"w" * 32, "edge", g.name),
+                                     channel=inbox),
+                    "unauthorised": pack(request("c-intruder", reply), guard=Guard(KEY, "intruder", g.name),
+                                         channel=inbox),
+                    "stale": pack(request("c-stale", reply), guard=Guard(KEY, "edge", g.name,
+                                                                          clock=lambda: time.time() - 3600),
+                                  channel=inbox),
+                    "other_channel": pack(request("c-moved", reply), guard=edge, channel=inbox_channel("edge")),
+                    "malformed": b"\x00" * 64,
+                }
+                genuine = pack(request("c-genuine", reply), guard=edge, channel=inbox)
+                for payload in forged.values():
+                    await attacker.send(inbox, payload)
+                await attacker.send(inbox, genuine)
+                await attacker.send(inbox, genuine)  # the same bytes again: a replay
+                kinds = []
+                while len(kinds) < 2:  # ack and result of the one genuine call
+                    env = unpack(await attacker.receive(reply, timeout=20), guard=Guard(KEY, "edge", g.name),
+                                 channel=reply)
+                    assert env.sender == "cloud" and env.get("call") == "c-genuine"
+                    kinds.append(env.get("kind"))
+                await until(lambda: sum(worker.dropped.values()) == 7)
+                return worker, kinds
+        finally:
+            await stop(worker, task, link)
+
+    worker, kinds = run(go())
+    assert kinds == ["ack", "result"]
+    assert worker.served == 1  # only the genuine call ran
+    assert worker.dropped == {"unsigned": 1, "bad_seal": 2, "unauthorised": 1, "stale": 1, "replayed": 1,
+                              "malformed": 1}
+
+
+def test_runs_across_hosts_without_a_key_refuse_to_start_unless_insecure(broker: Any, pool: ModelPool) -> None:
+    g = edge_cloud(broker.url, auth=False)
+    with pytest.raises(ConfigError, match="has no key to authenticate messages between hosts"):
+        run(arun_remote(g, QUESTION, host="edge", pool=pool))
+    with pytest.raises(ConfigError, match="--insecure"):
+        Worker(g, "cloud", MqttLink(broker_config(g), graph=g.name), pool=pool)
+
+    async def go() -> Any:
+        worker, task, link = await serving(g, "cloud", pool, insecure=True)
+        try:
+            return await arun_remote(g, QUESTION, host="edge", pool=pool, insecure=True, timeout=30)
+        finally:
+            await stop(worker, task, link)
+
+    result = run(go())
+    assert result.ok, result.error
+    assert result["ask"].token_ids == run_graph(g, QUESTION, pool=pool)["ask"].token_ids
+
+
+def test_a_caller_the_pipeline_does_not_allow_is_refused_before_it_sends(broker: Any, pool: ModelPool) -> None:
+    g = edge_cloud(broker.url)
+    with pytest.raises(ConfigError, match="host 'cloud' serves runs only from edge, not from 'client'"):
+        run(arun_remote(g, QUESTION, pool=pool))  # a pure client: the file lets only the edge call the cloud
+    g.hosts["cloud"] = type(g.hosts["cloud"])(callers=("edge", "client"))
+    assert g.hosts["cloud"].callers == ("edge", "client")
+
+
+@pytest.mark.parametrize("mode", ["prefix", "text"])
+def test_private_context_never_crosses_the_broker(broker: Any, pool: ModelPool, mode: str) -> None:
+    """A passive subscriber to every topic sees no byte sequence of the cloud's private context."""
+    g = edge_cloud(broker.url, mode=mode)
+    seen: list[bytes] = []
+
+    async def go() -> Any:
+        async with aiomqtt.Client(broker.host, broker.port, identifier="eavesdropper") as spy:
+            await spy.subscribe("agentmesh/#")
+
+            async def listen() -> None:
+                async for message in spy.messages:
+                    seen.append(bytes(message.payload))  # type: ignore[arg-type]
+
+            listening = asyncio.create_task(listen())
+            worker, task, link = await serving(g, "cloud", pool)
+            try:
+                return await arun_remote(g, QUESTION, host="edge", pool=pool, timeout=30)
+            finally:
+                await stop(worker, task, link)
+                await asyncio.sleep(0.2)
+                listening.cancel()
+
+    result = run(go())
+    assert result.ok, result.error
+    wire = b"\n".join(seen)
+    assert len(seen) > 3 and len(wire) > 1000  # the run did cross the broker
+    secret = SECRET.encode()
+    leaks = [secret[i:i + 12] for i in range(0, len(secret) - 12) if secret[i:i + 12] in wire]
+    assert not leaks, leaks[:3]

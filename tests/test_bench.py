@@ -191,3 +191,20 @@ def test_report_renders_every_result_with_targets_and_command(tiny_tokenizer: An
     assert "`agentmesh bench codec`" in text and "| bfloat16 | bf16 |" in text
     target = result.targets[0]
     assert f"| codec | {target.name} |" in text and ("| yes |" if target.met else "| no |") in text
+
+
+def test_decode_smallest(pair: tuple[Any, Any], tmp_path: Path) -> None:
+    mod = module("decode")
+    cfg = mod.Config(modes=("fp32+static", "int8+static"), new_tokens=3, prompt_lengths=(8,), agreement_prompts=1,
+                     agreement_tokens=3, repeats=1, bandwidth_mb=8)
+    data = _check(mod.run(cfg, lm=pair[0]), tmp_path, {"bandwidth"})
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert list(rows) == ["generate", "default", "fp32+static", "int8+static"]
+    # the default path and fp32 with a static cache pick exactly what generate picks
+    assert rows["default"]["greedy_agreement"] == rows["fp32+static"]["greedy_agreement"] == 1.0
+    assert rows["int8+static"]["weight_MB_per_token"] < rows["generate"]["weight_MB_per_token"]
+    assert all(r["roofline_ms"] > 0 for r in rows.values())
+    assert data["summary"]["bandwidth"]["GB_per_s"] > 0
+    assert [r["prompt_tokens"] for r in data["tables"]["Default path vs transformers' generate, end to end"]["rows"]] == [8]
+    with pytest.raises(ConfigError, match="decode mode 'int4' is unknown"):
+        mod.parse_mode("int4")

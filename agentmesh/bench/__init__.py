@@ -17,14 +17,15 @@ from typing import Any, Sequence
 from agentmesh.errors import ConfigError
 
 DEFAULT_THREADS = 1
-BENCHMARKS: tuple[str, ...] = ("c2c_vs_t2t", "fusion_overhead", "batching", "codec", "mqtt", "scheduler")
+BENCHMARKS: tuple[str, ...] = ("c2c_vs_t2t", "fusion_overhead", "batching", "codec", "mqtt", "scheduler", "decode")
 DESCRIPTIONS = {
     "c2c_vs_t2t": "End-to-end latency per question: text-to-text vs cache-to-cache vs prefix (target >= 2.5x).",
     "fusion_overhead": "C2C prefill over plain prefills at 256 tokens (target <= 1.15x); projector share per layer.",
     "batching": "Fused generation throughput at batch 8 vs batch 1 (target >= 3x).",
-    "codec": "Cache codec encode+decode throughput per wire dtype (target >= 1 GB/s bf16, one core); bytes/token.",
+    "codec": "Cache codec encode+decode throughput per wire dtype beside memcpy (target >= 2 GB/s bf16, one core).",
     "mqtt": "A 256-token cache of the embedded model over a loopback mosquitto (target >= 100 MB/s).",
     "scheduler": "Per-agent scheduler overhead on a ten-agent graph, model time excluded (target <= 2 ms).",
+    "decode": "Batch-1 decode ms/token per mode vs transformers' generate and the bandwidth roofline (target <= 0.6x).",
 }
 
 

@@ -14,11 +14,11 @@ _COLUMNS: dict[str, list[str]] = {
     "c2c_vs_t2t": ["method", "p50_s", "vs_c2c", "cpu_p50_s", "cpu_vs_c2c", "answer_tokens", "background_tokens"],
     "fusion_overhead": ["step", "median_ms", "vs_plain", "cpu_ms", "cpu_vs_plain"],
     "batching": ["batch", "e2e_s", "e2e_tokens_per_s", "e2e_cpu_tokens_per_s", "decode_tokens_per_s"],
-    "codec": ["source", "wire", "payload_MB", "encode_ms", "decode_ms", "GB_per_s", "cpu_GB_per_s",
-              "wire_bytes_per_token", "vs_text"],
     "mqtt": ["chunk_KiB", "chunks", "median_ms", "MB_per_s", "vs_best", "python_cpu_ms", "broker_cpu_ms",
              "cpu_bound_MB_per_s"],
     "scheduler": ["graph", "endpoints", "wall_ms_per_agent", "cpu_ms_per_agent"],
+    "codec": ["source", "wire", "payload_MB", "encode_ms", "decode_ms", "GB_per_s", "cpu_GB_per_s", "memcpy_GB_per_s",
+              "vs_memcpy", "decode_bytes_ms", "wire_bytes_per_token"],
 }
 
 
@@ -35,7 +35,7 @@ def _command(data: dict[str, Any]) -> str:
     parts = [f"agentmesh bench {data['benchmark']}"]
     if cfg.get("quick"):
         parts.append("--quick")
-    if data["benchmark"] in ("c2c_vs_t2t", "fusion_overhead", "batching") and threads and threads != 1:
+    if data["benchmark"] in ("c2c_vs_t2t", "fusion_overhead", "batching", "decode") and threads and threads != 1:
         parts.append(f"--threads {threads}")
     if cfg.get("device", "cpu") != "cpu":
         parts.append(f"--device {cfg['device']}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 
 from agentmesh.cache.kv import KVCache, ModelSignature
@@ -60,6 +60,12 @@ class RewritingCache(DynamicCache):
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         key_states, value_states = self.rewrite(layer_idx, key_states, value_states)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def static_hf(config: Any, max_len: int) -> StaticCache:
+    """An empty transformers static cache: keys and values for `max_len` tokens, allocated at the
+    first forward and written in place after (what `torch.compile` needs: fixed shapes and addresses)."""
+    return StaticCache(config=config, max_cache_len=max_len)
 
 
 def new_hf(config: Any, rewrite: Rewrite | None = None) -> DynamicCache:

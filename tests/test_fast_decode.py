@@ -1,0 +1,69 @@
+"""The opt-in fast decode path: static cache, bf16 and int8 weights, measured against fp32 eager."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from agentmesh.errors import ConfigError
+from agentmesh.models.fast import FastConfig, FastDecoder, convert_weights, weight_bytes_per_token
+
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_factory: Any) -> Any:
+    return tiny_model_factory("qwen3", "smol", seed=1, num_layers=3, num_kv_heads=2, head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def prompt_and_reference(lm: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor([lm.chat_ids("Tell me about the moon.")])
+    ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                            do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+    return ids, ref
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_fp32_fast_decoding_is_token_identical_to_generate(lm: Any, prompt_and_reference: Any, static: bool) -> None:
+    ids, ref = prompt_and_reference
+    dec = FastDecoder(lm, FastConfig(static_cache=static, max_len=64))
+    assert torch.equal(dec.generate(ids, NEW), ref)
+    assert torch.equal(dec.generate(ids, NEW, forced=ref), ref)  # teacher-forced: the same picks
+    first = int(ref[0, 0])
+    assert dec.generate(ids, NEW, eos_token_ids=[first]).tolist() == [[first]]  # stops at EOS
+
+
+def test_bf16_and_int8_read_fewer_weight_bytes_and_report_agreement(lm: Any, prompt_and_reference: Any) -> None:
+    ids, ref = prompt_and_reference
+    fp32 = weight_bytes_per_token(lm.model)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    for weights in ("bf16", "int8"):
+        dec = FastDecoder(lm, FastConfig(weights=weights, max_len=64))  # type: ignore[arg-type]
+        assert dec.model is not lm.model
+        picks = dec.generate(ids, NEW, forced=ref)
+        assert picks.shape == ref.shape
+        agreement = float((picks == ref).float().mean())
+        assert 0.0 <= agreement <= 1.0
+        assert weight_bytes_per_token(dec.model) < fp32
+    bf16 = convert_weights(lm.model, "bf16")
+    assert weight_bytes_per_token(bf16) == fp32 // 2
+    int8 = convert_weights(lm.model, "int8")
+    assert isinstance(int8.get_output_embeddings(), nn.Linear)  # the LM head stays float
+    assert not any(type(m) is nn.Linear for name, m in int8.named_modules() if name.endswith("q_proj"))
+    # the loaded model itself is never converted
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+
+
+def test_fast_config_errors_are_clear(lm: Any) -> None:
+    with pytest.raises(ConfigError, match="weights 'fp4' are unknown"):
+        FastConfig(weights="fp4")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="compile needs static_cache=True"):
+        FastConfig(static_cache=False, compile=True)
+    dec = FastDecoder(lm, FastConfig(max_len=8))
+    with pytest.raises(ConfigError, match="exceed the static cache's max_len 8"):
+        dec.generate(torch.ones(1, 5, dtype=torch.long), 4)
+    with pytest.raises(ConfigError, match="one prompt"):
+        dec.generate(torch.ones(2, 3, dtype=torch.long), 1)

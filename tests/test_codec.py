@@ -455,3 +455,16 @@ def test_header_claiming_a_wider_wire_dtype_than_the_body_holds_is_rejected():
     header["body_xxh3"], header["body_bytes"] = xxhash.xxh3_64_hexdigest(forged), len(forged)
     with pytest.raises(CodecError, match=r"tensor 'k\.\d' has data offsets \[\d+, \d+\]; expected \d+ bytes"):
         decode_cache(rebuild(fields, header, forged))
+
+
+@pytest.mark.parametrize("wire", ["bf16", "int8"])
+def test_layers_of_different_lengths_take_the_tensor_by_tensor_path(wire: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    keys = [torch.randn(1, 2, n, 8, generator=g) for n in (7, 4, 7)]  # a sliding-window layer holds fewer
+    values = [torch.randn(1, 2, n, 8, generator=g) for n in (7, 4, 7)]
+    kv = KVCache(keys=keys, values=values, signature=SIG, layer_ids=(0, 1, 2))
+    out = decode_cache(encode_cache(kv, dtype=wire), expected=SIG)
+    assert [k.shape[2] for k in out.keys] == [7, 4, 7]
+    for x, y in zip((*kv.keys, *kv.values), (*out.keys, *out.values)):
+        bound = 2 ** -8 * x.abs() if wire == "bf16" else _group_scale(x, "per_head", 127.0) / 2 * (1 + 1e-5)
+        assert bool(((x - y).abs() <= bound + 1e-7).all())

@@ -94,6 +94,7 @@ def run_named(name: str, *, quick: bool = False, json_path: str | Path | None = 
     set_threads(threads if threads is not None else DEFAULT_THREADS)
     result = module(name).run(cfg)
     result.config["quick"] = quick
+    result.config["overrides"] = list(overrides)  # so the report can print the command that made it
     print_result(result, console)
     path = write_json(result, json_path if json_path is not None else default_json_path(name, quick=quick))
     if console is not None:

@@ -18,6 +18,7 @@ on one thread. `roofline_fraction` = that bound / the measured ms/token.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -61,6 +62,10 @@ class Config:
                       **overrides})
 
 
+def _progress(message: str) -> None:
+    print(f"decode: {message}", file=sys.stderr, flush=True)
+
+
 def memory_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
     """GB/s of one thread: a copy (bytes read + written) and a sum (bytes read), medians."""
     src = torch.ones(nbytes // 4, dtype=torch.float32)
@@ -99,7 +104,9 @@ def run(cfg: Config = Config(), *, lm: Any = None, pool: Any = None) -> BenchRes
     from agentmesh.models.inference import GenerationConfig, decode, prefill
 
     lm = lm if lm is not None else embedded_model(pool, device=cfg.device, dtype=cfg.dtype)
+    _progress(f"memory bandwidth ({cfg.bandwidth_mb} MB, one thread)")
     bw = memory_bandwidth(cfg.bandwidth_mb << 20, repeats=max(cfg.repeats, 3))
+    _progress(f"preparing modes {', '.join(cfg.modes)}")
     decoders = {mode: FastDecoder(lm, parse_mode(mode)) for mode in cfg.modes}
 
     def hf_generate(ids: torch.Tensor, n: int) -> Callable[[], Any]:
@@ -120,6 +127,7 @@ def run(cfg: Config = Config(), *, lm: Any = None, pool: Any = None) -> BenchRes
         return lambda: decoders[mode].generate(ids, n)
 
     # Greedy reference continuations (fp32 eager, transformers' generate) and each mode's agreement.
+    _progress(f"greedy agreement: {cfg.agreement_prompts} prompts x {cfg.agreement_tokens} tokens per mode")
     agree_ids = [torch.tensor([lm.chat_ids(p)]) for p in PROMPTS[:cfg.agreement_prompts]]
     refs = [hf_generate(ids, cfg.agreement_tokens)()[:, ids.shape[1]:] for ids in agree_ids]
     own = [default(ids, cfg.agreement_tokens)().tokens for ids in agree_ids]
@@ -138,6 +146,7 @@ def run(cfg: Config = Config(), *, lm: Any = None, pool: Any = None) -> BenchRes
     for name, make in makers.items():
         methods[f"{name}:long"] = make(ids, cfg.new_tokens)
         methods[f"{name}:one"] = make(ids, 1)
+    _progress(f"ms/token: {len(makers)} methods, {cfg.repeats} interleaved rounds after a warm-up")
     runs = interleave(methods, repeats=cfg.repeats, warmup=1)
     ms = {name: (median(runs[f"{name}:long"]) - median(runs[f"{name}:one"])) / (cfg.new_tokens - 1) * 1e3
           for name in makers}
@@ -153,6 +162,7 @@ def run(cfg: Config = Config(), *, lm: Any = None, pool: Any = None) -> BenchRes
     # The default path against generate, end to end (prefill + new tokens), at every prompt length.
     e2e = {}
     for length in cfg.prompt_lengths:
+        _progress(f"default vs generate at a {length}-token prompt")
         p = _prompt_ids(lm, length, cfg.seed)
         e2e[length] = interleave({"generate": hf_generate(p, cfg.new_tokens), "default": default(p, cfg.new_tokens)},
                                  repeats=cfg.repeats, warmup=1)

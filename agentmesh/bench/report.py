@@ -39,6 +39,7 @@ def _command(data: dict[str, Any]) -> str:
         parts.append(f"--threads {threads}")
     if cfg.get("device", "cpu") != "cpu":
         parts.append(f"--device {cfg['device']}")
+    parts += [f"--set {o}" for o in cfg.get("overrides", [])]
     return " ".join(parts)
 
 

@@ -9,6 +9,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import aiomqtt
 import pytest
+from torch import nn
 
 from agentmesh.errors import ConfigError, TransportError
 from agentmesh.graph import Graph
@@ -19,7 +20,7 @@ from agentmesh.mesh.settings import broker_config, graph_digest
 from agentmesh.mesh.worker import Worker
 from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.pool import ModelPool
-from agentmesh.runtime import run_graph
+from agentmesh.runtime import Token, run_graph
 from agentmesh.transport import MqttLink
 from agentmesh.transport.broker import LocalBroker, find_mosquitto
 
@@ -63,7 +64,25 @@ def pool(tiny_model_factory: Any) -> ModelPool:
     p = ModelPool()
     tiny: LoadedModel = tiny_model_factory("qwen3", "tiny", seed=0)
     p.put("tiny", tiny)
+    p.put("slow", LoadedModel(name="slow", model=_Slow(tiny.model, 0.05), tokenizer=tiny.tokenizer,
+                              signature=tiny.signature, source="test:slow"))
     return p
+
+
+class _Slow(nn.Module):
+    """A model that sleeps before each forward, so a call lasts long enough to fault under it."""
+
+    def __init__(self, inner: nn.Module, delay: float):
+        super().__init__()
+        self.inner, self.delay = inner, delay
+        self.config, self.generation_config = inner.config, inner.generation_config
+
+    def get_decoder(self) -> Any:
+        return self.inner.get_decoder()
+
+    def forward(self, **kwargs: Any) -> Any:
+        time.sleep(self.delay)
+        return self.inner(**kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -71,18 +90,19 @@ def mesh_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, KEY.decode())
 
 
-def edge_cloud(url: str, *, auth: bool = True, mode: str = "prefix") -> Graph:
+def edge_cloud(url: str, *, auth: bool = True, mode: str = "prefix", doc_model: str = "tiny", tokens: int = 6,
+               **broker: Any) -> Graph:
     g = Graph(f"sec_{mode}")
     g.host("edge")
     g.host("cloud")
-    g.agent("doc", model="tiny", host="cloud", role="You keep the handbook.", context=SECRET,
-            **({"prompt": "Quote the warranty facts. {input}", "max_new_tokens": 6} if mode == "text" else {}))
+    g.agent("doc", model=doc_model, host="cloud", role="You keep the handbook.", context=SECRET,
+            **({"prompt": "Quote the warranty facts. {input}", "max_new_tokens": tokens} if mode == "text" else {}))
     g.agent("ask", model="tiny", host="edge", max_new_tokens=6)
     if mode == "text":
         g.text("doc", "ask")
     else:
         g.cache("doc", "ask", mode="prefix")
-    g.set_broker(url, timeout_s=10)
+    g.set_broker(url, **{"timeout_s": 10, **broker})
     if auth:
         g.set_auth(key_env=KEY_ENV)
     return g
@@ -212,3 +232,51 @@ def test_private_context_never_crosses_the_broker(broker: Any, pool: ModelPool, 
     secret = SECRET.encode()
     leaks = [secret[i:i + 12] for i in range(0, len(secret) - 12) if secret[i:i + 12] in wire]
     assert not leaks, leaks[:3]
+
+
+def test_a_run_started_before_its_worker_waits_for_it_then_runs(broker: Any, pool: ModelPool) -> None:
+    g = edge_cloud(broker.url)
+    waited: list[str] = []
+    asked = asyncio.Event()
+
+    def on_wait(host: str) -> None:
+        waited.append(host)
+        asked.set()
+
+    async def go() -> Any:
+        running = asyncio.create_task(arun_remote(g, QUESTION, host="edge", pool=pool, timeout=60, on_wait=on_wait))
+        await asyncio.wait_for(asked.wait(), 20)  # the caller is waiting: only now does the worker start
+        worker, task, link = await serving(g, "cloud", pool)
+        try:
+            return await running
+        finally:
+            await stop(worker, task, link)
+
+    result = run(go())
+    assert result.ok, result.error
+    assert waited == ["cloud"]
+    assert result["ask"].token_ids == run_graph(g, QUESTION, pool=pool)["ask"].token_ids
+
+
+def test_a_worker_that_dies_mid_call_is_detected_within_the_heartbeat_timeout(broker: Any,
+                                                                              pool: ModelPool) -> None:
+    g = edge_cloud(broker.url, mode="text", doc_model="slow", tokens=200, heartbeat_timeout_s=1.5)
+
+    async def go() -> tuple[Any, float]:
+        worker, task, link = await serving(g, "cloud", pool)
+        decoding = asyncio.Event()
+        running = asyncio.create_task(arun_remote(
+            g, QUESTION, host="edge", pool=pool, timeout=60,
+            on_event=lambda e: decoding.set() if isinstance(e, Token) and e.agent == "doc" else None))
+        await asyncio.wait_for(decoding.wait(), 20)
+        task.cancel()  # the worker process dies: no error reply, no more heartbeats
+        await asyncio.gather(task, return_exceptions=True)
+        await link.close()
+        died = time.monotonic()
+        result = await running
+        return result, time.monotonic() - died
+
+    result, after = run(go())
+    assert not result.ok and result.error.agent == "doc"
+    assert "agent 'doc' on host 'cloud': the worker went silent for 1.5 s (heartbeat_timeout_s)" in str(result.error)
+    assert after < 1.5 + 5  # the heartbeat timeout, then a bounded cancel and release

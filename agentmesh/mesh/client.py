@@ -59,7 +59,8 @@ class RemoteClient:
     """The caller's side of one link for one run: sends calls to workers, routes their replies."""
 
     def __init__(self, link: Link, graph: Graph, guard: Guard, *, run_id: str | None = None,
-                 timeout: float = 60.0, call_timeout: float = DEFAULT_CALL_TIMEOUT, url: str | None = None):
+                 timeout: float = 60.0, call_timeout: float = DEFAULT_CALL_TIMEOUT, url: str | None = None,
+                 heartbeat_timeout: float = 15.0):
         self.link = link
         self.graph_name = graph.name
         self.digest = graph_digest(graph)
@@ -67,6 +68,7 @@ class RemoteClient:
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.caller = guard.identity
         self.timeout = float(timeout)
+        self.heartbeat_timeout = float(heartbeat_timeout)
         self.call_timeout = float(call_timeout)
         self.url = url or getattr(getattr(link, "config", None), "url", None) or type(link).__name__
         self._pumps: dict[str, asyncio.Task[None]] = {}
@@ -77,7 +79,8 @@ class RemoteClient:
 
     @property
     def heartbeat_s(self) -> float:
-        return max(0.05, self.timeout / 4)
+        """How often workers say a call is alive: four beats fit in the time that means it died."""
+        return max(0.05, self.heartbeat_timeout / 4)
 
     async def _ensure_pump(self, channel: str) -> None:
         if channel in self._pumps:
@@ -184,7 +187,8 @@ class RemoteClient:
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise TransportError(f"{what}: no result within {self.call_timeout:g} s (call_timeout)")
-        wait = min(self.timeout, remaining)
+        limit = self.heartbeat_timeout if acked else self.timeout
+        wait = min(limit, remaining)
         getter = asyncio.ensure_future(queue.get())
         waits: set[asyncio.Future[Any]] = {getter} | ({abort} if abort is not None else set())
         try:
@@ -198,7 +202,7 @@ class RemoteClient:
         if abort is not None and abort in done:
             exc = abort.exception()
             raise exc if exc is not None else TransportError(f"{what}: aborted")
-        if wait < self.timeout:
+        if wait < limit:
             raise TransportError(f"{what}: no result within {self.call_timeout:g} s (call_timeout)")
         state = ""
         if getattr(self.link, "connected", True) is False:
@@ -207,7 +211,42 @@ class RemoteClient:
             raise TransportError(f"{what}: no worker answered within {wait:g} s{state}; start `agentmesh worker "
                                  f"FILE.yaml --host {host} --broker {self.url}` on that machine, with the same "
                                  "pipeline file")
-        raise TransportError(f"{what}: the worker went silent for {wait:g} s{state}")
+        raise TransportError(f"{what}: the worker went silent for {wait:g} s (heartbeat_timeout_s){state}; it died "
+                             "or lost the broker")
+
+    async def wait_for_worker(self, host: str, limit: float, on_wait: Callable[[str], None] | None = None) -> None:
+        """Return once `host`'s worker answers a ping (sent again every second: a worker that is
+        not up yet has no subscription for the broker to keep it in). `on_wait(host)` is called
+        once if it does not answer at once; `TransportError` after `limit` s."""
+        loop = asyncio.get_running_loop()
+        call = uuid.uuid4().hex
+        channel = reply_channel(self.run_id, host, self.caller)
+        queue: asyncio.Queue[Envelope] = asyncio.Queue()
+        self._waiting[call] = (host, queue)
+        deadline = loop.time() + limit
+        told = False
+        try:
+            await self._ensure_pump(channel)
+            while True:
+                try:
+                    await self.send_control(host, {"op": "ping", "call": call, "reply": channel, "graph": self.digest},
+                                            timeout=max(0.1, min(self.timeout, deadline - loop.time())))
+                    env = await asyncio.wait_for(queue.get(), max(0.05, min(1.0, deadline - loop.time())))
+                except (asyncio.TimeoutError, LinkTimeout):
+                    if loop.time() >= deadline:
+                        state = "" if getattr(self.link, "connected", True) else f" (not connected to {self.url})"
+                        raise TransportError(f"host {host!r}: no worker announced itself within {limit:g} s{state}; "
+                                             f"start `agentmesh worker FILE.yaml --host {host} --broker {self.url}` "
+                                             "on that machine, with the same pipeline file and key") from None
+                    if not told and on_wait is not None:
+                        on_wait(host)
+                    told = True
+                    continue
+                if env.get("kind") == "error":
+                    raise_remote(env.get("error"), host, host)
+                return
+        finally:
+            self._waiting.pop(call, None)
 
     async def _cancel(self, host: str, call: str) -> None:
         try:

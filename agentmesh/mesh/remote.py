@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import sys
 import uuid
 from contextlib import AsyncExitStack
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -46,6 +48,7 @@ from agentmesh.runtime.plan import RunPlan, build_plan
 from agentmesh.runtime.result import RunResult
 from agentmesh.runtime.scheduler import arun_graph, run_sync
 from agentmesh.runtime.trace import SPAN_KINDS, Span, edge_key
+from agentmesh.transport.config import BrokerConfig
 from agentmesh.transport.link import Link
 from agentmesh.transport.mqtt import MqttLink
 
@@ -314,11 +317,13 @@ async def arun_remote(graph: Graph, inputs: str | Mapping[str, str] | None = Non
                       broker: str | None = None, link: Link | None = None, username: str | None = None,
                       password_env: str | None = None, pool: ModelPool | None = None, wire_dtype: str | None = None,
                       timeout: float | None = None, call_timeout: float | None = None, validate: bool = True,
-                      key: bytes | None = None, insecure: bool = False, **opts: Any) -> RunResult:
+                      key: bytes | None = None, insecure: bool = False,
+                      on_wait: Callable[[str], None] | None = None, **opts: Any) -> RunResult:
     """Run `graph` from this process acting as `host` (None: a pure client); agents on other hosts
     run on their workers, reached over `link` (an open link, e.g. for tests) or over MQTT
     (`broker`, else each host's or the file's broker). Messages are sealed with `key`, else the
-    file's `auth:` key; without either the run refuses to start unless `insecure`.
+    file's `auth:` key; without either the run refuses to start unless `insecure`. First it waits
+    for every other host's worker to answer (`on_wait(host)`, default a line on stderr, says so).
     `opts` go to `arun_graph` (on_event, trace)."""
     if host is not None and host not in graph.hosts:
         known = ", ".join(sorted(graph.hosts)) or "none"
@@ -354,10 +359,15 @@ async def arun_remote(graph: Graph, inputs: str | Mapping[str, str] | None = Non
             where = "" if cfg is None else cfg.model_dump_json()
             if where not in shared:
                 use = link if cfg is None else await stack.enter_async_context(MqttLink(cfg, graph=graph.name))
+                settings = cfg or graph.broker or BrokerConfig()
                 shared[where] = RemoteClient(use, graph, guard, run_id=run_id, timeout=wait, call_timeout=limit,
-                                             url=None if cfg is None else cfg.url)
+                                             url=None if cfg is None else cfg.url,
+                                             heartbeat_timeout=settings.heartbeat_timeout_s)
                 stack.push_async_callback(shared[where].close)
             clients[h] = shared[where]
+        up_to = min(timeout or math.inf, (graph.broker or BrokerConfig()).start_wait_s)
+        say = on_wait or (lambda h: sys.stderr.write(f"waiting for host {h} (its worker; up to {up_to:g} s)...\n"))
+        await asyncio.gather(*(clients[h].wait_for_worker(h, up_to, say) for h in hosts))
         endpoints = remote_endpoints(plan, clients, host=host, pool=pool, wire_dtype=wire_dtype)
         return await arun_graph(graph, inputs, endpoints=endpoints, timeout=timeout, validate=False, **opts)
 

@@ -257,6 +257,8 @@ class Worker:
             if fut is not None and not fut.done():
                 c.bytes_in += env.size  # type: ignore[union-attr]
                 fut.set_result(env)
+        elif op == "ping":  # a caller waiting for this host to come up
+            self._spawn(self._pong(env))
         elif op in CALL_OPS:
             if not isinstance(call, str) or c is not None or call in self._recent:
                 return  # a resent request we already have
@@ -266,6 +268,20 @@ class Worker:
             self._spawn(self._serve_call(op, env, sender))
         else:
             self._drop(self.guard.refuse("malformed", f"unknown op {op!r}"))
+
+    async def _pong(self, env: Envelope) -> None:
+        try:
+            reply = validate_channel(_str(env.body, "reply"))
+            body: dict[str, Any] = {"call": _str(env.body, "call"), "kind": "here", "agents": list(self.agents)}
+            if env.get("graph") != self.digest:
+                body.update(kind="error", error=error_body(self._version_error()))
+            await self.link.send(reply, pack(body, guard=self.guard, channel=reply))
+        except TransportError as e:
+            self._drop(self.guard.refuse("malformed", e.message))
+
+    def _version_error(self) -> ConfigError:
+        return ConfigError(f"the worker for host {self.host!r} runs another version of graph {self.graph.name!r} "
+                           "(its agents, hosts or edges differ)", hint="use the same pipeline file on every host")
 
     def _messages(self, value: Any, key: str) -> Messages:
         """Messages from the wire, with each reference to a served agent's private context replaced
@@ -321,9 +337,7 @@ class Worker:
                 raise ConfigError(f"host {self.host!r} does not serve agent {c.agent!r} (it serves "
                                   f"{', '.join(self.agents)})", hint="the caller and this worker read different files")
             if body.get("graph") != self.digest:
-                raise ConfigError(f"the worker for host {self.host!r} runs another version of graph "
-                                  f"{self.graph.name!r} (its agents, hosts or edges differ)",
-                                  hint="use the same pipeline file on every host")
+                raise self._version_error()
             ctx = CallContext(agent=c.agent, trace=trace, cancel=c.cancel, executor=self._executor)
             handler = {"load": self._load, "reading": self._reading, "share": self._share, "text": self._text}[op]
             result, blobs, detail = await handler(c, env, ctx)

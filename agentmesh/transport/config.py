@@ -71,6 +71,8 @@ class BrokerConfig(BaseModel):
     keepalive_s: int = Field(default=60, ge=5, le=3600)
     timeout_s: float = Field(default=60.0, gt=0, description="bounds connecting, one send, a silent peer")
     chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=64 << 20)
+    heartbeat_timeout_s: float = Field(default=15.0, gt=0, description="a peer silent this long mid-call has died")
+    start_wait_s: float = Field(default=300.0, gt=0, description="how long a caller waits for peers to come up")
     # Tuning that pipeline files rarely need.
     client_id: str | None = None
     protocol: Literal["auto", "5", "3.1.1"] = "auto"

@@ -2,14 +2,20 @@
 and exit status 2; nothing prints a traceback at a user."""
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
 from rich.console import Console
 
+from agentmesh import __version__
 from agentmesh.errors import AgentMeshError, ConfigError
+from agentmesh.progress import Interrupted
 
 def _run_remote(*args: Any, **kwargs: Any) -> Any:
     from agentmesh.mesh.remote import run_remote  # imported on use: the bare CLI starts fast
@@ -27,9 +33,45 @@ class Services:
 
 app = typer.Typer(
     name="agentmesh", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
-    context_settings={"obj": Services()},
-    help="LLM agents that talk through their KV caches (Cache-to-Cache fusion).")
+    context_settings={"obj": Services()})
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Library warnings (deprecations, transformers' notices) go to the log, which only --verbose shows,
+    so normal output holds what agentmesh says and nothing else."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.captureWarnings(True)
+    logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL, format="%(name)s: %(message)s",
+                        stream=sys.stderr)
+    if not verbose:
+        warnings.filterwarnings("ignore")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"agentmesh {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show library warnings and log messages."),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """LLM agents that talk through their KV caches (Cache-to-Cache fusion)."""
+    _quiet_libraries(verbose)
+
+
+def _positive(name: str, *, at_most: float | None = None) -> Callable[[float], float]:
+    def check(value: float) -> float:
+        if not value > 0 or (at_most is not None and value > at_most):
+            where = f"in (0, {at_most:g}]" if at_most is not None else "above 0"
+            raise typer.BadParameter(f"{value:g} is out of range; expected a number {where}", param_hint=name)
+        return value
+    return check
 
 
 def fail(error: AgentMeshError) -> None:
@@ -61,37 +103,62 @@ def generate(
     mode: str = typer.Option("parallel", help="Multi-sharer fusion: parallel or sequential."),
     system: Optional[str] = typer.Option(None, help="A system message."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0),
-    temperature: float = typer.Option(0.0, help="0 decodes greedily; above 0 samples."),
-    top_k: int = typer.Option(0, help="Sample among the k likeliest tokens (0: all)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
-    repetition_penalty: float = typer.Option(1.0),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 decodes greedily; above 0 samples."),
+    top_k: int = typer.Option(0, min=0, help="Sample among the k likeliest tokens (0: all)."),
+    top_p: float = typer.Option(1.0, callback=_positive("--top-p", at_most=1.0), help="Nucleus sampling mass."),
+    repetition_penalty: float = typer.Option(1.0, callback=_positive("--repetition-penalty")),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated."),
 ) -> None:
     """Answer PROMPT with a receiver model, optionally fused with sharers' KV caches."""
     from agentmesh.c2c.pretrained import build_c2c_model
+    from agentmesh.models.inference import check_context
+    from agentmesh.models.builtin import DEFAULT_MODEL
+    from agentmesh.models.loading import model_size
     from agentmesh.models.streaming import TextDecoder
+    from agentmesh.progress import Steps
+    from agentmesh.units import human_bytes
 
     text = read_text_arg(prompt, "prompt")
+    steps = Steps(err)
     try:
         if mode not in ("parallel", "sequential"):
             raise ConfigError(f"--mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
-        receiver, sharers = with_adapters(model, adapter, sharer, sharer_adapter, dtype=dtype)
-        c2c = build_c2c_model(receiver, sharers=sharers, fusers=fuser, mode=mode, dtype=dtype)
+        # Bad paths fail here, before anything is shown or loaded.
+        size = model_size(model or DEFAULT_MODEL) if model is not None or not fuser else None
+        for ref in fuser:
+            if not ref.startswith("hf:") and not Path(ref).expanduser().is_dir():
+                from agentmesh.c2c.checkpoints import locate
+
+                locate(ref)
+        what = (model or DEFAULT_MODEL) if not fuser else "the fuser's models"
+        with steps.step("load", f"loading {what}" + (f" ({human_bytes(size)})" if size else "")):
+            receiver, sharers = with_adapters(model, adapter, sharer, sharer_adapter, dtype=dtype)
+            c2c = build_c2c_model(receiver, sharers=sharers, fusers=fuser, mode=mode, dtype=dtype)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        on_token = None
-        if stream:
-            decoder = TextDecoder(c2c.tokenizer)
-            eos = set(c2c.receiver.eos_token_ids)
-            on_token = lambda step, tok: None if int(tok[0]) in eos else print(  # noqa: E731
-                decoder.push(int(tok[0])), end="", flush=True)
-        answer = c2c.chat(messages, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                          temperature=temperature if temperature > 0 else None, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty, seed=seed, on_token=on_token)
+        prompt_tokens = len(c2c.receiver.chat_ids(messages))
+        check_context(c2c.receiver, prompt_tokens, max_new_tokens)
+        eos = set(c2c.receiver.eos_token_ids)
+        decoder = TextDecoder(c2c.tokenizer) if stream else None
+        with steps.step("answer", f"reading the prompt ({prompt_tokens} tokens)") as show:
+            def on_token(step: int, tok: Any) -> None:
+                if decoder is not None:
+                    if step == 0 and steps.live:
+                        show("")  # the streamed text shows progress from here on
+                    if int(tok[0]) not in eos:
+                        print(decoder.push(int(tok[0])), end="", flush=True)
+                else:
+                    show(f"decoding ({step + 1} tokens)")
+
+            answer = c2c.chat(messages, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                              temperature=temperature if temperature > 0 else None, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed, on_token=on_token)
     except AgentMeshError as e:
         fail(e)
     print() if stream else print(answer)
+    err.print(f"[dim]model loading {steps.times['load']:.1f} s, answer {steps.times['answer']:.1f} s "
+              f"({prompt_tokens} prompt tokens)[/]", markup=True)
 
 
 def with_adapters(model: str | None, adapter: str | None, sharers: list[str], sharer_adapters: list[str], *,
@@ -138,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = command.main(args=argv, prog_name="agentmesh", standalone_mode=False)
     except typer.TyperException as e:  # click's usage errors, as typer vendors them
+        if not e.format_message():  # `agentmesh` alone: the help was shown; nothing more to say
+            sys.exit(2)
         ctx = getattr(e, "ctx", None)
         where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         err.print(f"[bold red]error:[/] {e.format_message()}{where}", markup=True)
@@ -145,9 +214,22 @@ def main(argv: list[str] | None = None) -> None:
     except AgentMeshError as e:  # raised outside a command's own handler
         err.print(f"[bold red]error:[/] {e}", markup=True)
         code = 2
+    except Interrupted as e:
+        _exit_interrupted(str(e))
     except (KeyboardInterrupt, typer.Abort):
-        code = 130
+        _exit_interrupted("interrupted")
+    if code == 130:  # Ctrl-C outside a named step, as the command-line framework reports it
+        _exit_interrupted("interrupted")
     sys.exit(code or 0)
+
+
+def _exit_interrupted(what: str) -> NoReturn:
+    """One line, then exit at once: worker threads still loading a model would otherwise hold the
+    process until they finish. Files are written atomically, so none is left half-written."""
+    sys.stdout.flush()
+    sys.stderr.write(what + "\n")
+    sys.stderr.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":

@@ -323,7 +323,7 @@ def test_cli_inspect_shows_pair_size_and_gates(env):
     out = result.stdout
     expected_params = load_published(env["pub"]).num_parameters()
     assert PAIR in out and str(env["receiver"]) in out and f"{expected_params:,}" in out and "bfloat16" in out
-    assert "open gates: key 4/4, value 3/4" in out and " KB" in out
+    assert "open gates: key 4/4, value 3/4" in out and " kB" in out
     bad = CliRunner().invoke(app, ["inspect", str(env["root"] / "nowhere")])
     assert bad.exit_code == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.output
 

@@ -48,3 +48,126 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (root / ".ci" / "run").read_text()
     assert "bash setup.sh --test && python3 -m pytest" in readme
     assert "grep -m1 -o 'bash setup.sh --test && .*pytest" in ci
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """`agentmesh ARGS` in this process (fast: no interpreter start), as (exit code, stdout, stderr)."""
+    import logging
+    import os
+    import warnings
+
+    from agentmesh.cli import main
+
+    env, root = dict(os.environ), logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        with warnings.catch_warnings(), pytest.raises(SystemExit) as stop:
+            main(list(args))
+    finally:  # the CLI quiets libraries for its process; leave this test process as it was
+        os.environ.clear()
+        os.environ.update(env)
+        root.setLevel(level)
+        root.handlers[:] = handlers
+        logging.captureWarnings(False)
+    out = capsys.readouterr()
+    return stop.value.code, out.out, out.err
+
+
+def test_version_and_bare_command(capsys):
+    from agentmesh import __version__
+
+    code, out, err = run_main(capsys, "--version")
+    assert code == 0 and out.strip() == f"agentmesh {__version__}"
+    code, out, err = run_main(capsys)
+    assert code == 2 and "Usage" in out + err and "error:" not in out + err  # the help, no empty error line
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "hi", "--temperature", "-1"], "--temperature"),
+    (["generate", "hi", "--top-p", "0"], "--top-p"),
+    (["generate", "hi", "--top-p", "1.5"], "--top-p"),
+    (["generate", "hi", "--repetition-penalty", "0"], "--repetition-penalty"),
+    (["generate", "hi", "--top-k", "-3"], "--top-k"),
+    (["generate", "hi", "--model", "./no/such/folder"], "no model at ./no/such/folder"),
+    (["generate", "hi", "--model", "smollm2-135m-instrct"], "did you mean 'smollm2-135m-instruct'"),
+    (["run", "graphs/combined_reasoning.yaml", "--broker", "mqtt://127.0.0.1:1"], "nothing to run across hosts"),
+    (["generate", "hi", "--no-such-flag"], "--no-such-flag"),
+])
+def test_bad_flags_are_one_line_and_exit_2(capsys, monkeypatch, args, needle):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    code, out, err = run_main(capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert out == ""
+
+
+def test_graph_check_catches_a_misspelled_model_and_agents_key(tmp_path, capsys):
+    (tmp_path / "model.yaml").write_text("version: 1\nname: x\nagents:\n  a: {model: smollm2-135m-instrct}\n")
+    (tmp_path / "key.yaml").write_text("version: 1\nname: x\nagent:\n  a: {model: smollm2-135m-instruct}\n")
+    code, out, err = run_main(capsys, "graph", "check", str(tmp_path / "model.yaml"), str(tmp_path / "key.yaml"))
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 2, err
+    assert "agents.a.model: unknown model 'smollm2-135m-instrct'" in lines[0]
+    assert "did you mean 'smollm2-135m-instruct'" in lines[0]
+    assert "unknown key 'agent'" in lines[1] and "did you mean 'agents'" in lines[1]
+
+
+def start(*args: str, cwd: str | None = None) -> subprocess.Popen:
+    import os
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "agentmesh", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+
+
+def interrupt_when(proc: subprocess.Popen, needle: str) -> tuple[int, list[str]]:
+    """Send Ctrl-C (SIGINT) once `needle` shows on stderr; the exit code and stderr lines after it."""
+    import signal
+
+    seen: list[str] = []
+    for line in proc.stderr:
+        seen.append(line.rstrip("\n"))
+        if needle in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    else:
+        proc.wait()
+        pytest.fail(f"never saw {needle!r} (exit {proc.returncode}): {seen}")
+    rest = proc.stderr.read().splitlines()
+    proc.wait(timeout=120)
+    proc.stdout.close()
+    proc.stderr.close()
+    return proc.returncode, rest
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_loading_is_one_line_and_exit_130():
+    proc = start("generate", "What is the capital of France?")
+    code, after = interrupt_when(proc, "loading smollm2-135m-instruct (")
+    lines = [line for line in after if line.strip()]
+    assert code == 130 and len(lines) == 1 and lines[0].startswith("interrupted while loading smollm2-135m-instruct ("), after
+    assert lines[0].endswith(" MB)"), after
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_reading_a_long_prompt():
+    prompt = "Summarise this. " + "The river runs past the old mill and the bakery. " * 150
+    proc = start("generate", prompt, "-n", "8")
+    code, after = interrupt_when(proc, "reading the prompt (")
+    lines = [line for line in after if line.strip()]
+    assert code == 130 and len(lines) == 1 and lines[0].startswith("interrupted while reading the prompt"), after
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_run_decodes_leaves_no_trace_file(tmp_path):
+    graph = tmp_path / "story.yaml"
+    graph.write_text("version: 1\nname: story\nagents:\n  teller: {model: smollm2-135m-instruct, "
+                     "prompt: 'Tell a very long story about a lighthouse keeper.', max_new_tokens: 400}\n")
+    trace = tmp_path / "trace.json"
+    proc = start("run", str(graph), "--trace", str(trace))
+    code, after = interrupt_when(proc, "teller: decoding")
+    lines = [line for line in after if line.strip() and not line.startswith("teller:")]
+    assert code == 130 and lines == ["interrupted while teller decoding"], after
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["story.yaml"]  # no trace, whole or partial

@@ -171,6 +171,8 @@ def test_fused_generate_uses_the_current_transformers_api(models, prompts):
     handler.emit = records.append
     hf_logger = logging.getLogger("transformers")
     hf_logger.addHandler(handler)
+    level = hf_logger.level
+    hf_logger.setLevel(logging.WARNING)  # whatever verbosity the environment asked for
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
@@ -178,5 +180,6 @@ def test_fused_generate_uses_the_current_transformers_api(models, prompts):
             out = model.generate(*prompts, max_new_tokens=3)
     finally:
         hf_logger.removeHandler(handler)
+        hf_logger.setLevel(level)
     assert out.shape[0] == 2
     assert not [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]

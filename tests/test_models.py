@@ -93,7 +93,7 @@ def test_folder_round_trip_keeps_logits(arch, tmp_path, tiny_tokenizer, tiny_mod
 
 
 def test_folder_errors_name_the_path_and_what_is_missing(tmp_path, llama_dir):
-    with pytest.raises(ModelLoadError, match=r"model folder .*/absent does not exist; expected .*config.json"):
+    with pytest.raises(ModelLoadError, match=r"no model at .*/absent: the folder does not exist; expected .*config.json"):
         load_model(tmp_path / "absent")
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model("./absent-folder/model")
@@ -113,9 +113,9 @@ def test_folder_errors_name_the_path_and_what_is_missing(tmp_path, llama_dir):
 
 def test_gguf_ref_errors(tmp_path):
     missing = tmp_path / "model.gguf"
-    with pytest.raises(ModelLoadError, match=rf"GGUF file {missing} does not exist; expected a path to a .gguf"):
+    with pytest.raises(ModelLoadError, match=rf"no model at {missing}: the GGUF file does not exist"):
         load_model(missing)
-    with pytest.raises(ModelLoadError, match="GGUF file .* does not exist"):
+    with pytest.raises(ModelLoadError, match="no model at .*: the GGUF file does not exist"):
         load_model(str(missing))
     not_gguf = tmp_path / "weights.bin"
     not_gguf.write_bytes(b"\0" * 16)

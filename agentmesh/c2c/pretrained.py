@@ -27,7 +27,8 @@ def _same_model_id(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def _get_model(pool: Any, ref: ModelLike, *, role: str, fuser: str, dtype: Any, device: Any) -> Any:
+def _get_model(pool: Any, ref: ModelLike, *, role: str, fuser: str | None, dtype: Any, device: Any) -> Any:
+    """`ref` loaded; a failure names the fuser that asked for the model, when one did."""
     from agentmesh.models import LoadedModel
 
     if isinstance(ref, LoadedModel):
@@ -35,6 +36,8 @@ def _get_model(pool: Any, ref: ModelLike, *, role: str, fuser: str, dtype: Any, 
     try:
         return pool.get(ref, dtype=dtype, device=device)
     except ModelLoadError as e:
+        if fuser is None:
+            raise
         raise ModelLoadError(f"fuser {fuser} needs {role} {str(ref)!r}: {e.message}",
                              hint=e.hint or f"pass {role}=... (a loaded model or a local folder) to use a copy "
                                             "you have") from None
@@ -129,15 +132,15 @@ def build_c2c_model(
     if not fusers:
         if sharers:
             raise ConfigError(f"{len(sharers)} sharer(s) given but no fuser; give one --fuser per sharer")
-        return C2CModel(_get_model(pool, model or DEFAULT_MODEL, role="receiver", fuser="(none)", dtype=dtype,
+        return C2CModel(_get_model(pool, model or DEFAULT_MODEL, role="receiver", fuser=None, dtype=dtype,
                                    device=device))
     if sharers and len(sharers) != len(fusers):
         raise ConfigError(f"{len(sharers)} sharers but {len(fusers)} fusers; give one fuser per sharer, in order")
     if all(isinstance(f, Fuser) for f in fusers):
         if model is None or not sharers:
             raise ConfigError("loaded Fuser objects need the receiver and the sharers they join")
-        recv = _get_model(pool, model, role="receiver", fuser="(given)", dtype=dtype, device=device)
-        loaded = [_get_model(pool, s, role="sharer", fuser="(given)", dtype=dtype, device=device) for s in sharers]
+        recv = _get_model(pool, model, role="receiver", fuser=None, dtype=dtype, device=device)
+        loaded = [_get_model(pool, s, role="sharer", fuser=None, dtype=dtype, device=device) for s in sharers]
         for f, s in zip(fusers, loaded):
             check_models(f, recv.signature, s.signature)
         return C2CModel(recv, loaded, [bind_models(f, recv.signature, s.signature) for f, s in zip(fusers, loaded)],

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from agentmesh.errors import AgentMeshError
+from agentmesh.errors import AgentMeshError, GraphError
 from agentmesh.graph.graph import Graph
 from agentmesh.graph.render import describe, mermaid
 
@@ -43,10 +43,29 @@ def _load(file: Path) -> Graph:
     return Graph.from_yaml(file, fuser_info=_fuser_info)
 
 
+def _check_models(file: Path, graph: Graph) -> None:
+    """Every agent's model names something that exists (checked without loading it): a misspelled
+    built-in name or a missing folder fails here rather than after a run has started."""
+    from agentmesh.models.loading import resolve_ref
+
+    for name in graph.agents:
+        ref = graph.model_of(name).ref
+        try:
+            resolve_ref(ref)
+        except AgentMeshError as exc:
+            raise GraphError(f"{file}: agents.{name}.model: {exc}") from None
+
+
 def _expand(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for path in paths:
-        out += sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
+        if path.is_dir():
+            found = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+            if not found:
+                raise GraphError(f"{path}: the folder holds no pipeline files (*.yaml, *.yml)")
+            out += found
+        else:
+            out.append(path)
     return out
 
 
@@ -54,9 +73,15 @@ def _expand(paths: list[Path]) -> list[Path]:
 def check(files: Annotated[list[Path], typer.Argument(help="pipeline files (or folders of *.yaml) to check")]) -> None:
     """Check pipeline files: prints `ok FILE (N agents, M edges)` for each good one."""
     failed = False
-    for file in _expand(files):
+    try:
+        expanded = _expand(files)
+    except AgentMeshError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    for file in expanded:
         try:
             g = _load(file)
+            _check_models(file, g)
         except AgentMeshError as exc:
             typer.echo(str(exc), err=True)
             failed = True

@@ -23,6 +23,7 @@ import networkx as nx
 from pydantic import ValidationError
 
 from agentmesh.errors import ConfigError, GraphError
+from agentmesh.files import FileProblem, read_text_limited
 from agentmesh.graph import template
 from agentmesh.graph.source import KeyPath, SourceMap, choices_hint, graph_error
 from agentmesh.graph.spec import DEFAULT_MODEL, IDENT_HINT, IDENT_RE, AgentSpec, AuthSpec, GraphSpec
@@ -35,6 +36,9 @@ S = TypeVar("S")
 EdgeType = Literal["text", "cache"]
 CacheMode = Literal["fuse", "prefix"]
 FusionMode = Literal["parallel", "sequential"]
+
+# A context file is read into a prompt: far past any model's context length is a wrong path.
+MAX_CONTEXT_BYTES = 8_000_000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,10 +444,9 @@ class Graph:
             return a.context
         file = self.resolve_path(a.context_file)
         try:
-            return file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise self._error(("agents", a.name, "context_file"), f"cannot read context file {str(file)!r}: "
-                              f"{exc.strerror if isinstance(exc, OSError) else 'not UTF-8 text'}",
+            return read_text_limited(file, MAX_CONTEXT_BYTES)
+        except FileProblem as exc:
+            raise self._error(("agents", a.name, "context_file"), f"context file {str(file)!r} {exc}",
                               "paths are relative to the pipeline file's folder") from None
 
     def prompt_template_of(self, agent: Agent | str) -> str:

@@ -60,10 +60,8 @@ def _check_agents(graph: Graph) -> None:
         if agent.host is not None and agent.host not in graph.hosts:
             raise _err(graph, ("agents", name, "host"), f"host {agent.host!r} is not declared",
                        choices_hint(agent.host, graph.hosts, "hosts") + "; declare it under hosts:")
-        if agent.context_file is not None and not graph.resolve_path(agent.context_file).is_file():
-            raise _err(graph, ("agents", name, "context_file"),
-                       f"context file {str(graph.resolve_path(agent.context_file))!r} does not exist",
-                       "paths are relative to the pipeline file's folder")
+        if agent.context_file is not None:
+            graph.context_of(name)  # a missing, oversized or unreadable file (a FIFO, a folder) fails here
 
 
 def _check_edges(graph: Graph) -> None:

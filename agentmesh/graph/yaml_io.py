@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from agentmesh.errors import GraphError
+from agentmesh.files import FileProblem, read_text_limited
 from agentmesh.graph.source import KeyPath, SourceMap, did_you_mean, graph_error, one_line
 from agentmesh.graph.spec import IDENT_HINT, IDENT_PATTERN, GraphSpec
 
@@ -31,20 +32,36 @@ _HIDDEN_KEYS = {"password"}  # fields that exist only to be rejected; never sugg
 # Reading
 
 
+# Bounds on what a pipeline file may make the loader do, whatever it claims: its size, how deep its
+# mappings and lists nest, and how many values it holds once aliases are expanded (a file of a few
+# lines of nested aliases, "billion laughs", would otherwise expand to billions).
+MAX_FILE_BYTES = 1_000_000
+MAX_DEPTH = 64
+MAX_NODES = 100_000
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def read_yaml(path: str | Path) -> tuple[Any, SourceMap]:
     """Parse a YAML file safely; returns the data and the line of every key path."""
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise GraphError(f"{file}: cannot read the file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise GraphError(f"{file}: the file is not UTF-8 text") from None
+        text = read_text_limited(path, MAX_FILE_BYTES)
+    except FileProblem as exc:
+        raise GraphError(f"{file}: the pipeline file {exc}", hint="give the path of a YAML file") from None
+    bad = _CONTROL.search(text)
+    if bad is not None:
+        line = text.count("\n", 0, bad.start()) + 1
+        raise GraphError(f"{file}:{line}: control character U+{ord(bad.group()):04X} in the file",
+                         hint="a pipeline file is plain text; write \\n or \\t escapes inside quotes") from None
     loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise GraphError(f"{file}: the file nests deeper than {MAX_DEPTH} levels") from None
         if node is None:
             raise GraphError(f"{file}:1: the file is empty", hint="a pipeline starts with version: 1, name: and agents:")
+        _check_size(node, file)
         lines: dict[KeyPath, int] = {(): node.start_mark.line + 1}
         _index(node, (), lines, file)
         data = loader.construct_document(node)
@@ -62,6 +79,44 @@ def read_yaml(path: str | Path) -> tuple[Any, SourceMap]:
     finally:
         loader.dispose()
     return data, SourceMap(file=file, lines=lines)
+
+
+def _check_size(root: yaml.Node, file: str) -> None:
+    """Fail unless `root` nests at most MAX_DEPTH deep and holds at most MAX_NODES values with its
+    aliases expanded. An alias is the same node object as its anchor, so sizes are memoised per
+    node and the walk costs the file's size, not the expansion's."""
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values under it, expanded; levels under it)
+
+    def walk(node: yaml.Node, depth: int) -> tuple[int, int]:
+        if depth > MAX_DEPTH:
+            raise GraphError(f"{file}:{node.start_mark.line + 1}: the file nests deeper than {MAX_DEPTH} levels "
+                             "(or an alias refers to itself)")
+        if id(node) in sizes:
+            size, height = sizes[id(node)]
+            if depth + height > MAX_DEPTH:
+                return walk_children(node, depth)
+            return size, height
+        sizes[id(node)] = result = walk_children(node, depth)
+        return result
+
+    def walk_children(node: yaml.Node, depth: int) -> tuple[int, int]:
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            return 1, 0
+        size, height = 1, 0
+        for child in children:
+            s, h = walk(child, depth + 1)
+            size, height = size + s, max(height, h + 1)
+            if size > MAX_NODES:
+                raise GraphError(f"{file}:{node.start_mark.line + 1}: the file holds more than {MAX_NODES:,} values "
+                                 "once its aliases are expanded",
+                                 hint="a pipeline file needs far fewer; write the values out instead of nesting aliases")
+        return size, height
+
+    walk(root, 0)
 
 
 def _index(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], file: str) -> None:
@@ -92,8 +147,9 @@ def spec_from_data(data: Any, where: SourceMap | str) -> GraphSpec:
     except ValidationError as exc:
         errors = [(_clean_loc(e["loc"]), e) for e in exc.errors()]
         if isinstance(where, SourceMap):
-            # Report the problem nearest the top of the file, as a reader would meet it.
-            errors.sort(key=lambda pe: where.line_of(pe[0]))
+            # Report the problem nearest the top of the file, as a reader would meet it; a missing
+            # key last, since it is often a misspelled key reported on its own line ("agent:").
+            errors.sort(key=lambda pe: (pe[1]["type"] == "missing", where.line_of(pe[0])))
         path, err = errors[0]
         message, hint = _explain(path, err)
         raise graph_error(where, path, message, hint) from None

@@ -161,6 +161,21 @@ class RunningCache:
                        positions=self.positions, attention_mask=self.mask)
 
 
+def context_length(lm: Any) -> int | None:
+    """How many positions `lm` reads at most (its config's `max_position_embeddings`), if known."""
+    n = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_context(lm: Any, tokens: int, new_tokens: int = 0) -> None:
+    """Fail before any work when `tokens` read plus `new_tokens` generated exceed `lm`'s context."""
+    limit = context_length(lm)
+    if limit is not None and tokens + new_tokens > limit:
+        also = f" plus {new_tokens} new tokens" if new_tokens else ""
+        raise ConfigError(f"the prompt is {tokens} tokens{also}, but {lm.name} reads at most {limit}",
+                          hint="shorten the prompt" + (" or lower max_new_tokens" if new_tokens else ""))
+
+
 @torch.no_grad()
 def prefill(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
             past: KVCache | None = None, *, hook: TokenHook | None = None) -> KVCache:
@@ -172,6 +187,7 @@ def prefill(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
         if past is None:
             raise ConfigError("prefill got an empty prompt and no past cache; give at least one token")
         return past
+    check_context(lm, input_ids.shape[1] + (past.seq_len if past is not None else 0))
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
     run = RunningCache.start(lm, past, input_ids.shape[0], hook)
     run.read(lm, input_ids, mask)

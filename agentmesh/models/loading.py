@@ -14,6 +14,7 @@ Reference kinds (`resolve_ref` tells them apart without loading anything):
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.util
 import os
 import re
@@ -78,12 +79,13 @@ def resolve_ref(ref: str | Path) -> ModelRef:
         if m is not None:
             return _hub_ref(m["repo"], m["rev"])
     if path.suffix == ".gguf":
-        raise ModelLoadError(f"GGUF file {path} does not exist; expected a path to a .gguf model file")
+        raise ModelLoadError(f"no model at {ref}: the GGUF file does not exist")
     if isinstance(ref, Path) or _looks_like_path(ref) or "/" in ref:
-        raise ModelLoadError(f"model folder {path} does not exist; expected a folder with {_FOLDER_EXPECTED}")
+        raise ModelLoadError(f"no model at {ref}: the folder does not exist; expected a folder with {_FOLDER_EXPECTED}")
+    close = difflib.get_close_matches(ref, builtin_names(), n=1)
     raise ModelLoadError(
         f"unknown model {ref!r}: not a built-in ({', '.join(builtin_names())}), an existing folder or "
-        ".gguf file, or a hub id like org/name")
+        ".gguf file, or a hub id like org/name", hint=f"did you mean {close[0]!r}?" if close else None)
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -103,6 +105,18 @@ def _path_ref(path: Path) -> ModelRef:
     if not (path / "config.json").is_file() and len(ggufs) == 1:
         return ModelRef("gguf", ggufs[0].stem, str(ggufs[0]), path=ggufs[0])
     return ModelRef("folder", path.name, str(path), path=path)
+
+
+def model_size(ref: str | Path = DEFAULT_MODEL) -> int | None:
+    """Bytes of weights `ref` names on disk, without loading it (None for a hub id not yet fetched).
+    Raises `ModelLoadError` as `resolve_ref` does, so a bad reference fails before any work."""
+    mref = resolve_ref(ref)
+    path = builtin_gguf_path(mref.name) if mref.kind == "builtin" else mref.path
+    if path is None:
+        return None
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) or None
 
 
 # ---- dtype and device ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ The main app registers them with `app.command("run")(run_command)` and
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -15,6 +16,11 @@ import orjson
 import typer
 
 from agentmesh.errors import AgentMeshError, RunError
+
+
+# A run that has not ended in this long is stuck (a worker that never answers, a prompt far past
+# what the machine can decode): stop it rather than wait for ever. `--timeout` changes it.
+DEFAULT_RUN_TIMEOUT_S = 1800.0
 
 
 def _fail(error: BaseException | str) -> NoReturn:
@@ -58,8 +64,8 @@ def run_command(
                                                   "Perfetto).")] = None,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Show tokens as they come "
                                                    "(default: on a terminal).")] = None,
-    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Stop the run after this many seconds.")]
-    = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.001, help="Stop the run after this many seconds "
+                                           "(model loading included).")] = DEFAULT_RUN_TIMEOUT_S,
     broker: Annotated[Optional[str], typer.Option("--broker", help="Run across hosts over this MQTT broker "
                                                   "(mqtt://HOST:PORT); agents on other hosts run on their workers "
                                                   "(`agentmesh worker`).")] = None,
@@ -70,7 +76,8 @@ def run_command(
                                            "only.")] = False,
 ) -> None:
     """Run a pipeline once and print each output agent's text, then latency and bytes per edge."""
-    from agentmesh.runtime.display import LiveView, PlainStream, footer, print_outputs
+    from agentmesh.progress import Interrupted
+    from agentmesh.runtime.display import LiveView, PhaseLog, PlainStream, footer, print_outputs
     from agentmesh.runtime.plan import build_plan
     from agentmesh.runtime.scheduler import run_graph
 
@@ -80,6 +87,9 @@ def run_command(
 
     try:
         graph = _load(file)
+        if broker and not any(a.host for a in graph.agents.values()):
+            raise typer.BadParameter(f"{file} places no agent on a host (no `host:` keys), so there is nothing to "
+                                     "run across hosts; drop --broker", param_hint="--broker")
         plan = build_plan(graph, validate=False)
         text = _read_input(input)
         graph.resolve_inputs(text)  # a missing input fails here, before any model loads
@@ -87,22 +97,31 @@ def run_command(
         _fail(e)
     terminal = _is_terminal() and not json_out
     live_view = stream if stream is not None else terminal
+    log = PhaseLog(lambda line: (sys.stderr.write(line), sys.stderr.flush()))
+    view = LiveView(plan, show_tokens=live_view)
     try:
         if terminal:
             from rich.console import Console
             from rich.live import Live
 
-            view = LiveView(plan, show_tokens=live_view)
             with Live(view, console=Console(), refresh_per_second=8, transient=False):
                 result = runner(graph, text, on_event=view.on_event, timeout=timeout, validate=False)
-        elif live_view and not json_out:
-            plain = PlainStream(plan.outputs, sys.stdout.write, sys.stdout.flush)
-            result = runner(graph, text, on_event=plain.on_event, timeout=timeout, validate=False)
-            plain.end()
         else:
-            result = runner(graph, text, timeout=timeout, validate=False)
+            plain = PlainStream(plan.outputs, sys.stdout.write, sys.stdout.flush) if live_view and not json_out else None
+
+            def on_event(event: Any) -> None:
+                view.on_event(event)
+                log.on_event(event)
+                if plain is not None:
+                    plain.on_event(event)
+
+            result = runner(graph, text, on_event=on_event, timeout=timeout, validate=False)
+            if plain is not None:
+                plain.end()
     except AgentMeshError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while {view.describe()}") from None
     if trace is not None and result.trace is not None:
         try:
             result.trace.save_chrome(trace)
@@ -130,7 +149,8 @@ def chat_command(
 
     The conversation is kept, and every agent reuses its cache from the turn before.
     """
-    from agentmesh.runtime.display import PlainStream
+    from agentmesh.progress import Interrupted, Steps
+    from agentmesh.runtime.display import LiveView, PhaseLog, PlainStream
     from agentmesh.runtime.session import ChatSession
 
     try:
@@ -155,10 +175,26 @@ def chat_command(
         if text.lower() in ("exit", "quit"):
             break
         plain = PlainStream(outputs, sys.stdout.write, sys.stdout.flush) if live else None
+        view = LiveView(session.plan, show_tokens=False)
+        steps = Steps()
+        log = None if steps.live else PhaseLog(lambda line: (sys.stderr.write(line), sys.stderr.flush()))
         try:
-            result = session.send(text, on_event=None if plain is None else plain.on_event)
+            # A spinner on a terminal, a log line per step otherwise (see PhaseLog).
+            with steps.step("turn", "starting") if steps.live else contextlib.nullcontext(None) as show:
+                def on_event(event: Any) -> None:
+                    view.on_event(event)
+                    if show is not None:
+                        show(view.describe())
+                    if log is not None:
+                        log.on_event(event)
+                    if plain is not None:
+                        plain.on_event(event)
+
+                result = session.send(text, on_event=on_event)
         except AgentMeshError as e:
             _fail(e)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted while {view.describe()}") from None
         if plain is not None:
             plain.end()
         else:

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, TextIO
 
+import time
+
 from rich.console import Group
 from rich.panel import Panel
+from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
@@ -29,8 +32,23 @@ class LiveView:
         self.tokens = {n: 0 for n in plan.agents}
         self.text = {n: "" for n in plan.outputs}
         self.detail: dict[str, str] = {}
+        self.since = {n: time.perf_counter() for n in plan.agents}  # when each status began
+        self.spinners = {n: Spinner("dots", style="yellow") for n in plan.agents}
+
+    def describe(self) -> str:
+        """What is running now, for the line Ctrl-C prints: "a loading, b decoding"."""
+        busy = [f"{n} {s}" for n, s in self.status.items() if s not in ("waiting", "done", "failed")]
+        return ", ".join(busy) or "starting"
 
     def on_event(self, event: Event) -> None:
+        before = {n: self.status[n] for n in self.status}
+        self._apply(event)
+        now = time.perf_counter()
+        for n, s in self.status.items():
+            if before[n] != s:
+                self.since[n] = now
+
+    def _apply(self, event: Event) -> None:
         if isinstance(event, AgentStarted):
             self.status[event.agent] = "started"
         elif isinstance(event, PhaseStarted):
@@ -61,13 +79,37 @@ class LiveView:
             style = _STYLE.get(status, "yellow")
             busy = status not in ("waiting", "done", "failed")
             label = status + (f" ({self.tokens[name]} tok)" if busy and status == "decoding" else "")
-            table.add_row(name, Text(("… " if busy else "") + label, style=style), self.detail.get(name, ""))
+            if busy:
+                self.spinners[name].update(text=Text(f"{label} {time.perf_counter() - self.since[name]:.0f} s",
+                                                     style=style))
+                table.add_row(name, self.spinners[name], self.detail.get(name, ""))
+            else:
+                table.add_row(name, Text(label, style=style), self.detail.get(name, ""))
         parts: list[Any] = [table]
         if self.show_tokens:
             for name, text in self.text.items():
                 if text:
                     parts.append(Panel(Text(text), title=name, title_align="left", border_style="cyan"))
         return Group(*parts)
+
+
+class PhaseLog:
+    """Off a terminal: one line per agent step as it starts, and one when each agent ends."""
+
+    def __init__(self, write: Callable[[str], Any]):
+        self.write = write
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, PhaseStarted):
+            self.write(f"{event.agent}: {_PHASES.get(event.kind, event.kind)} …\n")
+        elif isinstance(event, Step) and event.span.kind == "prefill" and event.span.tokens:
+            span = event.span
+            rate = f" ({span.tokens / span.duration_s:.0f} tokens/s)" if span.duration_s > 0 else ""
+            self.write(f"{span.agent}: read {span.tokens} tokens in {span.duration_s:.1f} s{rate}\n")
+        elif isinstance(event, AgentFinished):
+            self.write(f"{event.agent}: done in {event.result.latency_s:.1f} s\n")
+        elif isinstance(event, AgentFailed):
+            self.write(f"{event.agent}: failed\n")
 
 
 class PlainStream:
@@ -104,7 +146,7 @@ def print_outputs(result: RunResult, out: TextIO) -> None:
 
 
 def footer(result: RunResult) -> str:
-    """Latency per output agent and bytes per edge, a few short lines."""
+    """Run time apart from model loading, latency per output agent and bytes per edge (SI units)."""
     lines = ["---"]
     parts = []
     for name in result.outputs:
@@ -112,7 +154,9 @@ def footer(result: RunResult) -> str:
         if r is not None:
             ttft = f", first token {r.ttft_s:.2f} s" if r.ttft_s is not None else ""
             parts.append(f"{name} {r.latency_s:.2f} s ({r.tokens} tokens{ttft})")
-    lines.append(f"latency {result.latency_s:.2f} s" + (f": {'; '.join(parts)}" if parts else ""))
+    lines.append(f"run {result.run_s:.2f} s + model loading {result.load_s:.2f} s = {result.latency_s:.2f} s")
+    if parts:
+        lines.append(f"latency {'; '.join(parts)}")
     if result.trace is not None:
         for key, n in result.trace.bytes_by_edge().items():
             edge = result.trace.edges.get(key)

@@ -64,8 +64,14 @@ class RunResult(Mapping[str, AgentResult]):
     outputs: tuple[str, ...] = ()
     trace: Trace | None = None
     error: RunError | None = None
-    latency_s: float = 0.0
+    latency_s: float = 0.0  # the whole run, model loading included
     prompts: dict[str, str] = field(default_factory=dict)  # each decoding agent's user message
+    load_s: float = 0.0  # of `latency_s`, the time some model was loading
+
+    @property
+    def run_s(self) -> float:
+        """The run's time without model loading: what a run with its models already loaded takes."""
+        return max(self.latency_s - self.load_s, 0.0)
 
     # ---- mapping --------------------------------------------------------------------------------
     def __getitem__(self, agent: str) -> AgentResult:
@@ -113,6 +119,8 @@ class RunResult(Mapping[str, AgentResult]):
             "error": None if self.error is None else {"agent": self.error.agent, "message": str(self.error)},
             "outputs": {n: self.agents[n].text for n in self.outputs if n in self.agents},
             "latency_s": round(self.latency_s, 6),
+            "load_s": round(self.load_s, 6),
+            "run_s": round(self.run_s, 6),
             "agents": {n: r.to_dict() for n, r in self.agents.items()},
             "bytes_by_edge": self.bytes_by_edge(),
         }

@@ -392,7 +392,7 @@ async def arun_graph(graph: Any, inputs: str | Mapping[str, str] | None = None, 
         run.finish_readers()
     agents = {n: run.results[n] for n in plan.agents if n in run.results}
     result = RunResult(graph=plan.graph, agents=agents, outputs=plan.outputs, trace=tr if trace else None,
-                       error=error, latency_s=tr.now(), prompts=dict(run.prompts))
+                       error=error, latency_s=tr.now(), prompts=dict(run.prompts), load_s=tr.load_s)
     emit(RunFinished(result))
     return result
 

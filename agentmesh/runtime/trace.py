@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
+from agentmesh.files import write_atomic
+
 SPAN_KINDS = ("load", "read", "prefill", "share", "transfer", "fuse", "decode", "text")
 
 
@@ -143,11 +145,22 @@ class Trace:
         spans = self.spans
         return max((s.end_s for s in spans), default=0.0)
 
+    @property
+    def load_s(self) -> float:
+        """Seconds of the run during which some model was loading (overlapping loads count once)."""
+        total, reach = 0.0, 0.0
+        for s in self.of(kind="load"):  # sorted by start
+            if s.end_s > reach:
+                total += s.end_s - max(s.start_s, reach)
+                reach = s.end_s
+        return total
+
     def to_dict(self) -> dict[str, Any]:
         moved = self.bytes_by_edge()
         return {
             "name": self.name,
             "duration_s": round(self.duration_s, 6),
+            "load_s": round(self.load_s, 6),
             "edges": {k: {"type": e.type, "mode": e.mode, "bytes": moved.get(k, 0)} for k, e in self.edges.items()},
             "bytes_by_edge": moved,
             "spans": [s.to_dict() for s in self.spans],
@@ -157,9 +170,7 @@ class Trace:
         return orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2 if indent else 0).decode()
 
     def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_json(), encoding="utf-8")
-        return path
+        return write_atomic(path, self.to_json().encode())
 
     def to_chrome(self) -> dict[str, Any]:
         """Chrome trace event format: one row per agent, one complete ("X") event per span."""
@@ -180,13 +191,12 @@ class Trace:
                            "ts": round(s.start_s * 1e6, 3), "dur": round(max(s.duration_s, 0.0) * 1e6, 3),
                            "pid": 1, "tid": tid[s.agent], "args": args})
         return {"traceEvents": events, "displayTimeUnit": "ms",
-                "otherData": {"graph": self.name, "bytes_by_edge": self.bytes_by_edge()}}
+                "otherData": {"graph": self.name, "load_s": round(self.load_s, 6),
+                              "bytes_by_edge": self.bytes_by_edge()}}
 
     def save_chrome(self, path: str | Path) -> Path:
         """Write the Chrome trace (open it at https://ui.perfetto.dev or chrome://tracing)."""
-        path = Path(path)
-        path.write_bytes(orjson.dumps(self.to_chrome()))
-        return path
+        return write_atomic(path, orjson.dumps(self.to_chrome()))
 
     def __repr__(self) -> str:
         return f"Trace({self.name!r}, spans={len(self._spans)}, duration_s={self.duration_s:.3f})"

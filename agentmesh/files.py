@@ -1,0 +1,57 @@
+"""Writing files so that an interrupted write (Ctrl-C, a crash, a full disk) never leaves a
+half-written file behind: the bytes go to a temporary file beside the target, which replaces the
+target only once complete."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` all at once or not at all; an older file at `path` stays until then."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: nothing partial stays behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class FileProblem(Exception):
+    """A path that cannot be read as a text file; the message says why ("is a directory")."""
+
+
+def read_text_limited(path: str | Path, limit: int) -> str:
+    """The UTF-8 text of the regular file at `path`, refusing anything else before opening it
+    (a directory, a FIFO that would block, /dev/zero that never ends) and files over `limit` bytes."""
+    import stat
+
+    from agentmesh.units import human_bytes
+
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileProblem("does not exist") from None
+    except OSError as e:
+        raise FileProblem(f"cannot be read: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise FileProblem("is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        raise FileProblem("is not a regular file (a FIFO, socket or device)")
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise FileProblem(f"cannot be read: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise FileProblem(f"is larger than {human_bytes(limit)}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FileProblem("is not UTF-8 text") from None

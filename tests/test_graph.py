@@ -430,7 +430,7 @@ def test_unsafe_or_broken_yaml_is_a_graph_error(tmp_path, text, fragment):
 
 def test_missing_file(tmp_path):
     err = load_error(tmp_path / "nope.yaml")
-    assert str(err).startswith(f"{tmp_path / 'nope.yaml'}: cannot read the file")
+    assert str(err).startswith(f"{tmp_path / 'nope.yaml'}: the pipeline file does not exist")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ class LiveView:
 
 
 class PhaseLog:
-    """Off a terminal: one line per agent step as it starts, and one when each agent ends."""
+    """Off a terminal: one line per agent step as it starts, and one when each agent ends (a
+    failure is the run's error line, printed once by the caller)."""
 
     def __init__(self, write: Callable[[str], Any]):
         self.write = write
@@ -108,8 +109,6 @@ class PhaseLog:
             self.write(f"{span.agent}: read {span.tokens} tokens in {span.duration_s:.1f} s{rate}\n")
         elif isinstance(event, AgentFinished):
             self.write(f"{event.agent}: done in {event.result.latency_s:.1f} s\n")
-        elif isinstance(event, AgentFailed):
-            self.write(f"{event.agent}: failed\n")
 
 
 class PlainStream:

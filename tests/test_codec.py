@@ -239,7 +239,7 @@ def test_truncated_and_padded_payloads_are_rejected():
     with pytest.raises(CodecError, match="truncated"):
         decode_cache(payload[:12])
     with pytest.raises(CodecError, match="trailing"):
-        decode_cache(payload + b"\0")
+        decode_cache(bytes(payload) + b"\0")
 
 
 def test_oversized_payload_is_rejected_before_parsing():
@@ -391,14 +391,14 @@ def _inside(t: torch.Tensor, buf: bytearray | memoryview) -> bool:
 def test_decode_views_a_writable_payload_and_copies_immutable_bytes():
     kv = make_cache(torch.bfloat16)
     payload = encode_cache(kv, dtype="bf16")
-    assert isinstance(payload, bytearray)
+    assert isinstance(payload, memoryview) and not payload.readonly
     out = decode_cache(payload, expected=SIG)
     assert_same(kv, out)
     for t in (*out.keys, *out.values, out.token_ids, out.positions, out.attention_mask):
         assert _inside(t, payload)
     # a payload inside a larger receive buffer (an envelope), even at an odd offset
     for pad in (8, 3):
-        envelope = bytearray(pad) + payload + bytearray(5)
+        envelope = bytearray(pad) + bytes(payload) + bytearray(5)
         inner = memoryview(envelope)[pad:pad + len(payload)]
         out = decode_cache(inner, expected=SIG)
         assert_same(kv, out)
@@ -418,7 +418,7 @@ def test_non_bytes_arguments_raise_codec_errors():
             decode_cache(bad)  # type: ignore[arg-type]
         with pytest.raises(CodecError, match="needs the payload as bytes"):
             read_header(bad)  # type: ignore[arg-type]
-    with pytest.raises(CodecError, match="encode_cache needs a KVCache, got bytearray"):
+    with pytest.raises(CodecError, match="encode_cache needs a KVCache, got memoryview"):
         encode_cache(payload)  # type: ignore[arg-type]
     with pytest.raises(CodecError, match="expected must be a ModelSignature, got str"):
         decode_cache(payload, expected="tiny-a")  # type: ignore[arg-type]

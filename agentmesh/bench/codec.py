@@ -113,6 +113,9 @@ def run(cfg: Config = Config(), *, tokenizer: Any = None, **_: Any) -> BenchResu
                     "encode_GB_per_s": raw / enc / 1e9, "decode_GB_per_s": raw / dec / 1e9,
                     "decode_bytes_ms": median(times["decode_bytes"]) * 1e3,
                     "memcpy_GB_per_s": raw / memcpy / 1e9, "vs_memcpy": memcpy / (enc + dec),
+                    # The best round: what the code costs when no other process takes the core.
+                    "best_GB_per_s": raw / (min(times["encode"]) + min(times["decode"])) / 1e9,
+                    "best_memcpy_GB_per_s": raw / min(times["memcpy"]) / 1e9,
                     "wire_bytes_per_token": len(payload) / cfg.tokens,
                     "vs_text": len(payload) / cfg.tokens / text_bpt, "max_abs_error_keys": err,
                 })
@@ -123,12 +126,14 @@ def run(cfg: Config = Config(), *, tokenizer: Any = None, **_: Any) -> BenchResu
     if bf16 is not None:
         targets.append(Target("bf16 cache, bf16 wire: encode+decode on one thread", bf16["GB_per_s"], ">=",
                               TARGET_GBPS, " GB/s"))
+        targets.append(Target("same, best round (the core not taken by another process)", bf16["best_GB_per_s"],
+                              ">=", TARGET_GBPS, " GB/s"))
     return BenchResult(
         name=NAME, title=(f"Cache codec: {cfg.num_layers} layers x {cfg.num_kv_heads} heads x {cfg.head_dim} dim x "
                           f"{cfg.tokens} tokens, {cfg.threads} thread(s)"),
         config=asdict(cfg),
         columns=["source", "wire", "payload_MB", "encode_ms", "decode_ms", "decode_bytes_ms", "GB_per_s",
-                 "cpu_GB_per_s", "memcpy_GB_per_s", "vs_memcpy", "encode_GB_per_s", "decode_GB_per_s",
+                 "cpu_GB_per_s", "best_GB_per_s", "memcpy_GB_per_s", "best_memcpy_GB_per_s", "vs_memcpy", "encode_GB_per_s", "decode_GB_per_s",
                  "wire_bytes_per_token", "vs_text", "max_abs_error_keys"],
         rows=rows, summary={"text_bytes_per_token": text_bpt, "text_tokenizer": text_source},
         targets=targets,

@@ -17,8 +17,10 @@ _COLUMNS: dict[str, list[str]] = {
     "mqtt": ["chunk_KiB", "chunks", "median_ms", "MB_per_s", "vs_best", "python_cpu_ms", "broker_cpu_ms",
              "cpu_bound_MB_per_s"],
     "scheduler": ["graph", "endpoints", "wall_ms_per_agent", "cpu_ms_per_agent"],
-    "codec": ["source", "wire", "payload_MB", "encode_ms", "decode_ms", "GB_per_s", "cpu_GB_per_s", "memcpy_GB_per_s",
-              "vs_memcpy", "decode_bytes_ms", "wire_bytes_per_token"],
+    "decode": ["mode", "ms_per_token", "vs_generate", "greedy_agreement", "weight_MB_per_token", "roofline_ms",
+               "roofline_fraction"],
+    "codec": ["source", "wire", "payload_MB", "encode_ms", "decode_ms", "GB_per_s", "cpu_GB_per_s", "best_GB_per_s",
+              "memcpy_GB_per_s", "best_memcpy_GB_per_s", "vs_memcpy", "decode_bytes_ms", "wire_bytes_per_token"],
 }
 
 

@@ -26,8 +26,8 @@ narrower than float32 (unit roundoff 2**-8 for bf16, 2**-11 for fp16, times |x|)
 
 Speed: encoding lays the payload out from the header alone, allocates it once and casts each
 tensor straight into its place; decoding hashes the body once and returns tensors that view the
-payload's own memory when the payload is writable (a `bytearray`, as `encode_cache` returns, or
-a writable memoryview), so a lossless round trip touches each byte three times (cast, hash,
+payload's own memory when the payload is writable (what `encode_cache` returns, a `bytearray`
+or any writable memoryview), so a lossless round trip touches each byte three times (cast, hash,
 hash). Read-only `bytes` are copied once, since torch cannot view immutable memory.
 
 Decoding treats the payload as untrusted: the prefix, the sizes and `max_bytes` are checked before
@@ -45,6 +45,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
+import numpy as np
 import orjson
 import torch
 import xxhash
@@ -357,13 +358,15 @@ def encode_cache(
     dtype: WireDtype | torch.dtype | None = "bf16",
     int8_scale: ScaleAxis = "per_head",
     layers: Sequence[int] | None = None,
-) -> bytearray:
+) -> memoryview:
     """Serialize `kv` (or its `layers`, by model layer id) for the wire.
 
     `dtype` is the wire dtype (None: the cache's own fp32/bf16/fp16 dtype, lossless); `int8_scale` picks
     the scale groups of "int8" and "fp8" (see the module docstring for the error bounds). The
     cache's tensors are read, never modified; each is cast straight into its place in the one
-    buffer returned (a `bytearray`, so that `decode_cache` can view it without a copy).
+    buffer returned: a writable, bytes-like `memoryview` (`len`, slices, `bytes(payload)`, socket
+    and file writes), which `decode_cache` can view without a copy. It is not zero-filled first
+    (a `bytearray` would be, at the cost of touching every page once more).
     """
     if sys.byteorder != "little":
         raise CodecError("the cache codec supports little-endian hosts only")
@@ -399,7 +402,7 @@ def encode_cache(
     header = header.model_copy(update={"body_bytes": body_len})
     header_len = len(_header_json(header))
     body_start = PREFIX.size + header_len
-    buf = bytearray(body_start + body_len)
+    buf = memoryview(np.empty(body_start + body_len, dtype=np.uint8)).cast("B")
     buf[body_start:body_start + len(st_head)] = st_head
     data_start = body_start + len(st_head)
     runs = _runs(header, spans)
@@ -415,11 +418,10 @@ def encode_cache(
     for name in header.meta:
         views[name].copy_(getattr(kv, name))
 
-    mv = memoryview(buf)
-    digest = xxhash.xxh3_64_hexdigest(mv[body_start:])
+    digest = xxhash.xxh3_64_hexdigest(buf[body_start:])
     header_json = _header_json(header.model_copy(update={"body_xxh3": digest}))
     assert len(header_json) == header_len  # the digest has the placeholder's fixed width
-    mv[PREFIX.size:body_start] = header_json
+    buf[PREFIX.size:body_start] = header_json
     PREFIX.pack_into(buf, 0, MAGIC, FORMAT_VERSION, 0, header_len, body_len, zlib.crc32(header_json), 0)
     return buf
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs agentmesh and everything it needs on a fresh machine; safe to run again.
 #   bash setup.sh          the library, the CLI and the embedded default model
-#   bash setup.sh --test   also the test tools and the MQTT broker the tests start
+#   bash setup.sh --test   also the test tools, the server and demo extras, and the MQTT broker and
+#                          Chromium the tests start
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PY=${PYTHON:-python3}
@@ -20,6 +21,14 @@ if [ $want_tests = 1 ]; then
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
     else
       echo "setup.sh: the MQTT tests need mosquitto: sudo apt-get install -y mosquitto" >&2
+    fi
+  fi
+  # The demo's browser test drives the system Chromium through its driver.
+  if ! command -v chromedriver >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+      echo "setup.sh: the browser test needs Chromium: sudo apt-get install -y chromium chromium-driver" >&2
     fi
   fi
 else

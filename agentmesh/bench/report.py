@@ -58,7 +58,9 @@ def render(results_dir: str | Path = RESULTS_DIR, *, machine_label: str | None =
         lines += [summary_path.read_text().strip(), ""]
     summary: list[dict[str, Any]] = []
     sections: list[str] = []
-    for name in BENCHMARKS:
+    # Benchmarks that live with the code they measure (`agentmesh bench serve`) come after the others.
+    others = sorted(p.stem for p in results_dir.glob("*.json") if p.stem not in BENCHMARKS)
+    for name in (*BENCHMARKS, *others):
         path = results_dir / f"{name}.json"
         if not path.is_file():
             continue

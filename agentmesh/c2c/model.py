@@ -174,15 +174,21 @@ class C2CModel:
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                  eos_token_id: int | Sequence[int] | None = None, stop: str | Sequence[str] | None = None,
                  seed: int | None = None, streamer: Streamer | None = None,
-                 on_token: Callable[[int, torch.Tensor], None] | None = None,
-                 sharer_inputs: Sequence[SharerInput | None] | None = None) -> torch.Tensor:
-        """Generate after `input_ids` (B, N); returns only the new tokens, (B, T), padded after EOS."""
+                 on_token: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+                 sharer_inputs: Sequence[SharerInput | None] | None = None,
+                 row_configs: Sequence[GenerationConfig] | None = None) -> torch.Tensor:
+        """Generate after `input_ids` (B, N); returns only the new tokens, (B, T), padded after EOS.
+
+        `row_configs` (one `GenerationConfig` per row, see `generation_config`) replaces the
+        keyword settings: each row then samples and stops by its own settings, as it would alone.
+        `on_token(step, tokens (B,))` may return a (B,) bool tensor of rows to stop now.
+        """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
             attention_mask = None if attention_mask is None else attention_mask[None]
         if input_ids.shape[1] == 0:
             raise ConfigError("generate got an empty prompt; give at least one token")
-        gen = self.generation_config(
+        gen: GenerationConfig | Sequence[GenerationConfig] = row_configs or self.generation_config(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop=stop, seed=seed)
         ids, mask = left_pad(input_ids, attention_mask)

@@ -233,41 +233,44 @@ def next_tokens(logits: torch.Tensor, gen: GenerationConfig, seen: torch.Tensor 
 # ---- decoding ----------------------------------------------------------------------------------
 @torch.no_grad()
 def decode(lm: Any, cache: KVCache | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-           gen: GenerationConfig, *, pad_token_id: int = 0, streamer: Streamer | None = None,
-           on_token: Callable[[int, torch.Tensor], None] | None = None,
+           gen: GenerationConfig | Sequence[GenerationConfig], *, pad_token_id: int = 0,
+           streamer: Streamer | None = None,
+           on_token: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
            prompt_ids: torch.Tensor | None = None, return_cache: bool = False,
            hook: TokenHook | None = None) -> DecodeOutput:
     """Read `input_ids` (B, k) after `cache`, then generate up to `gen.max_new_tokens` tokens.
 
-    `input_ids` are the prompt tokens not yet in `cache` (at least the last one). Decoding stops
-    when every row has produced an EOS token or a stop string. `prompt_ids` only feed the
-    repetition penalty. `on_token(step, tokens (B,))` is called after each step. `hook` sees
-    every token read, prompt and response (see `TokenHook`).
+    `input_ids` are the prompt tokens not yet in `cache` (at least the last one). `gen` is one
+    config for every row, or one per row (rows then stop at their own EOS, stop strings and
+    `max_new_tokens`, and sample with their own settings and seed, exactly as they would alone).
+    A row is finished once it produced an EOS token or a stop string; decoding stops when every
+    row is. `prompt_ids` only feed the repetition penalty. `on_token(step, tokens (B,))` is called
+    after each step; it may return a (B,) bool tensor of rows to finish now (a caller gone away).
+    `hook` sees every token read, prompt and response (see `TokenHook`).
     """
     batch = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
-    eos = torch.tensor(gen.eos_token_ids or (-1,), dtype=torch.long)
-    generator = None
-    if gen.do_sample and gen.seed is not None:
-        generator = torch.Generator().manual_seed(gen.seed)
+    rows = _RowConfigs.of(gen, batch)
     seen = prompt_ids if prompt_ids is not None else input_ids
-    finished = torch.zeros(batch, dtype=torch.bool)
+    finished = rows.limits == 0
     out: list[torch.Tensor] = []
     step_ids, step_mask = input_ids, mask
     run = RunningCache.start(lm, cache, batch, hook)
-    for step in range(gen.max_new_tokens):
+    for step in range(rows.max_new_tokens):
         logits = run.step(lm, step_ids, step_mask)
-        tok = next_tokens(logits.cpu(), gen, seen, generator)
+        tok = rows.pick(logits.cpu(), seen)
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
         out.append(tok)
         seen = torch.cat([seen, tok[:, None]], dim=1)
-        finished |= torch.isin(tok, eos)
+        finished |= rows.is_eos(tok) | (rows.limits <= step + 1)
         if streamer is not None:
             streamer.put(tok if batch > 1 else tok[:1])
         if on_token is not None:
-            on_token(step, tok)
-        if gen.stop:
-            finished |= _hit_stop(lm, torch.stack(out, 1), gen.stop)
+            stop_rows = on_token(step, tok)
+            if stop_rows is not None:
+                finished |= stop_rows.to(torch.bool)
+        if rows.any_stop:
+            finished |= rows.hit_stop(lm, torch.stack(out, 1))
         if bool(finished.all()):
             break
         # Finished rows keep stepping on padding; their picks are overwritten above.
@@ -280,7 +283,44 @@ def decode(lm: Any, cache: KVCache | None, input_ids: torch.Tensor, attention_ma
                         finished=finished)
 
 
-def _hit_stop(lm: Any, tokens: torch.Tensor, stop: tuple[str, ...]) -> torch.Tensor:
-    """(B,) whether each row's text so far contains a stop string (only the recent tail is decoded)."""
-    tails = lm.tokenizer.batch_decode(tokens[:, -16:], skip_special_tokens=True)
-    return torch.tensor([any(s in t for s in stop) for t in tails], dtype=torch.bool)
+class _RowConfigs:
+    """The generation settings of each row of a batch, and the per-step decisions they imply."""
+
+    def __init__(self, configs: Sequence[GenerationConfig]):
+        self.configs = list(configs)
+        first = self.configs[0]
+        self.shared = all(c == first for c in self.configs)
+        self.max_new_tokens = max(c.max_new_tokens for c in self.configs)
+        self.limits = torch.tensor([c.max_new_tokens for c in self.configs], dtype=torch.long)
+        eos = sorted({t for c in self.configs for t in c.eos_token_ids}) or [-1]
+        # (B, E): row b ends on token eos[e] when its own config lists it.
+        self.eos = torch.tensor(eos, dtype=torch.long)
+        self.eos_of_row = torch.tensor([[t in c.eos_token_ids for t in eos] for c in self.configs], dtype=torch.bool)
+        self.any_stop = any(c.stop for c in self.configs)
+        # A seeded sampler draws from its own generator, so a row's draws do not depend on its batch.
+        self.generators = [torch.Generator().manual_seed(c.seed) if c.do_sample and c.seed is not None else None
+                           for c in self.configs]
+        self.one_generator = self.shared and (len(self.configs) == 1 or self.generators[0] is None)
+
+    @classmethod
+    def of(cls, gen: GenerationConfig | Sequence[GenerationConfig], batch: int) -> "_RowConfigs":
+        configs = [gen] * batch if isinstance(gen, GenerationConfig) else list(gen)
+        if len(configs) != batch:
+            raise ConfigError(f"decode got {len(configs)} generation configs for a batch of {batch} rows")
+        return cls(configs)
+
+    def pick(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """One token per row (B,) from `logits` (B, V)."""
+        if self.one_generator:
+            return next_tokens(logits, self.configs[0], seen, self.generators[0])
+        return torch.cat([next_tokens(logits[b:b + 1], c, None if seen is None else seen[b:b + 1], g)
+                          for b, (c, g) in enumerate(zip(self.configs, self.generators))])
+
+    def is_eos(self, tok: torch.Tensor) -> torch.Tensor:
+        return ((tok[:, None] == self.eos[None]) & self.eos_of_row).any(-1)
+
+    def hit_stop(self, lm: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) whether each row's text so far contains one of its stop strings (only the recent
+        tail is decoded)."""
+        tails = lm.tokenizer.batch_decode(tokens[:, -16:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in c.stop) for c, t in zip(self.configs, tails)], dtype=torch.bool)

@@ -1,0 +1,100 @@
+"""`agentmesh serve`, `agentmesh demo` and `agentmesh bench serve`."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from agentmesh.errors import AgentMeshError
+
+
+def _fail(error: AgentMeshError) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+def _log_to_stderr() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("agentmesh.serve")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def serve_command(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="serve YAML (see configs/serve.yaml)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Receiver or plain model: built-in name, folder, .gguf or hub id."),
+    sharer: list[str] = typer.Option([], "--sharer", "-s", help="A sharer model (repeat; one --fuser each)."),
+    fuser: list[str] = typer.Option([], "--fuser", "-f", help="A fuser folder or hf:// ref, one per sharer."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Serve a pipeline file's output agent."),
+    name: Optional[str] = typer.Option(None, "--name", help="The served model name (default from the model)."),
+    mode: str = typer.Option("parallel", help="Multi-sharer fusion: parallel or sequential."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    host: Optional[str] = typer.Option(None, help="Address to bind (default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (default 8000; 0 picks a free one)."),
+    public: bool = typer.Option(False, "--public", help="Allow a --host other than loopback."),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", min=1,
+                                                 help="Most requests batched into one generation (default 16)."),
+    batch_window_ms: Optional[float] = typer.Option(None, "--batch-window-ms", min=0,
+                                                    help="How long a batch waits for more requests (default 10)."),
+    api_keys_env: Optional[str] = typer.Option(None, "--api-keys-env",
+                                               help="Environment variable with comma-separated API keys "
+                                                    "(default AGENTMESH_API_KEYS; unset: no keys needed)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads."),
+) -> None:
+    """Serve models over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health)."""
+    import torch
+
+    from agentmesh.serve.config import config_from_flags, load_serve_config
+    from agentmesh.serve.server import serve
+
+    try:
+        if config is not None:
+            if model or sharer or fuser or pipeline:
+                raise AgentMeshError("give either --config or --model/--sharer/--fuser/--pipeline, not both")
+            cfg = load_serve_config(config)
+        else:
+            cfg = config_from_flags(name=name, model=model, sharers=sharer, fusers=fuser,
+                                    pipeline=None if pipeline is None else str(pipeline), mode=mode, dtype=dtype)
+        changes = {k: v for k, v in {"host": host, "port": port, "api_keys_env": api_keys_env}.items() if v is not None}
+        batching = {k: v for k, v in {"max_batch_size": max_batch_size, "window_ms": batch_window_ms}.items()
+                    if v is not None}
+        cfg = cfg.model_copy(update={**changes, "batching": cfg.batching.model_copy(update=batching)})
+        if threads is not None:
+            torch.set_num_threads(threads)
+        _log_to_stderr()
+        serve(cfg, allow_public=public,
+              on_loaded=lambda n, e: typer.echo(f"loaded {n}: {e.description}", err=True),
+              on_ready=lambda url: typer.echo(f"ready: {url} (Ctrl-C stops)", err=True))
+    except AgentMeshError as e:
+        _fail(e)
+
+
+def bench_serve_command(
+    quick: bool = typer.Option(False, "--quick", help="1 and 16 clients, 32 tokens (a few minutes)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="JSON output (default bench/results/serve.json)."),
+    url: Optional[str] = typer.Option(None, "--url", help="Drive a running server (its /v1 URL) instead."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default 1)."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config field."),
+) -> None:
+    """Requests/s, tokens/s and p50/p95 latency with 1, 4 and 16 concurrent HTTP clients (target 16 >= 3x 1)."""
+    from agentmesh.bench import DEFAULT_THREADS, _parse_overrides
+    from agentmesh.bench.common import print_result, set_threads, write_json
+    from agentmesh.serve import bench
+
+    try:
+        changes = _parse_overrides(bench.Config, overrides)
+        if url is not None:
+            changes["url"] = url
+        cfg = bench.Config.quick(**changes) if quick else bench.Config(**changes)
+        set_threads(threads if threads is not None else DEFAULT_THREADS)
+        result = bench.run(cfg)
+    except AgentMeshError as e:
+        _fail(e)
+    result.config["quick"] = quick
+    print_result(result)
+    typer.echo(f"wrote {write_json(result, json_path)}")

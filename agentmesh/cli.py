@@ -196,8 +196,9 @@ def _mount() -> None:
     app.add_typer(bench_app, name="bench", help="Run the benchmarks (tables + JSON).")
     from agentmesh.mesh.cli import worker_command
     app.command("worker")(worker_command)
-    from agentmesh.serve.cli import bench_serve_command, serve_command
+    from agentmesh.serve.cli import bench_serve_command, demo_command, serve_command
     app.command("serve")(serve_command)
+    app.command("demo")(demo_command)
     bench_app.command("serve")(bench_serve_command)
 
 

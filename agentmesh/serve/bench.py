@@ -23,7 +23,8 @@ TARGET_RATIO = 3.0
 @dataclass(frozen=True)
 class Config:
     clients: tuple[int, ...] = (1, 4, 16)
-    requests_per_client: int = 2      # at the highest level; lower levels send as many requests in all, at least 4
+    rounds: int = 2                   # requests per client (the one-client level sends at least `min_requests`)
+    min_requests: int = 4
     new_tokens: int = 64
     window_ms: float = 20.0
     max_batch_size: int = 16
@@ -36,7 +37,7 @@ class Config:
 
     @classmethod
     def quick(cls, **overrides: Any) -> "Config":
-        return cls(**{"new_tokens": 32, "requests_per_client": 1, "clients": (1, 16), **overrides})
+        return cls(**{"new_tokens": 32, "rounds": 1, "min_requests": 2, "clients": (1, 16), **overrides})
 
 
 def _questions(n: int, seed: int) -> list[list[dict[str, str]]]:
@@ -99,13 +100,12 @@ def run(cfg: Config = Config()) -> BenchResult:
     server, engine, source = (None, None, "the server at " + cfg.url) if cfg.url else _start_server(cfg)
     url = cfg.url or server.url
     top = max(cfg.clients)
-    total = max(top * cfg.requests_per_client, 4)
-    prompts = _questions(max(total, 8), cfg.seed)
+    prompts = _questions(max(top * cfg.rounds, cfg.min_requests, 8), cfg.seed)
     rows = []
     try:
         asyncio.run(_level(url, cfg, prompts, 1, 1))  # warm-up (first-call allocations)
         for clients in cfg.clients:
-            per_client = max(total // clients, 1)
+            per_client = max(cfg.rounds, -(-cfg.min_requests // clients))
             before = (engine.stats.batches, engine.stats.rows) if engine is not None else (0, 0)
             wall, done = asyncio.run(_level(url, cfg, prompts, clients, per_client))
             lat = [d["latency_s"] for d in done]

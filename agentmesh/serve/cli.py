@@ -98,3 +98,31 @@ def bench_serve_command(
     result.config["quick"] = quick
     print_result(result)
     typer.echo(f"wrote {write_json(result, json_path)}")
+
+
+def demo_command(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="demo YAML (default configs/demo.yaml)."),
+    receiver: Optional[str] = typer.Option(None, "--receiver", "-m", help="The receiver model (overrides the YAML)."),
+    sharer: Optional[str] = typer.Option(None, "--sharer", "-s", help="The sharer model."),
+    fuser: Optional[str] = typer.Option(None, "--fuser", "-f", help="The fuser folder or hf:// ref."),
+    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: Optional[int] = typer.Option(None, help="Port (default: Gradio's 7860, or the next free one)."),
+    public: bool = typer.Option(False, "--public", help="Allow a --host other than loopback."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads."),
+) -> None:
+    """The side-by-side web demo: receiver alone | text to text | cache to cache, streaming."""
+    import torch
+
+    from agentmesh.serve.demo import DEFAULT_CONFIG, build_demo, launch, load_demo_config, preload
+    from agentmesh.serve.server import check_host
+
+    try:
+        check_host(host, public)
+        cfg = load_demo_config(config or DEFAULT_CONFIG, receiver=receiver, sharer=sharer, fuser=fuser, dtype=dtype)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        preload(cfg, echo=lambda line: typer.echo(line, err=True))
+        launch(build_demo(cfg), host=host, port=port)
+    except AgentMeshError as e:
+        _fail(e)

@@ -93,14 +93,14 @@ class ServeConfig(_Settings):
         return self
 
 
-def _first_error(e: ValidationError, where: str) -> ConfigError:
+def first_error(e: ValidationError, where: str) -> ConfigError:
     err = e.errors()[0]
     key = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
     msg = err.get("msg", "invalid").removeprefix("Value error, ")
     return ConfigError(f"{where}: {key}: {msg}")
 
 
-def _resolve(base: Path, ref: str) -> str:
+def resolve_ref(base: Path, ref: str) -> str:
     """A model, fuser or pipeline reference relative to `base` when it names a path there."""
     path = Path(ref).expanduser()
     if path.is_absolute():
@@ -118,15 +118,15 @@ def load_serve_config(path: str | Path) -> ServeConfig:
     try:
         cfg = ServeConfig.model_validate(data)
     except ValidationError as e:
-        raise _first_error(e, f"serve config {path}") from None
+        raise first_error(e, f"serve config {path}") from None
     base = path.resolve().parent
     for entry in cfg.models.values():
         if entry.model is not None:
-            entry.model = _resolve(base, entry.model)
-        entry.sharers = [_resolve(base, s) for s in entry.sharers]
-        entry.fusers = [_resolve(base, f) for f in entry.fusers]
+            entry.model = resolve_ref(base, entry.model)
+        entry.sharers = [resolve_ref(base, s) for s in entry.sharers]
+        entry.fusers = [resolve_ref(base, f) for f in entry.fusers]
         if entry.pipeline is not None:
-            entry.pipeline = _resolve(base, entry.pipeline)
+            entry.pipeline = resolve_ref(base, entry.pipeline)
     return cfg
 
 
@@ -146,4 +146,4 @@ def config_from_flags(*, name: str | None, model: str | None, sharers: list[str]
     try:
         return ServeConfig.model_validate({"models": {name: entry}, **{k: v for k, v in top.items() if v is not None}})
     except ValidationError as e:
-        raise _first_error(e, "agentmesh serve") from None
+        raise first_error(e, "agentmesh serve") from None

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
 import torch
@@ -162,13 +162,11 @@ class EngineStats:
     rows: int = 0
     largest_batch: int = 0
     cancelled: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
 
     def record(self, size: int) -> None:
         self.batches += 1
         self.rows += size
         self.largest_batch = max(self.largest_batch, size)
-        self.batch_sizes = (self.batch_sizes + [size])[-64:]
 
 
 class _Admission:
@@ -194,8 +192,6 @@ class _Admission:
 class BatchEngine:
     """Serves one `C2CModel` (a plain model is one without sharers) with batching across requests."""
 
-    kind = "c2c"
-
     def __init__(self, name: str, model: Any, *, max_batch_size: int = 16, window_s: float = 0.01,
                  max_queue: int = 64, default_temperature: float = 1.0):
         self.name = name
@@ -208,6 +204,10 @@ class BatchEngine:
         self._waiting: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+
+    @property
+    def kind(self) -> str:
+        return "c2c" if self.model.sharers else "model"
 
     @property
     def description(self) -> str:

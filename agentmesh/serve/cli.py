@@ -15,6 +15,15 @@ def _fail(error: AgentMeshError) -> None:
     raise typer.Exit(2)
 
 
+def _need(extra: str, *modules: str) -> None:
+    """Fail in one line when an optional dependency is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        _fail(AgentMeshError(f"this command needs {', '.join(missing)}: pip install 'agentmesh[{extra}]'"))
+
+
 def _log_to_stderr() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
@@ -47,6 +56,7 @@ def serve_command(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads."),
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health)."""
+    _need("serve", "fastapi", "uvicorn")
     import torch
 
     from agentmesh.serve.config import config_from_flags, load_serve_config
@@ -82,6 +92,7 @@ def bench_serve_command(
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a config field."),
 ) -> None:
     """Requests/s, tokens/s and p50/p95 latency with 1, 4 and 16 concurrent HTTP clients (target 16 >= 3x 1)."""
+    _need("serve", "fastapi", "uvicorn", "httpx")
     from agentmesh.bench import DEFAULT_THREADS, _parse_overrides
     from agentmesh.bench.common import print_result, set_threads, write_json
     from agentmesh.serve import bench
@@ -112,6 +123,7 @@ def demo_command(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads."),
 ) -> None:
     """The side-by-side web demo: receiver alone | text to text | cache to cache, streaming."""
+    _need("demo", "gradio")
     import torch
 
     from agentmesh.serve.demo import DEFAULT_CONFIG, build_demo, launch, load_demo_config, preload

@@ -103,6 +103,7 @@ def run(cfg: Config = Config()) -> BenchResult:
     prompts = _questions(max(top * cfg.rounds, cfg.min_requests, 8), cfg.seed)
     rows = []
     try:
+        print(f"serving {cfg.model} at {url}; warming up", flush=True)
         asyncio.run(_level(url, cfg, prompts, 1, 1))  # warm-up (first-call allocations)
         for clients in cfg.clients:
             per_client = max(cfg.rounds, -(-cfg.min_requests // clients))
@@ -116,6 +117,8 @@ def run(cfg: Config = Config()) -> BenchResult:
                          "tokens_per_s": tokens / wall, "p50_latency_s": median(lat), "p95_latency_s": pct(lat, 0.95),
                          "p50_ttft_s": median(ttft), "p95_ttft_s": pct(ttft, 0.95),
                          "mean_batch": batches[1] / batches[0] if batches[0] else float("nan")})
+            print(f"{clients:>3} client(s): {len(done)} requests in {wall:.1f} s, "
+                  f"{rows[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
     finally:
         if server is not None:
             server.__exit__(None, None, None)

@@ -280,3 +280,60 @@ def test_a_worker_that_dies_mid_call_is_detected_within_the_heartbeat_timeout(br
     assert not result.ok and result.error.agent == "doc"
     assert "agent 'doc' on host 'cloud': the worker went silent for 1.5 s (heartbeat_timeout_s)" in str(result.error)
     assert after < 1.5 + 5  # the heartbeat timeout, then a bounded cancel and release
+
+
+def _rss_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_a_flood_of_forged_messages_is_dropped_with_bounded_memory(broker: Any, pool: ModelPool) -> None:
+    """1,000 forged or garbage messages (~160 MB) at a worker whose link may hold 32 MiB: nothing
+    runs, memory stays bounded, and the worker still serves a genuine run afterwards."""
+    limit = 32 << 20
+    g = edge_cloud(broker.url, max_buffered_bytes=limit)
+    inbox = inbox_channel("cloud")
+
+    async def go() -> tuple[Worker, int, Any, Any]:
+        worker, task, link = await serving(g, "cloud", pool)
+        try:
+            async with MqttLink(broker_config(g), graph=g.name) as attacker:
+                base = _rss_bytes()
+                big = pack({"op": "text", "call": "x", "run": "r", "agent": "doc", "reply": "r/x->y"},
+                           {"past": bytes(200 << 10)})
+                for i in range(1000):
+                    payload = big if i % 3 else b"\xff" * (64 << 10)
+                    await attacker.send(inbox, payload)
+                stats = lambda: link.stats().get(inbox)  # noqa: E731
+                await until(lambda: stats() is not None and stats().chunks_received + stats().dropped_chunks
+                            >= 1000, limit=60)
+                await until(lambda: sum(worker.dropped.values()) >= stats().chunks_received, limit=30)
+                grown = _rss_bytes() - base
+            result = await arun_remote(g, QUESTION, host="edge", pool=pool, timeout=30)
+            return worker, grown, stats(), result
+        finally:
+            await stop(worker, task, link)
+
+    worker, grown, stats, result = run(go(), 120)
+    assert worker.served == 2 and result.ok, result.error  # only the genuine run's load and reading
+    assert worker.dropped == {"unsigned": 666, "malformed": 334}  # every forgery counted, none executed
+    assert stats.chunks_received + stats.dropped_chunks >= 1000
+    assert grown < 2 * limit + (32 << 20), f"RSS grew by {grown / 1e6:.0f} MB"
+
+
+def test_a_worker_over_its_limits_refuses_calls_with_a_clear_reply(broker: Any, pool: ModelPool) -> None:
+    g = edge_cloud(broker.url)
+
+    async def go() -> Any:
+        worker, task, link = await serving(g, "cloud", pool, max_request_bytes=64)
+        try:
+            return await arun_remote(g, QUESTION, host="edge", pool=pool, timeout=30), worker
+        finally:
+            await stop(worker, task, link)
+
+    result, worker = run(go())
+    assert not result.ok and result.error.agent == "doc"
+    assert "host 'cloud' is busy" in str(result.error) and "max_request_bytes 64" in str(result.error)
+    assert worker.served == 0 and worker.dropped.get("busy", 0) >= 1

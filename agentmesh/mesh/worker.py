@@ -137,7 +137,7 @@ class Worker:
 
     def __init__(self, graph: Graph, host: str, link: Link, *, pool: ModelPool | None = None, wire_dtype: str | None = None,
                  max_runs: int = 8, on_served: Callable[[ServedCall], None] | None = None, key: bytes | None = None,
-                 insecure: bool = False):
+                 insecure: bool = False, max_calls: int = 8, max_request_bytes: int = 512 << 20):
         self.agents = served_agents(graph, host)
         self.guard = make_guard(graph, host, key=key, insecure=insecure)
         self.callers = allowed_callers(graph, host)
@@ -160,6 +160,9 @@ class Worker:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, 3 * len(self.agents)),
                                                                thread_name_prefix=f"worker-{host}")
         self.served = 0
+        self.max_calls, self.max_request_bytes = max_calls, max_request_bytes
+        self._held = 0  # bytes of the requests of the calls in flight
+        self._running = 0  # calls in flight
         self._stopping = False
 
     async def preload(self) -> None:
@@ -209,10 +212,34 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any, on_done: Callable[[], None] | None = None) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if on_done is not None:
+            task.add_done_callback(lambda _: on_done())
+
+    def _busy(self, size: int) -> str | None:
+        """Why a new call of `size` bytes is refused now, or None when it fits the limits."""
+        if self._running >= self.max_calls:
+            return f"host {self.host!r} is busy: {self._running} calls in flight (max_calls {self.max_calls}); try again"
+        if self._held + size > self.max_request_bytes:
+            return (f"host {self.host!r} is busy: its calls in flight hold {self._held} bytes, this one {size} "
+                    f"(max_request_bytes {self.max_request_bytes}); try again")
+        return None
+
+    def _release(self, size: int) -> None:
+        self._held -= size
+        self._running -= 1
+
+    async def _refuse(self, env: Envelope, why: str) -> None:
+        """Tell an authenticated caller its call was refused (it waits for nothing then)."""
+        try:
+            reply = validate_channel(_str(env.body, "reply"))
+            body = {"call": _str(env.body, "call"), "kind": "error", "error": error_body(TransportError(why))}
+            await self.link.send(reply, pack(body, guard=self.guard, channel=reply))
+        except TransportError as e:
+            log.warning("worker %s could not refuse a call: %s", self.host, e.message)
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -265,7 +292,14 @@ class Worker:
             self._recent[call] = None
             while len(self._recent) > _RECENT_CALLS:
                 self._recent.popitem(last=False)
-            self._spawn(self._serve_call(op, env, sender))
+            busy = self._busy(env.size)
+            if busy is not None:
+                self.guard.refuse("busy", busy)
+                self._spawn(self._refuse(env, busy))
+                return
+            self._held += env.size
+            self._running += 1
+            self._spawn(self._serve_call(op, env, sender), on_done=lambda size=env.size: self._release(size))
         else:
             self._drop(self.guard.refuse("malformed", f"unknown op {op!r}"))
 

@@ -79,6 +79,8 @@ class BrokerConfig(BaseModel):
     qos: Literal[0, 1, 2] = 1
     max_inflight: int = Field(default=16, ge=1, le=1024)
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1)
+    max_buffered_bytes: int = Field(default=1 << 30, ge=1 << 20, description="bytes a link holds for messages "
+                                    "not yet received (partial or queued); chunks beyond are dropped")
     receive_timeout_s: float = Field(default=300.0, gt=0)
     reassembly_timeout_s: float = Field(default=60.0, gt=0)
     message_expiry_s: int = Field(default=600, ge=1)

@@ -107,6 +107,7 @@ class ChannelStats:
     wire_bytes_received: int = 0
     chunks_received: int = 0
     duplicate_chunks: int = 0
+    dropped_chunks: int = 0  # refused because the link held max_buffered_bytes already
     failed_messages: int = 0
 
 

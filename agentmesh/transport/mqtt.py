@@ -123,6 +123,7 @@ class MqttLink(Link):
         self._subscribing: dict[str, asyncio.Future[None]] = {}
         self._partials: dict[bytes, _Partial] = {}
         self._done: OrderedDict[bytes, None] = OrderedDict()
+        self._buffered = 0  # bytes of partial and of complete messages not yet received
         self._conn: _Connection | None = None
         self._protocol: aiomqtt.ProtocolVersion | None = {
             "auto": None, "5": aiomqtt.ProtocolVersion.V5, "3.1.1": aiomqtt.ProtocolVersion.V311,
@@ -462,6 +463,7 @@ class MqttLink(Link):
             raise type(exc)(f"{exc.message}{self._progress(channel)}") from None
         if isinstance(item, TransportError):
             raise item
+        self._buffered -= len(item.payload)
         return item
 
     def _progress(self, channel: str) -> str:
@@ -520,8 +522,13 @@ class MqttLink(Link):
                 part.headers = decode_headers(raw[FRAME.size:FRAME.size + head_len])
             except TransportError as exc:
                 raise _ChunkRejected(exc.message) from None
+        if self._buffered + len(body) > self.config.max_buffered_bytes:
+            stats.dropped_chunks += 1
+            raise _ChunkRejected(f"the link holds {self._buffered} bytes not yet received, its limit "
+                                 f"(max_buffered_bytes) is {self.config.max_buffered_bytes}")
         part.chunks[index] = body
         part.received += len(body)
+        self._buffered += len(body)
         part.last_progress = asyncio.get_running_loop().time()
         stats.chunks_received += 1
         if len(part.chunks) < count:
@@ -534,6 +541,7 @@ class MqttLink(Link):
         stats = self._state.channel(part.channel)
         queue = self._queue(part.channel)
         if part.received != part.total:
+            self._buffered -= part.received
             stats.failed_messages += 1
             queue.put_nowait(TransportError(
                 f"message {msg_id.hex()} on channel {part.channel!r}: chunks hold {part.received} bytes, "
@@ -541,6 +549,7 @@ class MqttLink(Link):
             return
         payload = b"".join(part.chunks[i] for i in range(part.count))
         if await _sha256(memoryview(payload)) != part.sha256:
+            self._buffered -= part.received
             stats.failed_messages += 1
             queue.put_nowait(TransportError(
                 f"message {msg_id.hex()} on channel {part.channel!r} is corrupted: its SHA-256 does not match"))
@@ -556,6 +565,7 @@ class MqttLink(Link):
 
     def _fail(self, msg_id: bytes, why: str) -> None:
         part = self._partials.pop(msg_id)
+        self._buffered -= part.received
         self._remember(msg_id)
         self._state.channel(part.channel).failed_messages += 1
         self._queue(part.channel).put_nowait(TransportError(

@@ -21,7 +21,7 @@ from agentmesh.mesh.worker import Worker
 from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.runtime import Token, run_graph
-from agentmesh.transport import MqttLink
+from agentmesh.transport import InProcessLink, MqttLink
 from agentmesh.transport.broker import LocalBroker, find_mosquitto
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(120)]
@@ -337,3 +337,36 @@ def test_a_worker_over_its_limits_refuses_calls_with_a_clear_reply(broker: Any, 
     assert not result.ok and result.error.agent == "doc"
     assert "host 'cloud' is busy" in str(result.error) and "max_request_bytes 64" in str(result.error)
     assert worker.served == 0 and worker.dropped.get("busy", 0) >= 1
+
+
+class _LosesFirstResult(InProcessLink):
+    """A link that loses the first result a worker sends, as a broker restart can lose a queued reply."""
+
+    lost = 0
+
+    async def send(self, channel: str, payload: Any, **kw: Any) -> str:
+        if not channel.startswith("host/") and not self.lost and unpack(payload).get("kind") == "result":
+            self.lost += 1
+            return "lost"
+        return await super().send(channel, payload, **kw)
+
+
+def test_a_lost_result_is_sent_again_until_the_caller_confirms_it(pool: ModelPool) -> None:
+    g = edge_cloud("mqtt://127.0.0.1:1", heartbeat_timeout_s=2.0)
+
+    async def go() -> tuple[Any, Worker]:
+        link = _LosesFirstResult(default_timeout=10)
+        worker = Worker(g, "cloud", link, pool=pool)
+        ready = asyncio.Event()
+        task = asyncio.create_task(worker.serve(ready=ready.set))
+        await asyncio.wait_for(ready.wait(), 10)
+        try:
+            return await arun_remote(g, QUESTION, host="edge", link=link, pool=pool, timeout=30), worker
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 5)
+
+    result, worker = run(go())
+    assert result.ok, result.error
+    assert worker.resent >= 1 and worker.served == 2
+    assert result["ask"].token_ids == run_graph(g, QUESTION, pool=pool)["ask"].token_ids

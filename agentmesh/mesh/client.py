@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping
 
@@ -76,6 +77,8 @@ class RemoteClient:
         self._lock: asyncio.Lock | None = None
         self._hosts: set[str] = set()
         self._closing = False
+        self._finished: OrderedDict[str, str] = OrderedDict()  # call -> host, of calls already answered
+        self._confirming: set[asyncio.Task[None]] = set()
 
     @property
     def heartbeat_s(self) -> float:
@@ -114,8 +117,11 @@ class RemoteClient:
             except TransportError as e:
                 log.warning("dropping a reply on %s: %s", channel, e.message)
                 continue
-            waiting = self._waiting.get(env.get("call"))  # type: ignore[arg-type]
+            call = env.get("call")
+            waiting = self._waiting.get(call)  # type: ignore[arg-type]
             if waiting is None:
+                if call in self._finished and env.sender == self._finished[call]:
+                    self._confirm(self._finished[call], call)  # our confirmation got lost: say it again
                 continue
             host, queue = waiting
             if env.sender != host:
@@ -168,11 +174,12 @@ class RemoteClient:
                     acked = ctx.trace.now()
                 if kind in ("ack", "alive"):
                     continue
-                if kind == "error":
+                if kind in ("error", "result"):
                     cancel_remote = False
+                    self._confirm(host, call)
+                if kind == "error":
                     raise_remote(env.get("error"), agent, host)
                 if kind == "result":
-                    cancel_remote = False
                     return CallReply(env, size, started, sent, acked, ctx.trace.now())
                 if on_message is not None:
                     await on_message(env)
@@ -248,6 +255,22 @@ class RemoteClient:
         finally:
             self._waiting.pop(call, None)
 
+    def _confirm(self, host: str, call: str) -> None:
+        """Tell the worker its call's last message arrived, so it stops resending it."""
+        self._finished[call] = host
+        while len(self._finished) > 1024:
+            self._finished.popitem(last=False)
+        task = asyncio.ensure_future(self._quietly(self.send_control(host, {"op": "got", "call": call}, timeout=2.0)))
+        self._confirming.add(task)
+        task.add_done_callback(self._confirming.discard)
+
+    @staticmethod
+    async def _quietly(aw: Awaitable[Any]) -> None:
+        try:
+            await asyncio.wait_for(aw, 3.0)
+        except (TransportError, asyncio.TimeoutError):
+            pass  # the worker resends; the next copy is confirmed again
+
     async def _cancel(self, host: str, call: str) -> None:
         try:
             await asyncio.wait_for(self.send_control(host, {"op": "cancel", "call": call}, timeout=2.0), 3.0)
@@ -261,6 +284,8 @@ class RemoteClient:
                 await asyncio.wait_for(self.send_control(host, {"op": "release", "run": self.run_id}, timeout=2.0), 3.0)
             except (TransportError, asyncio.TimeoutError):
                 pass
+        if self._confirming:
+            await asyncio.wait(set(self._confirming), timeout=3.5)
         self._closing = True
         pumps = list(self._pumps.values())
         if pumps:

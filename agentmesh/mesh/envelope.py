@@ -43,7 +43,7 @@ _BLOB_NAME = re.compile(r"^[a-z_]{1,32}$")
 
 # Request ops (caller -> worker inbox) and reply kinds (worker -> caller).
 CALL_OPS = ("load", "reading", "share", "text")
-CONTROL_OPS = ("cancel", "release", "share_result", "ping")
+CONTROL_OPS = ("cancel", "release", "share_result", "ping", "got")
 REPLY_KINDS = ("ack", "alive", "tokens", "share", "result", "error", "here")
 
 

@@ -51,7 +51,8 @@ from agentmesh.units import human_bytes
 log = logging.getLogger(__name__)
 
 _RECENT_CALLS = 4096
-_POLL_S = 0.25  # how often the inbox loop looks up from the link to see whether to stop
+_POLL_S = 0.25
+_KEEP_REPLY_S = 120.0  # longest a result is resent while its caller does not confirm it  # how often the inbox loop looks up from the link to see whether to stop
 _MAX_TOKENS_PER_MESSAGE = 256
 
 
@@ -90,6 +91,8 @@ class _Call:
     bytes_in: int = 0
     bytes_out: int = 0
     deadline: float = float("inf")  # loop time after which the caller has surely given up
+    got: asyncio.Event = field(default_factory=asyncio.Event)  # the caller has the call's last message
+    resend_s: float = 2.0
 
 
 def _messages(value: Any, key: str) -> Messages:
@@ -160,6 +163,7 @@ class Worker:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, 3 * len(self.agents)),
                                                                thread_name_prefix=f"worker-{host}")
         self.served = 0
+        self.resent = 0  # last messages of calls sent again because their caller had not confirmed them
         self.max_calls, self.max_request_bytes = max_calls, max_request_bytes
         self._held = 0  # bytes of the requests of the calls in flight
         self._running = 0  # calls in flight
@@ -284,6 +288,9 @@ class Worker:
             if fut is not None and not fut.done():
                 c.bytes_in += env.size  # type: ignore[union-attr]
                 fut.set_result(env)
+        elif op == "got":  # the caller has a call's result: stop resending it
+            if c is not None and c.caller == sender:
+                c.got.set()
         elif op == "ping":  # a caller waiting for this host to come up
             self._spawn(self._pong(env))
         elif op in CALL_OPS:
@@ -366,7 +373,9 @@ class Worker:
         detail, error = "", None
         try:
             await self._send(c, {"kind": "ack", "host": self.host})
-            beat = asyncio.ensure_future(self._heartbeat(c, float(body.get("heartbeat_s") or 5.0)))
+            every = float(body.get("heartbeat_s") or 5.0)
+            c.resend_s = min(max(2 * every, 0.5), 30.0)
+            beat = asyncio.ensure_future(self._heartbeat(c, every))
             if c.agent not in self.agents:
                 raise ConfigError(f"host {self.host!r} does not serve agent {c.agent!r} (it serves "
                                   f"{', '.join(self.agents)})", hint="the caller and this worker read different files")
@@ -376,17 +385,14 @@ class Worker:
             handler = {"load": self._load, "reading": self._reading, "share": self._share, "text": self._text}[op]
             result, blobs, detail = await handler(c, env, ctx)
             result.update(kind="result", elapsed=trace.now(), spans=[s.to_dict() for s in trace.spans])
-            await self._send(c, result, blobs)
+            await self._answer(c, result, blobs)
         except asyncio.CancelledError:
             error = "cancelled"
             raise
         except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
             info = error_body(e)
             error = info["message"]
-            try:
-                await self._send(c, {"kind": "error", "error": info})
-            except TransportError as e2:
-                log.warning("worker %s could not report a failure to %s: %s", self.host, c.reply, e2.message)
+            await self._answer(c, {"kind": "error", "error": info})
         finally:
             if beat is not None:
                 beat.cancel()
@@ -396,6 +402,25 @@ class Worker:
                 self.on_served(ServedCall(op=op, agent=c.agent, run=c.run, caller=caller,
                                           seconds=trace.now(), bytes_in=c.bytes_in,
                                           bytes_out=c.bytes_out, ok=error is None, detail=detail, error=error))
+
+    async def _answer(self, c: _Call, body: dict[str, Any], blobs: Mapping[str, bytes] | None = None) -> None:
+        """Send a call's last message (its result or error), again every few heartbeats until the
+        caller says it has it (a broker restart can lose what the broker had queued), at most
+        until the caller has surely given up."""
+        loop = asyncio.get_running_loop()
+        until = min(c.deadline, loop.time() + _KEEP_REPLY_S)
+        while True:
+            try:
+                await self._send(c, body, blobs)  # sealed anew each time: a fresh nonce, not a replay
+            except TransportError as e:
+                log.warning("worker %s could not answer %s yet: %s", self.host, c.reply, e.message)
+            try:
+                await asyncio.wait_for(c.got.wait(), c.resend_s)
+                return
+            except asyncio.TimeoutError:
+                if loop.time() >= until or self._stopping:
+                    return
+                self.resent += 1
 
     async def _heartbeat(self, c: _Call, every: float) -> None:
         """Tell the caller the call is still being worked on (so a dead worker is noticed quickly)."""

@@ -76,3 +76,27 @@ def test_examples_run(script: str, capsys: pytest.CaptureFixture[str], monkeypat
     assert "carried" in out and "total" in out
     if script == "programmer_writer.py":
         assert "=== comparison ===" in out and "cache edge (prefix)" in out and "text edge" in out
+
+
+def test_make_context_task_example_writes_both_splits(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: Any) -> None:
+    monkeypatch.setattr(sys, "argv", ["make_context_task.py", str(tmp_path), "--n-train", "5", "--n-test", "3"])
+    runpy.run_path(str(ROOT / "examples" / "make_context_task.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    rows = {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in tmp_path.glob("*.jsonl")}
+    assert {len(rows.get("train", [])), len(rows.get("test", []))} == {5, 3}, (out, list(rows))
+    assert "train:" in out and "test:" in out
+
+
+def test_edge_cloud_text_pipeline_on_one_host() -> None:
+    """edge_cloud_text.yaml with both hosts' agents in this process (the MQTT runs are in test_workers)."""
+    from agentmesh.graph import Graph
+    from agentmesh.runtime import run_graph
+
+    g = Graph.from_yaml(ROOT / "graphs" / "edge_cloud_text.yaml")
+    for agent in g.agents.values():
+        agent.max_new_tokens = min(agent.max_new_tokens, 24)
+    r = run_graph(g)
+    assert r.ok, r.error
+    assert all(r[name].text for name in r.outputs)
+    assert r.bytes_by_edge()["librarian->assistant"] == len(r["librarian"].text.encode())

@@ -572,3 +572,22 @@ def test_linked_endpoint_sends_caches_over_a_link_and_counts_wire_bytes(pool: Mo
             assert sizes[edge] < in_process[edge] / 2
     if wire is None:
         assert linked["w"].token_ids == local["w"].token_ids and linked["n"].token_ids == local["n"].token_ids
+
+
+def test_load_time_is_reported_apart_from_run_time():
+    from agentmesh.runtime.display import footer
+    from agentmesh.runtime.result import RunResult
+    from agentmesh.runtime.trace import Trace
+
+    tr = Trace("t")
+    tr.record("a", "load", 0.0, 4.0)
+    tr.record("b", "load", 1.0, 5.0)   # overlaps a's load: counts once
+    tr.record("a", "decode", 5.0, 7.0)
+    tr.record("c", "load", 8.0, 9.0)
+    assert tr.load_s == pytest.approx(6.0)
+    result = RunResult(graph="t", trace=tr, latency_s=10.0, load_s=tr.load_s)
+    assert result.run_s == pytest.approx(4.0)
+    d = result.to_dict()
+    assert (d["latency_s"], d["load_s"], d["run_s"]) == (10.0, 6.0, 4.0)
+    assert tr.to_chrome()["otherData"]["load_s"] == 6.0
+    assert "run 4.00 s + model loading 6.00 s = 10.00 s" in footer(result)

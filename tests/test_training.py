@@ -157,14 +157,16 @@ def test_gradients_reach_the_projectors_through_the_hf_cache(models, data):
         fuser.zero_grad(set_to_none=True)
         torch.manual_seed(7)
         with checkpointed_projectors(fuser, checkpointing):
-            batch_loss(c2c, batch).backward()
+            batch_loss(c2c, batch, checkpoint_receiver=checkpointing).backward()
         return {n: p.grad.clone() for n, p in fuser.named_parameters() if p.grad is not None}
 
     plain = grads(False)
     assert set(plain) == {n for n, _ in fuser.named_parameters()}  # every projector parameter gets a gradient
     assert all(g.abs().sum() > 0 for n, g in plain.items() if n.endswith(("key_in.weight", "value_proj_out.weight")))
     assert all(p.grad is None for p in (*receiver.model.parameters(), *sharer.model.parameters()))
-    again = grads(True)  # checkpointing replays the same Gumbel noise and dropout: same gradients
+    # Checkpointing projectors and the receiver's pass replays the same Gumbel noise and
+    # dropout: the same gradients.
+    again = grads(True)
     assert all(torch.allclose(plain[n], again[n], atol=1e-6, rtol=1e-4) for n in plain)
 
 

@@ -133,6 +133,9 @@ class C2CProjector(nn.Module):
                 nn.init.zeros_(proj_out.bias)
         # float32 so the annealed value (down to 1e-3) stays accurate even for bf16 projectors.
         self.register_buffer("gate_temperature", torch.tensor(float(initial_temperature)))
+        # A training switch, not a constructor argument: without noise the training gate is the
+        # deterministic sigmoid(logit / tau) (runs then reproduce exactly across batch splits).
+        self.gate_noise = True
 
     @property
     def init_args(self) -> dict[str, Any]:
@@ -161,8 +164,10 @@ class C2CProjector(nn.Module):
     def _gate(self, logit: Tensor, shape: tuple[int, ...]) -> Tensor:
         if not self.training:
             return (logit > 0).to(logit.dtype)  # 0-d tensor: no host sync, no branching on values
-        # Gumbel(0, 1) = -log(E), E ~ Exp(1); one draw per (B, H_t, N, 1).
         dtype = torch.promote_types(logit.dtype, torch.float32)
+        if not self.gate_noise:
+            return torch.sigmoid(logit.to(dtype) / self.gate_temperature).expand(shape)
+        # Gumbel(0, 1) = -log(E), E ~ Exp(1); one draw per (B, H_t, N, 1).
         gumbel = -torch.empty(shape, device=logit.device, dtype=dtype).exponential_().log()
         return torch.sigmoid((logit.to(dtype) + gumbel) / self.gate_temperature)
 

@@ -1,7 +1,7 @@
 """Fuser training: the recipe, its data, the loss, resumable state and the loop (`agentmesh train`)."""
 from agentmesh.c2c.train.data import (
-    IGNORE_INDEX, Batch, ChatRow, Example, chat_row, collate, data_fingerprint, load_rows, micro_batch,
-    prepend_context, tokenize_rows,
+    IGNORE_INDEX, Batch, ChatRow, Example, chat_row, collate, data_fingerprint, load_rows,
+    prepend_context, shard, stream_rows, tokenize_rows,
 )
 from agentmesh.c2c.train.loop import FUSER_DIR, TrainResult, cast_fuser, lr_factor, plot_loss_curve, total_steps, train
 from agentmesh.c2c.train.loss import batch_loss, checkpointed_projectors, held_out_loss
@@ -12,5 +12,5 @@ __all__ = [
     "FUSER_DIR", "IGNORE_INDEX", "Batch", "ChatRow", "ContextTaskRecipe", "DataRecipe", "Example", "InitRecipe",
     "ProjectorRecipe", "TrainRecipe", "TrainResult", "TrainState", "batch_loss", "cast_fuser", "chat_row",
     "checkpointed_projectors", "collate", "data_fingerprint", "held_out_loss", "load_rows", "lr_factor",
-    "micro_batch", "plot_loss_curve", "prepend_context", "tokenize_rows", "total_steps", "train",
+    "plot_loss_curve", "prepend_context", "shard", "stream_rows", "tokenize_rows", "total_steps", "train",
 ]

@@ -242,23 +242,37 @@ def collate(examples: Sequence[Example], c2c: C2CModel, *, sharer_context: bool)
                  num_tokens=int(mask.sum() + answer_mask.sum()) + sharer_tokens)
 
 
-def micro_batch(n: int, batch_size: int, seed: int, index: int,
-                orders: dict[int, list[int]] | None = None) -> list[int]:
-    """Row indices of micro-batch `index`: each epoch is a fresh seeded shuffle of the n rows.
+def stream_rows(n: int, seed: int, start: int, count: int, orders: dict[int, list[int]] | None = None) -> list[int]:
+    """Row indices at global positions [start, start + count) of the run's data stream.
 
-    `orders` memoises the epochs' shuffles for one run (pass the same dict on every call).
+    The stream is the n rows in a fresh seeded shuffle per epoch, epoch after epoch. It does not
+    depend on how many processes read it, so a run resumed on another number of processes reads
+    on from the position it had reached. `orders` memoises the shuffles (pass the same dict).
     """
-    per_epoch = math.ceil(n / batch_size)
-    epoch, k = divmod(index, per_epoch)
     orders = {} if orders is None else orders
-    if epoch not in orders:
-        order = list(range(n))
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-        orders.clear()  # only the current epoch is ever needed again
-        orders[epoch] = order
-    return orders[epoch][k * batch_size:(k + 1) * batch_size]
+    out = []
+    for pos in range(start, start + count):
+        epoch, k = divmod(pos, n)
+        if epoch not in orders:
+            order = list(range(n))
+            random.Random(f"{seed}:{epoch}").shuffle(order)
+            for old in [e for e in orders if e < epoch - 1]:
+                del orders[old]  # only the current and previous epoch are ever read again
+            orders[epoch] = order
+        out.append(orders[epoch][k])
+    return out
+
+
+def shard(step_start: int, batch_size: int, accum: int, rank: int, world: int) -> list[tuple[int, int]]:
+    """(start, count) in the stream of each of this rank's micro-batches in one optimizer step.
+
+    An optimizer step reads batch_size x accum x world consecutive positions from `step_start`;
+    micro-batch j of rank r is the slot j * world + r. The union over ranks is the step's global
+    batch, whatever the split.
+    """
+    return [(step_start + (j * world + rank) * batch_size, batch_size) for j in range(accum)]
 
 
 
 __all__ = ["IGNORE_INDEX", "Batch", "ChatRow", "Example", "answer_token_ids", "chat_row", "collate",
-           "data_fingerprint", "load_rows", "micro_batch", "prepend_context", "tokenize_rows"]
+           "data_fingerprint", "load_rows", "prepend_context", "shard", "stream_rows", "tokenize_rows"]

@@ -28,7 +28,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 from torch import nn
 
-from agentmesh.c2c.train.data import IGNORE_INDEX, Example, data_fingerprint, load_rows, micro_batch, tokenize_rows
+from agentmesh.c2c.train.data import IGNORE_INDEX, Example, data_fingerprint, load_rows, shard, stream_rows, tokenize_rows
+from agentmesh.c2c.train.distributed import step_seed
 from agentmesh.c2c.train.loop import lr_factor, plot_loss_curve
 from agentmesh.c2c.train.recipe import _RESUME_FREE_KEYS, DataRecipe, _Strict
 from agentmesh.c2c.train.state import CHECKPOINT_DIR, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -214,11 +215,14 @@ def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: Any = None, pr
     params = _trainable(model)
     opt = torch.optim.AdamW(params.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
-    state = TrainState()
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, fuser=params, opt=opt, sched=sched, recipe=recipe,  # type: ignore[arg-type]
-                                data_sha256=fingerprint)
+    state = TrainState(global_batch=recipe.batch_size * recipe.grad_accum)
+    ckpt_path = latest_checkpoint(out) if resume else None
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, recipe=recipe, data_sha256=fingerprint)
+        params.load_state_dict(ckpt.fuser, strict=True)
+        opt.load_state_dict(ckpt.optimizer)
+        sched.load_state_dict(ckpt.scheduler)
+        state = ckpt.state
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
 
     def evaluate() -> None:
@@ -226,8 +230,8 @@ def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: Any = None, pr
             state.eval_losses.append([state.step, _held_out(model, eval_ex, recipe.batch_size, pad_id, lm.device)])
 
     def checkpoint() -> None:
-        save_checkpoint(out, fuser=params, opt=opt, sched=sched, state=state, recipe=recipe,  # type: ignore[arg-type]
-                        data_sha256=fingerprint, keep=recipe.keep_checkpoints)
+        save_checkpoint(out, fuser=params.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                        state=state, recipe=recipe, data_sha256=fingerprint, keep=recipe.keep_checkpoints)
 
     end = steps if stop_at is None else min(steps, stop_at)
     orders: dict[int, list[int]] = {}
@@ -238,9 +242,9 @@ def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: Any = None, pr
     try:
         while state.step < end:
             started = time.perf_counter()
-            first = state.step * recipe.grad_accum
-            micro = [[train_ex[i] for i in micro_batch(len(train_ex), recipe.batch_size, recipe.seed, first + j, orders)]
-                     for j in range(recipe.grad_accum)]
+            torch.manual_seed(step_seed(recipe.seed, state.step, 0))  # LoRA dropout, as a resumed run draws it
+            micro = [[train_ex[i] for i in stream_rows(len(train_ex), recipe.seed, at, n, orders)]
+                     for at, n in shard(state.samples, recipe.batch_size, recipe.grad_accum, 0, 1)]
             n_labels = sum(len(e.answer_ids) for m in micro for e in m)
             loss_sum = 0.0
             for m in micro:
@@ -254,6 +258,7 @@ def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: Any = None, pr
             sched.step()
             opt.zero_grad(set_to_none=True)
             state.step += 1
+            state.samples += state.global_batch
             state.losses.append(loss_sum / n_labels)
             state.lrs.append(lr)
             state.tokens += sum(len(e.prompt_ids) + len(e.answer_ids) for m in micro for e in m)

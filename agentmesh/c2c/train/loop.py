@@ -9,16 +9,21 @@ One step, per micro-batch of chats:
      its cross-entropy on the answer tokens (labels -100 on padding).
 AdamW, linear warm-up then linear decay, gradient clipping, the gate temperature annealed after
 each optimizer step. Checkpoints are safetensors (tensors) + JSON (everything else); never pickle.
-The data order is a pure function of (seed, epoch), so a resumed run sees the batches an
-uninterrupted run would have seen.
+The data is one seeded stream of rows (a fresh shuffle per epoch); each optimizer step reads the
+next global batch from it, split over processes and micro-batches, and dropout and Gumbel noise
+are seeded per (step, rank). A resumed run, on any number of processes that keeps the global
+batch, therefore sees the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
 import json
 import math
 import shutil
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -27,8 +32,13 @@ import yaml
 
 from agentmesh.c2c.fuser import Fuser
 from agentmesh.c2c.model import C2CModel
-from agentmesh.c2c.train.data import Batch, collate, data_fingerprint, load_rows, micro_batch, tokenize_rows
+from agentmesh.c2c.train.data import Batch, collate, data_fingerprint, load_rows, shard, stream_rows, tokenize_rows
+from agentmesh.c2c.train.distributed import (
+    FuserLoss, World, clip_gradients, full_state, gathered, load_full_state, no_sync, step_seed, sync_unsharded,
+    world, wrap,
+)
 from agentmesh.c2c.train.loss import batch_loss, checkpointed_projectors, held_out_loss
+from agentmesh.c2c.train.memory import available, check_fits, estimate
 from agentmesh.c2c.train.recipe import TrainRecipe
 from agentmesh.c2c.train.state import CHECKPOINT_DIR, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from agentmesh.errors import ConfigError
@@ -43,11 +53,11 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def total_steps(recipe: TrainRecipe, num_rows: int) -> int:
+def total_steps(recipe: TrainRecipe, num_rows: int, global_batch: int) -> int:
+    """Optimizer steps of the run: `steps`, or `epochs` over the rows at `global_batch` rows a step."""
     if recipe.steps is not None:
         return recipe.steps
-    per_epoch = math.ceil(num_rows / recipe.batch_size)
-    return max(1, math.ceil((recipe.epochs or 1.0) * per_epoch / recipe.grad_accum))
+    return max(1, math.ceil((recipe.epochs or 1.0) * num_rows / global_batch))
 
 
 @dataclass
@@ -62,6 +72,8 @@ class TrainResult:
     final_eval_loss: float | None
     final_train_loss: float | None
     data_sha256: str
+    global_batch: int = 0           # sequences per optimizer step, all processes together
+    main: bool = True               # False on the ranks > 0 of a distributed run (they write nothing)
 
     @property
     def completed(self) -> bool:
@@ -101,13 +113,13 @@ def _final_train_loss(losses: Sequence[float]) -> float | None:
     return sum(tail) / len(tail) if tail else None
 
 
-def _load_models(recipe: TrainRecipe, pool: Any) -> tuple[Any, Any]:
+def _load_models(recipe: TrainRecipe, pool: Any, device: torch.device) -> tuple[Any, Any]:
     if pool is None:
         from agentmesh.models.pool import ModelPool
 
         pool = ModelPool()  # loads a shared receiver/sharer ref once
-    receiver = pool.get(recipe.receiver, dtype=recipe.dtype, device=recipe.device)
-    sharer = pool.get(recipe.sharer, dtype=recipe.dtype, device=recipe.device)
+    receiver = pool.get(recipe.receiver, dtype=recipe.dtype, device=str(device))
+    sharer = pool.get(recipe.sharer, dtype=recipe.dtype, device=str(device))
     for lm in (receiver, sharer):
         lm.model.eval()
         lm.model.requires_grad_(False)
@@ -122,32 +134,60 @@ def _build_fuser(recipe: TrainRecipe, receiver: Any, sharer: Any, steps: int) ->
                 zero_init=recipe.init.zero_init, **p.args)
     fuser = Fuser.build(receiver.signature, sharer.signature, projector=p.type, layer_map=recipe.layer_map,
                         alignment=recipe.alignment, **args)
+    for proj in fuser.projectors:
+        if not recipe.gate_noise:
+            if not hasattr(proj, "gate_noise"):
+                raise ConfigError(f"gate_noise: false needs a projector with a gate_noise switch; "
+                                  f"{type(proj).__name__} has none")
+            proj.gate_noise = False
     return fuser.to(receiver.device)
 
 
-def _param_groups(fuser: Fuser, weight_decay: float) -> list[dict[str, Any]]:
+def _param_groups(fuser: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     # Matrices decay; biases, norm weights and gate logits (0-d/1-d) do not.
     decay = [p for p in fuser.parameters() if p.dim() >= 2]
     rest = [p for p in fuser.parameters() if p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def _autocast_dtype(recipe: TrainRecipe, device: torch.device) -> torch.dtype | None:
+    if recipe.autocast is None:
+        return None
+    if recipe.autocast == "float16" and device.type != "cuda":
+        raise ConfigError(f"autocast: float16 needs a CUDA device (this run is on {device}); use autocast: bfloat16")
+    return getattr(torch, recipe.autocast)
+
+
 def train(recipe: TrainRecipe | Mapping[str, Any], *, pool: Any = None, progress: bool = True,
           resume: bool = True, stop_at: int | None = None) -> TrainResult:
     """Train a fuser for `recipe`; write checkpoints, the fuser, its provenance and a loss plot.
 
+    Started by `torchrun`, each process trains on its shard of every global batch and gradients
+    are all-reduced (DDP, or FSDP with `fsdp: true`); only rank 0 prints and writes files.
     `pool` (a `ModelPool`) supplies the models (tests register tiny ones by name). With `resume`,
-    the newest checkpoint in the output folder is continued. `stop_at` ends the run after that
-    many optimizer steps with a checkpoint (the schedule still spans the full run).
+    the newest checkpoint in the output folder is continued, on any number of processes that
+    keeps the global batch. `stop_at` ends the run after that many optimizer steps with a
+    checkpoint (the schedule still spans the full run).
     """
     if not isinstance(recipe, TrainRecipe):
         recipe = TrainRecipe.parse(recipe)
-    out = Path(recipe.output)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    with world(recipe.device) as w:
+        return _train(recipe, w, pool=pool, progress=progress and w.main, resume=resume, stop_at=stop_at)
 
-    receiver, sharer = _load_models(recipe, pool)
+
+def _train(recipe: TrainRecipe, w: World, *, pool: Any, progress: bool, resume: bool,
+           stop_at: int | None) -> TrainResult:
+    out = Path(recipe.output)
+    accum = recipe.accumulation(w.size)
+    global_batch = recipe.batch_size * accum * w.size
+    precision = _autocast_dtype(recipe, w.device)
+    if w.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    w.barrier()  # no rank looks for a checkpoint before rank 0 has cleared them
+
+    receiver, sharer = _load_models(recipe, pool, w.device)
     train_rows, eval_rows = load_rows(recipe.data, seed=recipe.seed)
     what = recipe.data.describe()
     tok = dict(sharer_context=recipe.sharer_context, max_length=recipe.data.max_length)
@@ -157,29 +197,68 @@ def train(recipe: TrainRecipe | Mapping[str, Any], *, pool: Any = None, progress
         raise ConfigError(f"data {what}: all {len(train_rows)} training rows are longer than "
                           f"data.max_length={recipe.data.max_length} tokens")
     fingerprint = data_fingerprint([e.row for e in train_ex])
-    steps = total_steps(recipe, len(train_ex))
+    steps = total_steps(recipe, len(train_ex), global_batch)
     warmup = math.ceil(recipe.warmup_ratio * steps)
 
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)  # the same initial fuser on every rank
     fuser = _build_fuser(recipe, receiver, sharer, steps)
     c2c = C2CModel(receiver, [sharer], [fuser])
     fuser.train()  # C2CModel puts its fusers in eval mode
-    opt = torch.optim.AdamW(_param_groups(fuser, recipe.weight_decay), lr=recipe.lr)
+    sharded = recipe.fsdp and w.distributed
+    budget = estimate(
+        receiver=receiver, sharer=sharer, fuser=fuser, batch_size=recipe.batch_size,
+        prompt_tokens=max(len(e.prompt_ids) for e in train_ex), answer_tokens=max(len(e.answer_ids) for e in train_ex),
+        sharer_tokens=max(len(e.prompt_ids) + len(e.context_ids) for e in train_ex), shards=w.size if sharded else 1,
+        autocast=precision, checkpointing=recipe.gradient_checkpointing, device=str(w.device))
+    free = available(w.device)
+    if progress:
+        print("\n".join(budget.lines(free)), file=sys.stderr, flush=True)
+        print(f"global batch {global_batch} = batch_size {recipe.batch_size} x grad_accum {accum} x "
+              f"{w.size} process(es){' (FSDP)' if sharded else ''}; {steps} optimizer steps", file=sys.stderr, flush=True)
+    if recipe.check_memory:
+        check_fits(budget, free, processes=w.size)
+
+    loss_fn = partial(batch_loss, checkpoint_receiver=recipe.gradient_checkpointing)
+    wrapped = wrap(FuserLoss(c2c, loss_fn), w, fsdp=sharded)
+    opt = torch.optim.AdamW(_param_groups(wrapped, recipe.weight_decay), lr=recipe.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
-    state = TrainState()
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, fuser=fuser, opt=opt, sched=sched, recipe=recipe, data_sha256=fingerprint)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
+    state = TrainState(global_batch=global_batch)
+    ckpt_path = latest_checkpoint(out) if resume else None
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, recipe=recipe, data_sha256=fingerprint)
+        if ckpt.state.global_batch != global_batch:
+            raise ConfigError(
+                f"checkpoint {ckpt_path} trained with a global batch of {ckpt.state.global_batch} sequences; this run "
+                f"has {global_batch} (batch_size {recipe.batch_size} x grad_accum {accum} x {w.size} process(es)); "
+                f"set global_batch: {ckpt.state.global_batch} (or batch_size/grad_accum to match) to continue it")
+        load_full_state(wrapped, opt, ckpt.fuser, ckpt.optimizer)
+        sched.load_state_dict(ckpt.scheduler)
+        state = ckpt.state
+    if w.main:
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
+                                         encoding="utf-8")
+
+    def autocast() -> Any:
+        return torch.autocast(w.device.type, dtype=precision) if precision is not None else nullcontext()
 
     def evaluate() -> None:
         if eval_ex and not any(s == state.step for s, _ in state.eval_losses):
-            loss = held_out_loss(c2c, eval_ex, batch_size=recipe.batch_size, sharer_context=recipe.sharer_context)
+            with gathered(wrapped), autocast():
+                loss = held_out_loss(c2c, eval_ex, batch_size=recipe.batch_size,
+                                     sharer_context=recipe.sharer_context, world=w)
             state.eval_losses.append([state.step, loss])
+
+    def save() -> dict[str, torch.Tensor]:
+        fuser_sd, opt_sd = full_state(wrapped, opt)  # collective under FSDP
+        if w.main:
+            save_checkpoint(out, fuser=fuser_sd, optimizer=opt_sd, scheduler=sched.state_dict(), state=state,
+                            recipe=recipe, data_sha256=fingerprint, keep=recipe.keep_checkpoints)
+        return fuser_sd
 
     end = steps if stop_at is None else min(steps, stop_at)
     orders: dict[int, list[int]] = {}
-    params = [p for p in fuser.parameters() if p.requires_grad]
+    params = [p for p in wrapped.parameters() if p.requires_grad]
     from tqdm.auto import tqdm
 
     if state.step == 0:
@@ -190,16 +269,16 @@ def train(recipe: TrainRecipe | Mapping[str, Any], *, pool: Any = None, progress
         with checkpointed_projectors(fuser, recipe.gradient_checkpointing):
             while state.step < end:
                 started = time.perf_counter()
-                first = state.step * recipe.grad_accum
-                micro = [collate([train_ex[i] for i in micro_batch(len(train_ex), recipe.batch_size, recipe.seed,
-                                                                  first + j, orders)],
+                torch.manual_seed(step_seed(recipe.seed, state.step, w.rank))
+                micro = [collate([train_ex[i] for i in stream_rows(len(train_ex), recipe.seed, at, n, orders)],
                                  c2c, sharer_context=recipe.sharer_context)
-                         for j in range(recipe.grad_accum)]
-                loss, lr = _optimizer_step(c2c, micro, opt, sched, params, recipe.grad_clip)
+                         for at, n in shard(state.samples, recipe.batch_size, accum, w.rank, w.size)]
+                loss, lr, tokens = _optimizer_step(wrapped, micro, opt, sched, params, recipe.grad_clip, w,
+                                                   autocast, scaler)
                 state.step += 1
+                state.samples += global_batch
                 fuser.update_temperature(state.step)
                 elapsed = time.perf_counter() - started
-                tokens = sum(b.num_tokens for b in micro)
                 state.losses.append(loss)
                 state.lrs.append(lr)
                 state.tokens += tokens
@@ -210,26 +289,26 @@ def train(recipe: TrainRecipe | Mapping[str, Any], *, pool: Any = None, progress
                     evaluate()
                     bar.set_postfix(loss=f"{loss:.3f}", eval=f"{state.eval_losses[-1][1]:.3f}")
                 if recipe.save_every and state.step % recipe.save_every == 0 and state.step < end:
-                    save_checkpoint(out, fuser=fuser, opt=opt, sched=sched, state=state, recipe=recipe,
-                                    data_sha256=fingerprint, keep=recipe.keep_checkpoints)
+                    save()
     finally:
         bar.close()
 
     done = state.step >= steps
     if done:
         evaluate()
-    save_checkpoint(out, fuser=fuser, opt=opt, sched=sched, state=state, recipe=recipe,
-                    data_sha256=fingerprint, keep=recipe.keep_checkpoints)
-    (out / "history.json").write_text(json.dumps(state.__dict__), encoding="utf-8")
-    plot_loss_curve(state, out / "loss_curve.png", title=f"{receiver.name} <- {sharer.name}")
+    fuser_sd = save()
     final_eval = state.eval_losses[-1][1] if state.eval_losses and done else None
     final_train = _final_train_loss(state.losses)
-    fuser_dir = None
-    if done:
+    fuser_dir = out / FUSER_DIR if done else None
+    if w.main:
+        (out / "history.json").write_text(json.dumps(state.__dict__), encoding="utf-8")
+        plot_loss_curve(state, out / "loss_curve.png", title=f"{receiver.name} <- {sharer.name}")
+    if w.main and done:
         provenance = {
             "trained_by": "agentmesh train", "recipe": recipe.model_dump(mode="json"),
             "data": what, "data_sha256": fingerprint, "train_rows": len(train_ex), "eval_rows": len(eval_ex),
             "skipped_rows": {"train": skipped, "eval": eval_skipped}, "steps": state.step,
+            "global_batch": global_batch, "processes": w.size,
             "final_train_loss": final_train, "final_eval_loss": final_eval,
             "initial_eval_loss": state.eval_losses[0][1] if state.eval_losses else None,
             "train_seconds": round(state.seconds, 2), "tokens": state.tokens,
@@ -237,34 +316,55 @@ def train(recipe: TrainRecipe | Mapping[str, Any], *, pool: Any = None, progress
             "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
                          "agentmesh": _version("agentmesh")},
         }
-        fuser_dir = _save_final(fuser, out / FUSER_DIR, provenance, recipe)
+        _save_final(fuser.config, fuser_sd, out / FUSER_DIR, provenance, recipe)
+    w.barrier()  # the fuser is on disk before any rank returns
     return TrainResult(output_dir=out, fuser_dir=fuser_dir, steps=state.step, total_steps=steps,
                        losses=list(state.losses), lrs=list(state.lrs),
                        eval_losses=[(int(s), float(v)) for s, v in state.eval_losses],
-                       final_eval_loss=final_eval, final_train_loss=final_train, data_sha256=fingerprint)
+                       final_eval_loss=final_eval, final_train_loss=final_train, data_sha256=fingerprint,
+                       global_batch=global_batch, main=w.main)
 
 
-def _optimizer_step(c2c: C2CModel, micro: Sequence[Batch], opt: torch.optim.Optimizer, sched: Any,
-                    params: Sequence[torch.nn.Parameter], grad_clip: float | None) -> tuple[float, float]:
-    """One optimizer step over the micro-batches; returns (loss per answer token, lr used)."""
-    n_labels = sum(b.num_labels for b in micro)
+def _optimizer_step(wrapped: torch.nn.Module, micro: Sequence[Batch], opt: torch.optim.Optimizer, sched: Any,
+                    params: Sequence[torch.nn.Parameter], grad_clip: float | None, w: World,
+                    autocast: Any, scaler: Any) -> tuple[float, float, int]:
+    """One optimizer step over this rank's micro-batches; returns (loss per answer token over
+    the global batch, lr used, tokens read by all ranks)."""
+    # Token-weighted over the global batch, as if it were one batch: DDP and FSDP average the
+    # ranks' gradients, so each rank scales its summed loss by world size / global label count.
+    n_labels, = w.sum([sum(b.num_labels for b in micro)])
+    scale = w.size / n_labels
     loss_sum = 0.0
-    for b in micro:
-        ce = batch_loss(c2c, b)
-        (ce / n_labels).backward()  # token-weighted, as if all micro-batches were one batch
+    for j, b in enumerate(micro):
+        with no_sync(wrapped, last=j == len(micro) - 1):
+            with autocast():
+                ce = wrapped(b)
+            scaled = ce * scale
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += float(ce.detach())
+    sync_unsharded(wrapped, w)
+    if scaler is not None:
+        scaler.unscale_(opt)
     if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        clip_gradients(params, grad_clip)
     lr = sched.get_last_lr()[0]
-    opt.step()
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return loss_sum / n_labels, lr
+    loss_total, tokens = w.sum([loss_sum, sum(b.num_tokens for b in micro)])
+    return loss_total / n_labels, lr, int(tokens)
 
 
-def _save_final(fuser: Fuser, folder: Path, provenance: dict[str, Any], recipe: TrainRecipe) -> Path:
+def _save_final(config: Any, state_dict: Mapping[str, torch.Tensor], folder: Path, provenance: dict[str, Any],
+                recipe: TrainRecipe) -> Path:
     from agentmesh.c2c.checkpoints import save_fuser
 
+    fuser = Fuser(config)
+    fuser.load_state_dict({k: v.cpu() for k, v in state_dict.items()}, strict=True)
     fuser.eval()
     if recipe.save_dtype is not None:
         fuser = cast_fuser(fuser, recipe.save_dtype)

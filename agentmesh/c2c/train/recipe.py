@@ -14,6 +14,12 @@ from agentmesh.yaml_file import read_yaml
 
 # Recipe keys that may change between a run and its resumption without changing what is learnt.
 _RESUME_FREE_KEYS = ("output", "eval_every", "save_every", "keep_checkpoints")
+# For fusers also how the global batch is split over processes and micro-batches (its size is
+# checked on resume), where it runs and how memory is saved.
+_FUSER_RESUME_FREE_KEYS = (*_RESUME_FREE_KEYS, "batch_size", "grad_accum", "global_batch", "device",
+                           "gradient_checkpointing", "fsdp", "check_memory")
+# Keys version-1 checkpoints (single process) did not have.
+_NEW_KEYS = ("global_batch", "autocast", "fsdp", "gate_noise", "check_memory")
 
 
 class _Strict(BaseModel):
@@ -95,8 +101,11 @@ class TrainRecipe(_Strict):
     lr: float = Field(1e-4, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1, description="sequences per micro-batch on each process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each process")
+    global_batch: int | None = Field(
+        None, ge=1, description="sequences per optimizer step over all processes; sets grad_accum to "
+                                "global_batch / (batch_size x processes). None: batch_size x grad_accum x processes")
     grad_clip: float | None = Field(1.0, gt=0.0)
     dtype: str = "auto"   # the frozen models' dtype
     device: str = "cpu"
@@ -104,7 +113,11 @@ class TrainRecipe(_Strict):
     eval_every: int = Field(100, ge=0)   # optimizer steps; 0: only before and after training
     save_every: int = Field(100, ge=0)   # optimizer steps; 0: only at the end
     keep_checkpoints: int = Field(2, ge=1)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute projector and receiver activations in the backward pass
+    autocast: Literal["bfloat16", "float16"] | None = None  # mixed precision of the forward passes
+    fsdp: bool = False  # shard the fuser's parameters, gradients and optimizer state over processes
+    gate_noise: bool = True  # Gumbel noise in the training gates; off: sigmoid(logit / tau), deterministic
+    check_memory: bool = True  # refuse to start when the memory estimate exceeds what the device has free
     save_dtype: str | None = None  # dtype of the saved fuser (e.g. bfloat16 halves its size); None: as trained
     output: Path = Path("runs/fuser")
 
@@ -113,6 +126,21 @@ class TrainRecipe(_Strict):
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give steps or epochs, not both")
         return self
+
+    def accumulation(self, processes: int) -> int:
+        """Micro-batches per optimizer step on each of `processes` processes."""
+        if self.global_batch is None:
+            return self.grad_accum
+        per_round = self.batch_size * processes
+        if self.global_batch % per_round:
+            raise ConfigError(f"global_batch={self.global_batch} is not a multiple of batch_size={self.batch_size} "
+                              f"x {processes} process(es); choose a batch_size (or process count) that divides it")
+        accum = self.global_batch // per_round
+        if "grad_accum" in self.model_fields_set and self.grad_accum != accum:
+            raise ConfigError(f"grad_accum={self.grad_accum} contradicts global_batch={self.global_batch} with "
+                              f"batch_size={self.batch_size} x {processes} process(es) (that is grad_accum={accum}); "
+                              "give one of them")
+        return accum
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainRecipe":
@@ -133,9 +161,11 @@ class TrainRecipe(_Strict):
             more = f"; and {len(e.errors()) - 1} more problem(s)" if len(e.errors()) > 1 else ""
             raise ConfigError(f"{source}: {where}: {err['msg']}{value}{more}") from None
 
-    def resume_key(self) -> str:
-        """A digest of the settings a resumed run must share with the run it continues."""
-        data = self.model_dump(mode="json", exclude=set(_RESUME_FREE_KEYS))
+    def resume_key(self, *, legacy: bool = False) -> str:
+        """A digest of the settings a resumed run must share with the run it continues
+        (`legacy`: as version-1 checkpoints computed it)."""
+        free = {*_RESUME_FREE_KEYS, *_NEW_KEYS} if legacy else set(_FUSER_RESUME_FREE_KEYS)
+        data = self.model_dump(mode="json", exclude=free)
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 

@@ -10,26 +10,24 @@ from typing import Any, Mapping
 
 import torch
 
-from agentmesh.c2c.fuser import Fuser
 from agentmesh.c2c.train.recipe import TrainRecipe
 from agentmesh.errors import CheckpointError, ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 
 
-def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def _optimizer_to_flat(sd: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{idx}.{key}"] = value.detach().contiguous()
+                tensors[f"optimizer.{idx}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+def _optimizer_from_flat(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for name, t in tensors.items():
         if name.startswith("optimizer."):
@@ -39,22 +37,7 @@ def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: Mapping[str, torch
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in meta["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = s
-    return out
-
-
-def _set_rng(tensors: Mapping[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    return {"state": state, "param_groups": groups}
 
 
 @dataclass
@@ -62,6 +45,8 @@ class TrainState:
     """What a checkpoint restores besides tensors."""
 
     step: int = 0
+    samples: int = 0        # global samples read so far: where the data stream continues
+    global_batch: int = 0   # samples per optimizer step (all ranks, all micro-batches)
     losses: list[float] = field(default_factory=list)          # train loss per optimizer step
     lrs: list[float] = field(default_factory=list)             # learning rate used by each step
     eval_losses: list[list[float]] = field(default_factory=list)  # [step, loss] pairs
@@ -69,8 +54,22 @@ class TrainState:
     seconds: float = 0.0
 
 
-def save_checkpoint(folder: Path, *, fuser: Fuser, opt: torch.optim.Optimizer, sched: Any,
-                    state: TrainState, recipe: TrainRecipe, data_sha256: str, keep: int) -> Path:
+@dataclass
+class Checkpoint:
+    """A loaded training checkpoint, as one process holds it (whole, unsharded)."""
+
+    path: Path
+    fuser: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    state: TrainState
+
+
+def save_checkpoint(folder: Path, *, fuser: Mapping[str, torch.Tensor], optimizer: Mapping[str, Any],
+                    scheduler: Mapping[str, Any], state: TrainState, recipe: Any, data_sha256: str,
+                    keep: int) -> Path:
+    """Write `folder/checkpoints/step-N` atomically (a temporary folder renamed into place) and
+    drop all but the newest `keep`. Called on rank 0 only."""
     from safetensors.torch import save_file
 
     root = folder / CHECKPOINT_DIR
@@ -78,12 +77,12 @@ def save_checkpoint(folder: Path, *, fuser: Fuser, opt: torch.optim.Optimizer, s
     tmp = root / f".tmp-step-{state.step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    opt_tensors, opt_meta = _optimizer_to_flat(opt)
-    tensors = {f"fuser.{k}": v.detach().contiguous() for k, v in fuser.state_dict().items()}
-    save_file({**tensors, **opt_tensors, **_rng_tensors()}, str(tmp / "state.safetensors"))
-    meta = {"format": "agentmesh-train-checkpoint", "version": 1, "resume_key": recipe.resume_key(),
+    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+    tensors = {f"fuser.{k}": v.detach().cpu().contiguous() for k, v in fuser.items()}
+    save_file({**tensors, **opt_tensors}, str(tmp / "state.safetensors"))
+    meta = {"format": "agentmesh-train-checkpoint", "version": 2, "resume_key": recipe.resume_key(),
             "data_sha256": data_sha256, "state": state.__dict__, "optimizer": opt_meta,
-            "scheduler": sched.state_dict()}
+            "scheduler": dict(scheduler)}
     (tmp / "trainer.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
@@ -97,8 +96,9 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, *, fuser: Fuser, opt: torch.optim.Optimizer, sched: Any,
-                    recipe: TrainRecipe, data_sha256: str) -> TrainState:
+def load_checkpoint(path: Path, *, recipe: Any, data_sha256: str) -> Checkpoint:
+    """The checkpoint at `path`, if `recipe` (a `TrainRecipe` or any recipe with `resume_key`,
+    `batch_size` and `grad_accum`) and the data are those it was made with."""
     from safetensors.torch import load_file
 
     try:
@@ -106,17 +106,21 @@ def load_checkpoint(path: Path, *, fuser: Fuser, opt: torch.optim.Optimizer, sch
         tensors = load_file(str(path / "state.safetensors"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"training checkpoint {path} is unreadable: {e}") from None
-    if meta.get("format") != "agentmesh-train-checkpoint":
-        raise CheckpointError(f"{path}/trainer.json is not an agentmesh training checkpoint")
-    if meta["resume_key"] != recipe.resume_key() or meta["data_sha256"] != data_sha256:
+    if meta.get("format") != "agentmesh-train-checkpoint" or meta.get("version") not in (1, 2):
+        raise CheckpointError(f"{path}/trainer.json is not an agentmesh training checkpoint (format version 1 or 2)")
+    version = meta["version"]
+    legacy = version == 1 and isinstance(recipe, TrainRecipe)
+    keys = {recipe.resume_key(legacy=True) if legacy else recipe.resume_key()}
+    if meta["resume_key"] not in keys or meta["data_sha256"] != data_sha256:
         raise ConfigError(f"checkpoint {path} was made with another recipe or other data; "
                           "rerun with --no-resume (starts over) or choose another output folder")
-    fuser.load_state_dict({k[len("fuser."):]: v for k, v in tensors.items() if k.startswith("fuser.")}, strict=True)
-    _optimizer_from_flat(opt, tensors, meta["optimizer"])
-    sched.load_state_dict(meta["scheduler"])
-    _set_rng(tensors)
-    return TrainState(**meta["state"])
+    state = dict(meta["state"])
+    if version == 1:  # single-process runs: one optimizer step read batch_size x grad_accum rows
+        state["global_batch"] = recipe.batch_size * recipe.grad_accum
+        state["samples"] = state["step"] * state["global_batch"]
+    fuser = {k[len("fuser."):]: v for k, v in tensors.items() if k.startswith("fuser.")}
+    return Checkpoint(path, fuser, _optimizer_from_flat(tensors, meta["optimizer"]), meta["scheduler"],
+                      TrainState(**state))
 
 
-
-__all__ = ["CHECKPOINT_DIR", "TrainState", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_DIR", "Checkpoint", "TrainState", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]

@@ -234,13 +234,13 @@ def test_global_batch_sets_accumulation_or_names_the_conflict():
 
 
 def test_memory_check_fails_fast_with_what_to_change():
-    gib = 1 << 30
-    budget = MemoryBudget(device="cuda:0", frozen_models=2 * gib, fuser=2 * gib, fuser_parameters=478_000_000,
-                          gradients=2 * gib, optimizer=4 * gib, activations=30 * gib, tokens="batch 8 x 2048")
-    assert budget.total == 40 * gib and "40.0 GB" in budget.lines()[0]
-    check_fits(budget, 80 * gib, processes=8)
+    gb = 10 ** 9  # SI units, as every size the CLI prints
+    budget = MemoryBudget(device="cuda:0", frozen_models=2 * gb, fuser=2 * gb, fuser_parameters=478_000_000,
+                          gradients=2 * gb, optimizer=4 * gb, activations=30 * gb, tokens="batch 8 x 2048")
+    assert budget.total == 40 * gb and "40.0 GB" in budget.lines()[0]
+    check_fits(budget, 80 * gb, processes=8)
     with pytest.raises(ConfigError, match=r"needs about 40.0 GB .* only 24.0 GB .*gradient_checkpointing: true.*fsdp"):
-        check_fits(budget, 24 * gib, processes=8)
+        check_fits(budget, 24 * gb, processes=8)
 
 
 def test_published_recipe_dry_run(tmp_path):

@@ -167,7 +167,8 @@ def run(cfg: Config = Config(), *, lm: Any = None, pool: Any = None) -> BenchRes
         e2e[length] = interleave({"generate": hf_generate(p, cfg.new_tokens), "default": default(p, cfg.new_tokens)},
                                  repeats=cfg.repeats, warmup=1)
     length_rows = [{"prompt_tokens": n, "generate_s": median(r["generate"]), "default_s": median(r["default"]),
-                    "default_vs_generate": r.paired_ratio("default", "generate")} for n, r in e2e.items()]
+                    "default_vs_generate": r.paired_ratio("default", "generate"),
+                    "cpu_default_vs_generate": r.paired_ratio("default", "generate", "cpu")} for n, r in e2e.items()]
 
     good = [r for r in rows if r["mode"] not in ("generate", "default") and r["greedy_agreement"] >= TARGET_AGREEMENT]
     fastest = min(good, key=lambda r: r["ms_per_token"]) if good else None
@@ -186,7 +187,8 @@ def run(cfg: Config = Config(), *, lm: Any = None, pool: Any = None) -> BenchRes
                  "roofline_fraction"],
         rows=rows, summary={"bandwidth": bw},
         extra_tables={"Default path vs transformers' generate, end to end": (
-            ["prompt_tokens", "generate_s", "default_s", "default_vs_generate"], length_rows)},
+            ["prompt_tokens", "generate_s", "default_s", "default_vs_generate", "cpu_default_vs_generate"],
+            length_rows)},
         targets=targets,
         notes=[f"memory bandwidth, one thread: copy {bw['copy_GB_per_s']:.1f} GB/s (read + written), sum "
                f"{bw['read_GB_per_s']:.1f} GB/s (read); the roofline uses the faster, {bw['GB_per_s']:.1f} GB/s",

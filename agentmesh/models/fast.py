@@ -32,7 +32,8 @@ FastWeights = Literal["fp32", "bf16", "int8"]
 
 @dataclass(frozen=True)
 class FastConfig:
-    """Which levers a `FastDecoder` pulls; `max_len` bounds prompt + new tokens with a static cache."""
+    """Which levers a `FastDecoder` pulls; `max_len` bounds prompt + new tokens with a static cache
+    (each call allocates only what it needs, in steps of 256 slots)."""
 
     weights: FastWeights = "fp32"
     static_cache: bool = True
@@ -112,8 +113,10 @@ class FastDecoder:
             raise ConfigError(f"prompt ({n}) + new tokens ({max_new_tokens}) exceed the static cache's "
                               f"max_len {self.config.max_len}", hint="raise FastConfig.max_len")
         device = self.lm.device
-        cache = static_hf(self.model.config, self.config.max_len) if self.config.static_cache \
-            else new_hf(self.model.config)
+        # Attention reads every slot of a static cache, so it is sized to this call (rounded up to
+        # 256 slots, so a compiled step meets few distinct shapes), not to `max_len`.
+        slots = min(self.config.max_len, -(-(n + max_new_tokens) // 256) * 256)
+        cache = static_hf(self.model.config, slots) if self.config.static_cache else new_hf(self.model.config)
         logits = self._forward(input_ids.to(device), cache, torch.arange(n, device=device)[None])
         eos = set(int(t) for t in eos_token_ids)
         picks: list[torch.Tensor] = []

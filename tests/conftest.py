@@ -73,3 +73,17 @@ def tiny_model_factory(request: pytest.FixtureRequest) -> Callable[..., LoadedMo
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def broker() -> Any:
+    """A mosquitto on a free loopback port for one test module (skips where mosquitto is missing)."""
+    from agentmesh.errors import TransportError
+    from agentmesh.transport.broker import LocalBroker, find_mosquitto
+
+    try:
+        find_mosquitto()
+    except TransportError as exc:
+        pytest.skip(str(exc))
+    with LocalBroker() as b:
+        yield b

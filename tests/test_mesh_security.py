@@ -11,7 +11,7 @@ import aiomqtt
 import pytest
 from torch import nn
 
-from agentmesh.errors import ConfigError, TransportError
+from agentmesh.errors import ConfigError
 from agentmesh.graph import Graph
 from agentmesh.mesh.auth import Guard
 from agentmesh.mesh.envelope import inbox_channel, pack, unpack
@@ -22,7 +22,6 @@ from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.runtime import Token, run_graph
 from agentmesh.transport import InProcessLink, MqttLink
-from agentmesh.transport.broker import LocalBroker, find_mosquitto
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(120)]
 
@@ -47,16 +46,6 @@ async def until(check: Callable[[], bool], limit: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("the expected state never came")
         await asyncio.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def broker() -> Any:
-    try:
-        find_mosquitto()
-    except TransportError as exc:
-        pytest.skip(str(exc))
-    with LocalBroker() as b:
-        yield b
 
 
 @pytest.fixture(scope="module")

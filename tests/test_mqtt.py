@@ -117,16 +117,6 @@ def test_unreachable_broker_fails_within_connect_timeout():
 
 
 # ---- with mosquitto ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def broker():
-    try:
-        find_mosquitto()
-    except TransportError as exc:
-        pytest.skip(str(exc))
-    with LocalBroker() as b:
-        yield b
-
-
 def test_missing_mosquitto_says_how_to_install_it():
     with pytest.raises(TransportError, match="apt-get install -y mosquitto"):
         find_mosquitto("mosquitto-not-installed-here")

@@ -93,16 +93,6 @@ def mesh_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, "k3y-for-the-tests-" + "7" * 32)
 
 
-@pytest.fixture(scope="module")
-def broker() -> Any:
-    try:
-        find_mosquitto()
-    except TransportError as exc:
-        pytest.skip(str(exc))
-    with LocalBroker() as b:
-        yield b
-
-
 def edge_cloud(mode: str, url: str, *, doc_model: str = "tiny", timeout_s: float = 10.0, tokens: int = 8) -> Graph:
     """The shape of graphs/edge_cloud.yaml: a reader with a private document on `cloud`, an
     answering agent on `edge`; a prefix cache edge or a text edge between them."""

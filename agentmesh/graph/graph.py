@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import networkx as nx
 from pydantic import ValidationError
 
-from agentmesh.errors import ConfigError, GraphError
+from agentmesh.errors import GraphError
 from agentmesh.files import FileProblem, read_text_limited
 from agentmesh.graph import template
 from agentmesh.graph.source import KeyPath, SourceMap, choices_hint, graph_error

@@ -43,7 +43,9 @@ FuserRef = str | Path
 
 PUBLISHED_REPO = "nics-efc/C2C_Fuser"
 FORMAT_NAME = "agentmesh-fuser"
-FORMAT_VERSION = 1
+# 2: `layout` records the fusion mode and where the sharer's keys are rotated to (version-1 files
+# predate key re-rotation: their fusers read the sharer's keys at the sharer's own positions).
+FORMAT_VERSION = 2
 FUSER_JSON = "fuser.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_SUBFOLDER = "final"
@@ -469,6 +471,15 @@ class _RouteEntry(_Strict):
     projector: int
 
 
+class _Layout(_Strict):
+    fusion: Literal["prompt", "prompt+response"]
+    key_positions: Literal["receiver", "sharer"]
+
+
+# How a format-1 file is read: the only layout that existed then.
+_V1_LAYOUT = _Layout(fusion="prompt", key_positions="sharer")
+
+
 class _FuserDoc(_Strict):
     format: Literal["agentmesh-fuser"]
     format_version: int
@@ -478,13 +489,17 @@ class _FuserDoc(_Strict):
     routes: list[_RouteEntry]
     layer_map: str
     alignment: str
+    layout: _Layout | None = None
     fusion: dict[str, Any] = {}
     tensors: dict[str, Any] = {}
     provenance: dict[str, Any] = {}
 
 
 _FUSION_NOTES = {
-    "span": "every prompt token but the last; the receiver prefills it, then its K/V are rewritten",
+    "span": "layout.fusion 'prompt': every prompt token but the last; the receiver prefills it, then its K/V are "
+            "rewritten. 'prompt+response': every token the receiver reads, fused before its attention reads it",
+    "keys": "post-RoPE; layout.key_positions 'receiver': the sharer's keys are rotated to the receiver's positions "
+            "with the sharer's rotary parameters (sharer.signature.rotary) before the projector sees them",
     "residual": "K = K_r + g * w * P(K_s, K_r), the same for V; g is a hard per-layer gate at inference",
     "modes": ["parallel", "sequential"],
 }
@@ -503,11 +518,18 @@ def _read_fuser_json(folder: Path) -> _FuserDoc:
         raise CheckpointError(f"{path} has format_version {version}, newer than the {FORMAT_VERSION} this agentmesh "
                               "reads", hint="upgrade agentmesh")
     try:
-        return _FuserDoc.model_validate(raw)
+        doc = _FuserDoc.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]).replace("class_", "class")
         raise CheckpointError(f"{path}: {loc or 'document'}: {err['msg']}") from None
+    if version == 1:
+        if doc.layout is not None:
+            raise CheckpointError(f"{path}: format_version 1 has no 'layout'; expected format_version 2 with it")
+        return doc.model_copy(update={"layout": _V1_LAYOUT})
+    if doc.layout is None:
+        raise CheckpointError(f"{path}: format_version {version} needs 'layout' ({{fusion, key_positions}})")
+    return doc
 
 
 def _jsonable(value: Any, where: str) -> Any:
@@ -577,6 +599,7 @@ def save_fuser(fuser: Fuser, folder: FuserRef, *, provenance: Mapping[str, Any] 
                    for r in cfg.routes],
         "layer_map": cfg.layer_map,
         "alignment": cfg.alignment,
+        "layout": {"fusion": cfg.fusion, "key_positions": cfg.key_positions},
         "fusion": _FUSION_NOTES,
         "tensors": {"file": WEIGHTS_FILE, "key": "projectors.{index}.{state_dict key}", "numel_by_dtype": dtypes},
         "provenance": prov,
@@ -620,6 +643,8 @@ def load_fuser(folder: FuserRef) -> Fuser:
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{json_path}: a model signature lacks {_first_line(e)}; expected the fields "
                               f"{', '.join(ModelSignature.__dataclass_fields__)}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{json_path}: a model signature is malformed: {e}") from None
     if not doc.projector.init_args:
         raise CheckpointError(f"{json_path}: projector.init_args is empty; expected one entry per projector")
     projectors: list[nn.Module] = []
@@ -654,6 +679,7 @@ def load_fuser(folder: FuserRef) -> Fuser:
         config = FuserConfig(receiver=receiver, sharer=sharer, projector=doc.projector.class_,
                              projector_args=tuple(_normalise_args(a) for a in doc.projector.init_args),
                              routes=routes, layer_map=doc.layer_map, alignment=doc.alignment,
+                             fusion=doc.layout.fusion, key_positions=doc.layout.key_positions,
                              provenance=provenance)
     except ConfigError as e:
         raise CheckpointError(f"{json_path}: {e.message}") from None

@@ -6,6 +6,12 @@ any number of sharers, each through its own fuser:
     sequential: K_j = K_{j-1} + g_j * w_j * P_j(K_s_j, K_{j-1})  (each fuser sees the last result)
 The per-layer loop is pure tensor work: no `.item()`, no host synchronisation.
 
+Keys are cached after RoPE. Where a sharer's span sits at other positions than the receiver's (a
+role or context before it, another chat template, tokenizer alignment), its keys are rotated to
+the receiver's positions with the sharer's own rotary parameters before any projector sees them
+(`FuserConfig.key_positions == "receiver"`; fusers saved before this rule read "sharer": keys as
+the sharer computed them, so they are never silently reinterpreted).
+
 A fuser also says *what* it fuses (`FuserConfig.fusion`):
     "prompt":           the prompt but its last token, rewritten after the receiver prefilled it;
     "prompt+response":  every token the receiver reads, the last prompt token and each generated
@@ -13,13 +19,14 @@ A fuser also says *what* it fuses (`FuserConfig.fusion`):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 
 from agentmesh.cache.kv import KVCache, ModelSignature
+from agentmesh.cache.rotary import rotate_keys
 from agentmesh.c2c.layer_map import layer_map as make_layer_map
 from agentmesh.c2c.registry import build_projector
 from agentmesh.errors import CacheError, ConfigError
@@ -27,6 +34,8 @@ from agentmesh.errors import CacheError, ConfigError
 FusionMode = Literal["parallel", "sequential"]
 Fusion = Literal["prompt", "prompt+response"]
 FUSIONS: tuple[str, ...] = ("prompt", "prompt+response")
+KeyPositions = Literal["receiver", "sharer"]
+KEY_POSITIONS: tuple[str, ...] = ("receiver", "sharer")
 
 
 @dataclass(frozen=True)
@@ -50,11 +59,15 @@ class FuserConfig:
     layer_map: str = "last_aligned"        # how the routes were made (informational once built)
     alignment: str = "last"                # cross-tokenizer gather strategy ("last", "first", "longest")
     fusion: Fusion = "prompt"              # which tokens are fused (see the module docstring)
+    key_positions: KeyPositions = "receiver"  # where the sharer's keys are rotated to before projection
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ConfigError(f"fusion {self.fusion!r} is unknown; expected one of {', '.join(FUSIONS)}")
+        if self.key_positions not in KEY_POSITIONS:
+            raise ConfigError(f"key_positions {self.key_positions!r} is unknown; expected one of "
+                              f"{', '.join(KEY_POSITIONS)}")
         for r in self.routes:
             if not (0 <= r.receiver_layer < self.receiver.num_layers and 0 <= r.sharer_layer < self.sharer.num_layers
                     and 0 <= r.projector < len(self.projector_args)):
@@ -159,6 +172,26 @@ class SharerSpan:
     mask: torch.Tensor | None = None
 
 
+def at_receiver_positions(span: SharerSpan, positions: torch.Tensor | None) -> SharerSpan:
+    """`span` with its keys rotated from the sharer's positions to `positions` (B, N), the
+    receiver's, with the sharer's own rotary parameters; as it is when they already agree, when
+    either is unknown, or when the fuser reads keys at the sharer's positions."""
+    cache = span.cache
+    if span.fuser.config.key_positions != "receiver" or positions is None or cache.positions is None:
+        return span
+    if torch.equal(cache.positions.cpu(), positions.cpu()):  # the usual case; CPU tensors, no device sync
+        return span
+    sig = cache.signature or span.fuser.sharer
+    rotary = sig.rotary or span.fuser.sharer.rotary
+    if rotary is None:
+        raise CacheError(f"the sharer span of {sig.name!r} sits at other positions than the receiver's, but its "
+                         "rotary parameters are unknown, so its keys cannot be moved to the receiver's positions")
+    delta = positions.to(torch.long) - cache.positions.to(torch.long)  # (B, N)
+    keys = tuple(rotate_keys(k, delta[:, delta.shape[1] - k.shape[2]:], rotary.frequencies(layer), rotary.style)
+                 for layer, k in zip(cache.layer_ids, cache.keys))
+    return replace(span, cache=cache.replace(keys=keys, positions=positions))
+
+
 def check_mode(mode: str) -> None:
     if mode not in ("parallel", "sequential"):
         raise ConfigError(f"fusion mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
@@ -198,6 +231,7 @@ def fuse(receiver: KVCache, sharers: Sequence[SharerSpan], mode: FusionMode = "p
     span = receiver.slice_tokens(start, start + n)
     for s in sharers:
         s.fuser.check_caches(span, s.cache)
+    sharers = [at_receiver_positions(s, span.positions) for s in sharers]
     pairs = [fuse_layer(layer, k, v, sharers, mode) for layer, k, v in zip(span.layer_ids, span.keys, span.values)]
     fused = span.replace(keys=tuple(k for k, _ in pairs), values=tuple(v for _, v in pairs))
     if start == 0 and n == receiver.seq_len:

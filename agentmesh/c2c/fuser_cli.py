@@ -66,6 +66,7 @@ def inspect(
         ("projector", f"{cfg.projector} x {len(fuser.projectors)}"),
         ("layer map", cfg.layer_map),
         ("alignment", cfg.alignment),
+        ("fusion", f"{cfg.fusion} (sharer keys at the {cfg.key_positions}'s positions)"),
         ("parameters", f"{fuser.num_parameters():,}"),
         ("dtype", ", ".join(dtypes)),
         ("size on disk", human_bytes(size_on_disk(location))),

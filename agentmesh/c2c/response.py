@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from agentmesh.c2c.fuser import Fuser, FusionMode, SharerSpan, fuse_layer
+from agentmesh.c2c.fuser import Fuser, FusionMode, SharerSpan, at_receiver_positions, fuse_layer
 from agentmesh.cache.kv import KVCache
 from agentmesh.models.inference import RunningCache
 
@@ -75,7 +75,7 @@ class ResponseFusion:
                             values=tuple(capture.values[j][:, :, -k:] for j in layers),
                             signature=lm.signature, token_ids=run.token_ids[:, -k:],
                             positions=run.positions[:, -k:], attention_mask=run.mask[:, -k:], layer_ids=tuple(layers))
-            spans.append(SharerSpan(fuser, cache))
+            spans.append(at_receiver_positions(SharerSpan(fuser, cache), positions))
         self._spans = spans
 
     def rewrite(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -528,14 +528,18 @@ def _parse_signature(data: dict[str, Any] | None) -> ModelSignature | None:
     if data is None:
         return None
     fields = ModelSignature.__dataclass_fields__
-    if set(data) != set(fields):
+    required = set(fields) - {"rotary"}  # payloads written before rotary existed lack it
+    if not required <= set(data) <= set(fields):
         raise CodecError(f"cache payload signature has keys {sorted(data)}; expected {sorted(fields)}")
-    for name, f in fields.items():
-        want = int if f.type in ("int", int) else str
+    for name in sorted(required):
+        want = int if fields[name].type in ("int", int) else str
         value = data[name]
         if type(value) is not want:
             raise CodecError(f"cache payload signature {name!r} is {value!r}; expected a {want.__name__}")
-    return ModelSignature.from_dict(data)
+    try:
+        return ModelSignature.from_dict(data)
+    except ValueError as e:
+        raise CodecError(f"cache payload signature: {e}") from None
 
 
 def _check_expected(header: CacheHeader, sig: ModelSignature | None, expected: ModelSignature) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from agentmesh.cache.rotary import RotarySpec, rotary_spec
 from agentmesh.errors import CacheError
 
 # Config fields that decide whether two models produce interchangeable caches.
@@ -25,7 +26,8 @@ def text_config(config: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelSignature:
-    """What a cache must agree with to be read by a model: its shape and a config fingerprint."""
+    """What a cache must agree with to be read by a model: its shape and a config fingerprint,
+    and how its keys were rotated (`rotary`; None for a model without RoPE or a record without it)."""
 
     name: str
     model_type: str
@@ -34,6 +36,7 @@ class ModelSignature:
     head_dim: int
     vocab_size: int
     fingerprint: str
+    rotary: RotarySpec | None = None
 
     @classmethod
     def from_config(cls, config: Any, name: str = "") -> "ModelSignature":
@@ -50,18 +53,34 @@ class ModelSignature:
             head_dim=head_dim,
             vocab_size=cfg.vocab_size,
             fingerprint=hashlib.sha256(blob).hexdigest()[:16],
+            rotary=_rotary_or_none(cfg),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["rotary"] = None if self.rotary is None else self.rotary.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSignature":
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        """From `to_dict`'s output; records written before `rotary` existed read as None. A malformed
+        `rotary` raises `ValueError`."""
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k != "rotary"}
+        rotary = data.get("rotary")
+        return cls(**fields, rotary=None if rotary is None else RotarySpec.from_dict(rotary))
 
     def same_shape(self, other: "ModelSignature") -> bool:
         return (self.num_layers, self.num_kv_heads, self.head_dim) == (
             other.num_layers, other.num_kv_heads, other.head_dim)
+
+
+def _rotary_or_none(cfg: Any) -> RotarySpec | None:
+    # A config transformers' rope initialisers cannot read still loads; its keys are then never
+    # re-rotated, and fusion refuses caches that would need it (see `agentmesh.c2c.fuser`).
+    try:
+        return rotary_spec(cfg)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

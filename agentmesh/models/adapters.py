@@ -64,7 +64,7 @@ def check_base(folder: Path, base: ModelSignature) -> None:
     meta = _read_json(meta_path, "agentmesh adapter metadata")
     try:
         want = ModelSignature.from_dict(meta["base"]["signature"])
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{meta_path} lacks base.signature ({_first_line(e)}); expected the base model's "
                              "signature as written by `agentmesh train`") from None
     if want.fingerprint != base.fingerprint or not want.same_shape(base):

@@ -219,7 +219,7 @@ def test_own_format_round_trip_is_exact(env, tmp_path, dtype):
     save_fuser(source, tmp_path / "own", provenance={"note": "test"})
     assert sorted(p.name for p in (tmp_path / "own").iterdir()) == ["fuser.json", "model.safetensors"]
     doc = json.loads((tmp_path / "own/fuser.json").read_text())
-    assert doc["format"] == "agentmesh-fuser" and doc["format_version"] == 1
+    assert doc["format"] == "agentmesh-fuser" and doc["format_version"] == 2
     assert doc["receiver"]["id"] == str(env["receiver"]) and doc["receiver"]["signature"]["fingerprint"]
     assert doc["projector"]["init_args"][0]["dtype"] == dtype and doc["provenance"]["note"] == "test"
     loaded = load_fuser(tmp_path / "own")
@@ -254,10 +254,13 @@ def test_own_format_strict_load_errors(env, tmp_path, change, message):
 
 def test_own_format_version_and_corrupt_weights(env, tmp_path):
     folder = save_fuser(load_published(env["pub"]), tmp_path / "own")
-    _edit_json(folder / "fuser.json", lambda d: d.update(format_version=2))
-    with pytest.raises(CheckpointError, match=r"fuser\.json has format_version 2, newer than the 1"):
+    _edit_json(folder / "fuser.json", lambda d: d.update(format_version=3))
+    with pytest.raises(CheckpointError, match=r"fuser\.json has format_version 3, newer than the 2"):
         load_fuser(folder)
-    _edit_json(folder / "fuser.json", lambda d: d.update(format_version=1, surprise=True))
+    _edit_json(folder / "fuser.json", lambda d: d.update(format_version=1))  # format 1 had no layout
+    with pytest.raises(CheckpointError, match=r"format_version 1 has no 'layout'"):
+        load_fuser(folder)
+    _edit_json(folder / "fuser.json", lambda d: d.update(format_version=2, surprise=True))
     with pytest.raises(CheckpointError, match=r"fuser\.json: surprise: Extra inputs"):
         load_fuser(folder)
     _edit_json(folder / "fuser.json", lambda d: d.pop("surprise"))

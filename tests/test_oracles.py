@@ -14,6 +14,7 @@ import torch
 from agentmesh.c2c import C2CModel, Fuser
 from agentmesh.errors import ConfigError
 from agentmesh.models.inference import decode, next_token_logits, pad_sequences, prefill
+from agentmesh.models.pool import ModelPool
 
 NEW = 6
 
@@ -91,7 +92,6 @@ def test_fusers_of_one_model_fuse_the_same_tokens(pair) -> None:
 def test_eval_runs_both_oracles(tmp_path: Path, pair) -> None:
     from agentmesh.eval.context_task import write_context_task
     from agentmesh.eval.runner import evaluate, parse_config
-    from agentmesh.models.pool import ModelPool
 
     receiver, sharer = pair
     pool = ModelPool()
@@ -109,3 +109,35 @@ def test_eval_runs_both_oracles(tmp_path: Path, pair) -> None:
     # The response oracle sends the sharer's K/V of every token read; the span oracle the span's only.
     for span, full in zip(by["oracle"], by["oracle-response"]):
         assert span.bytes_exchanged % per_token == 0 and full.bytes_exchanged > span.bytes_exchanged
+
+
+def test_prompt_response_fusers_train_through_the_rewriting_cache(tmp_path: Path, pair) -> None:
+    import json
+
+    from agentmesh.c2c.checkpoints import load_fuser
+    from agentmesh.c2c.train import train
+
+    receiver, sharer = pair
+    pool = ModelPool()
+    pool.put("r", receiver)
+    pool.put("s", sharer)
+    rows = [{"messages": [{"role": "user", "content": "What is the secret word?"}, {"role": "assistant", "content": w}],
+             "context": f"The secret word is {w}."} for w in ["apple", "river", "stone", "cloud"] * 3]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = {}
+    for fusion in ("prompt", "prompt+response"):
+        recipe = {"receiver": "r", "sharer": "s", "sharer_context": True, "fusion": fusion, "steps": 2, "lr": 1e-2,
+                  "batch_size": 4, "projector": {"hidden_dim": 16, "intermediate_dim": 16, "dropout": 0.0},
+                  "data": {"path": str(data), "eval_path": str(data)}, "eval_every": 0, "save_every": 0,
+                  "output": str(tmp_path / fusion)}
+        results[fusion] = train(recipe, pool=pool, progress=False, resume=False)
+    fused, spanned = results["prompt+response"], results["prompt"]
+    # A fresh fuser's gates are closed at inference: before training both modes are the receiver alone.
+    assert fused.eval_losses[0][1] == pytest.approx(spanned.eval_losses[0][1], rel=1e-5)
+    assert all(loss == loss and loss > 0 for loss in fused.losses)
+    saved = load_fuser(fused.fuser_dir)
+    # Gate logits start at 0; AdamW moved them, so gradients reached the projectors through the cache.
+    assert all(float(p.key_gate_logit.detach()) != 0 and float(p.value_gate_logit.detach()) != 0 for p in saved.projectors)
+    assert saved.config.fusion == "prompt+response"
+    assert C2CModel(receiver, [sharer], [saved]).fusion == "prompt+response"

@@ -141,13 +141,21 @@ class C2CModel:
         """
         if self.fusion == "prompt" or not self.sharers:
             return self.prefill_fused(ids, mask, sharer_inputs), ids[:, -1:], mask[:, -1:], None
+        return None, ids, mask, self.response_fusion(ids, mask, sharer_inputs, span=ids.shape[1] - 1)
+
+    def response_fusion(self, ids: torch.Tensor, mask: torch.Tensor,
+                        sharer_inputs: Sequence[SharerInput | None] | None, *, span: int) -> ResponseFusion:
+        """The hook that fuses every token of `ids` (B, T) as the receiver reads it.
+
+        Each `SharerInput` is the sharer's reading of the receiver's first `span` columns (the
+        prompt but its last token); the sharer then reads the remaining columns as they are (the
+        last prompt token, and in training the answer). Left padding keeps them aligned.
+        """
         given = list(sharer_inputs) if sharer_inputs is not None else [None] * len(self.sharers)
-        # A SharerInput is the sharer's reading of the span (all but the last prompt token); left
-        # padding puts every row's last token in the last column, so that column completes it.
-        readings = [None if g is None else SharerReading(torch.cat([g.input_ids, ids[:, -1:]], 1),
-                                                         torch.cat([g.attention_mask, mask[:, -1:]], 1))
+        readings = [None if g is None else SharerReading(torch.cat([g.input_ids, ids[:, span:]], 1),
+                                                         torch.cat([g.attention_mask, mask[:, span:]], 1))
                     for g in given]
-        return None, ids, mask, ResponseFusion(self.sharers, self.fusers, readings, self.mode)
+        return ResponseFusion(self.sharers, self.fusers, readings, self.mode)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -69,7 +69,8 @@ class ResponseFusion:
             if self._runs[i] is None:
                 self._runs[i] = RunningCache.start(lm, None, ids.shape[0], capture)
             run = self._runs[i]
-            run.read(lm, ids, smask)
+            with torch.no_grad():  # the sharer is frozen, also while a fuser trains
+                run.read(lm, ids, smask)  # it only reads: no LM head
             layers = sorted(capture.keys)
             cache = KVCache(keys=tuple(capture.keys[j][:, :, -k:] for j in layers),
                             values=tuple(capture.values[j][:, :, -k:] for j in layers),

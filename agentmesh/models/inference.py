@@ -133,14 +133,18 @@ class RunningCache:
 
     def step(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Read `input_ids` (B, k) with their `mask`; return the last position's logits (B, V)."""
-        # Only the last position's logits are ever needed.
-        return self._forward(lm, input_ids, mask, head=True).logits[:, -1].float()
+        return self.last_logits(lm, input_ids, mask, 1)[:, -1].float()
+
+    def last_logits(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+        """Read `input_ids` (B, k); return the logits of their last `keep` positions (B, keep, V), as
+        computed (training differentiates through them)."""
+        return self._forward(lm, input_ids, mask, head=True, keep=keep).logits
 
     def read(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Read `input_ids` (B, k) with their `mask` into the cache: the base model only, no LM head."""
         self._forward(lm, input_ids, mask, head=False)
 
-    def _forward(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor, *, head: bool) -> Any:
+    def _forward(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor, *, head: bool, keep: int = 1) -> Any:
         start = self.mask.sum(-1, keepdim=True)
         positions = (start + mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count on from the past
         if self.hook is not None:
@@ -149,7 +153,7 @@ class RunningCache:
         inputs = dict(input_ids=input_ids.to(lm.device), attention_mask=self.mask.to(lm.device),
                       position_ids=positions.to(lm.device))
         if head:
-            out, self.hf = forward_with_cache(lm.model, self.hf, **inputs, logits_to_keep=1)
+            out, self.hf = forward_with_cache(lm.model, self.hf, **inputs, logits_to_keep=keep)
         else:
             out, self.hf = forward_with_cache(lm.model.get_decoder(), self.hf, **inputs)
         self.token_ids = torch.cat([self.token_ids, input_ids.cpu()], dim=1)

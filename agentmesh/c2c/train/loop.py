@@ -133,7 +133,7 @@ def _build_fuser(recipe: TrainRecipe, receiver: Any, sharer: Any, steps: int) ->
                 final_temperature=p.final_temperature, anneal_steps=p.anneal_steps or steps, dtype=p.dtype,
                 zero_init=recipe.init.zero_init, **p.args)
     fuser = Fuser.build(receiver.signature, sharer.signature, projector=p.type, layer_map=recipe.layer_map,
-                        alignment=recipe.alignment, **args)
+                        alignment=recipe.alignment, fusion=recipe.fusion, **args)
     for proj in fuser.projectors:
         if not recipe.gate_noise:
             if not hasattr(proj, "gate_noise"):

@@ -12,7 +12,7 @@ from agentmesh.c2c.model import C2CModel
 from agentmesh.c2c.train.data import IGNORE_INDEX, Batch, Example, collate
 from agentmesh.c2c.train.distributed import World
 from agentmesh.cache.hf import forward_with_cache, to_hf
-from agentmesh.models.inference import prefill
+from agentmesh.models.inference import RunningCache, prefill
 
 
 def batch_loss(c2c: C2CModel, batch: Batch, *, checkpoint_receiver: bool = False) -> torch.Tensor:
@@ -23,6 +23,8 @@ def batch_loss(c2c: C2CModel, batch: Batch, *, checkpoint_receiver: bool = False
     `checkpoint_receiver` keeps none of that pass's activations (nor its (B, A, V) logits) for
     the backward pass, which recomputes them instead.
     """
+    if c2c.fusion == "prompt+response":
+        return _response_loss(c2c, batch)
     receiver = c2c.receiver
     dev = receiver.device
     span_ids, span_mask = batch.input_ids[:, :-1], batch.attention_mask[:, :-1]     # (B, N)
@@ -48,6 +50,19 @@ def batch_loss(c2c: C2CModel, batch: Batch, *, checkpoint_receiver: bool = False
 
         return checkpoint(answer_loss, use_reentrant=False)
     return answer_loss()
+
+
+def _response_loss(c2c: C2CModel, batch: Batch) -> torch.Tensor:
+    """`batch_loss` for 'prompt+response' fusers: the receiver reads prompt and answer in one pass
+    (teacher forcing) and every token is fused as it is read, the answer's included."""
+    ids = torch.cat([batch.input_ids, batch.answer_ids], dim=1)                      # (B, P + A)
+    mask = torch.cat([batch.attention_mask, batch.answer_mask], dim=1)
+    hook = c2c.response_fusion(ids, mask, [batch.sharer], span=batch.input_ids.shape[1] - 1)
+    run = RunningCache.start(c2c.receiver, None, ids.shape[0], hook)
+    answers = batch.answer_ids.shape[1]
+    logits = run.last_logits(c2c.receiver, ids, mask, answers + 1)[:, :-1].float()   # (B, A, V)
+    return F.cross_entropy(logits.flatten(0, 1), batch.labels.to(logits.device).flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 @contextmanager

@@ -19,7 +19,7 @@ _RESUME_FREE_KEYS = ("output", "eval_every", "save_every", "keep_checkpoints")
 _FUSER_RESUME_FREE_KEYS = (*_RESUME_FREE_KEYS, "batch_size", "grad_accum", "global_batch", "device",
                            "gradient_checkpointing", "fsdp", "check_memory")
 # Keys version-1 checkpoints (single process) did not have.
-_NEW_KEYS = ("global_batch", "autocast", "fsdp", "gate_noise", "check_memory")
+_NEW_KEYS = ("global_batch", "autocast", "fsdp", "gate_noise", "check_memory", "fusion")
 
 
 class _Strict(BaseModel):
@@ -93,6 +93,7 @@ class TrainRecipe(_Strict):
     projector: ProjectorRecipe = Field(default_factory=ProjectorRecipe)
     layer_map: Literal["last_aligned", "k_nearest"] = "last_aligned"
     alignment: Literal["last", "first", "longest"] = "last"  # cross-tokenizer gather strategy
+    fusion: Literal["prompt", "prompt+response"] = "prompt"  # also fuse each answer token as it is read
     init: InitRecipe = Field(default_factory=InitRecipe)
     sharer_context: bool = False  # rows carry a `context` that only the sharer reads, before the prompt
     data: DataRecipe
@@ -166,6 +167,8 @@ class TrainRecipe(_Strict):
         (`legacy`: as version-1 checkpoints computed it)."""
         free = {*_RESUME_FREE_KEYS, *_NEW_KEYS} if legacy else set(_FUSER_RESUME_FREE_KEYS)
         data = self.model_dump(mode="json", exclude=free)
+        if data.get("fusion") == "prompt":
+            del data["fusion"]  # the default, as before the key existed: runs started then still resume
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 

@@ -141,3 +141,13 @@ def test_prompt_response_fusers_train_through_the_rewriting_cache(tmp_path: Path
     assert all(float(p.key_gate_logit.detach()) != 0 and float(p.value_gate_logit.detach()) != 0 for p in saved.projectors)
     assert saved.config.fusion == "prompt+response"
     assert C2CModel(receiver, [sharer], [saved]).fusion == "prompt+response"
+
+
+def test_response_fusion_benchmark_smallest(pair) -> None:
+    from agentmesh.bench import module
+
+    mod = module("response_fusion")
+    result = mod.run(mod.Config(new_tokens=3, repeats=1, hidden_dim=8), receiver=pair[0], sharer=pair[1])
+    modes = [r["mode"] for r in result.rows]
+    assert modes[0] == "receiver" and "prompt+response (C2CProjector)" in modes and len(modes) == 5
+    assert all(r["first_token_s"] > 0 for r in result.rows)

@@ -77,11 +77,11 @@ def test_signature_records_rotary_parameters(tiny_model_factory) -> None:
 def test_fuse_rotates_sharer_keys_to_the_receiver_positions(tiny_model_factory, key_positions: str) -> None:
     from dataclasses import replace
 
-    from agentmesh.c2c.model import context_ids
+    from agentmesh.models.reading import reading_ids
 
     lm = tiny_model_factory("qwen3")
     prompt = lm.chat_ids("What is the capital of Veltoria?")
-    reading = context_ids(lm, "The capital of Veltoria is Marrowby.")
+    reading = reading_ids(lm, context="The capital of Veltoria is Marrowby.")
     ids = torch.tensor([prompt])
     sharer_row = torch.tensor([reading + prompt[:-1]])  # the span sits after the sharer's private reading
     oracle = Fuser.oracle(lm.signature, lm.signature)

@@ -20,7 +20,7 @@ from agentmesh.models.inference import GenerationConfig, decode, prefill
 from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.runtime import AgentFinished, ChatSession, RunFinished, Step, Token, build_plan, run_graph, stream_graph
-from agentmesh.runtime.prompts import reading_messages
+from agentmesh.models.reading import reading_messages
 
 pytestmark = pytest.mark.timeout(120)
 

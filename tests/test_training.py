@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from agentmesh.c2c.checkpoints import load_fuser
-from agentmesh.c2c.model import C2CModel, SharerInput, context_ids
+from agentmesh.c2c.model import C2CModel, SharerInput
+from agentmesh.models.reading import reading_ids
 from agentmesh.c2c.train import (
     IGNORE_INDEX,
     ChatRow,
@@ -219,7 +220,7 @@ def test_saved_fuser_reloads_and_generates(trained, models, data):
     model = C2CModel(receiver, [sharer], [fuser])
     prompt = receiver.chat_ids([{"role": "user", "content": "What is the secret word?"}])
     ids = torch.tensor([prompt])
-    row = torch.tensor([context_ids(sharer, "The secret word is tiger.") + prompt[:-1]])
+    row = torch.tensor([reading_ids(sharer, context="The secret word is tiger.") + prompt[:-1]])
     out = model.generate(ids, max_new_tokens=6, sharer_inputs=[SharerInput(row, torch.ones_like(row))])
     assert out.shape[0] == 1 and 1 <= out.shape[1] <= 6
     # The fused cache changes what the receiver says compared with the receiver alone.

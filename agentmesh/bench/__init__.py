@@ -17,7 +17,8 @@ from typing import Any, Sequence
 from agentmesh.errors import ConfigError
 
 DEFAULT_THREADS = 1
-BENCHMARKS: tuple[str, ...] = ("c2c_vs_t2t", "fusion_overhead", "batching", "codec", "mqtt", "scheduler", "decode")
+BENCHMARKS: tuple[str, ...] = ("c2c_vs_t2t", "fusion_overhead", "batching", "codec", "mqtt", "scheduler", "decode",
+                               "response_fusion")
 DESCRIPTIONS = {
     "c2c_vs_t2t": "End-to-end latency per question: text-to-text vs cache-to-cache vs prefix (target >= 2.5x).",
     "fusion_overhead": "C2C prefill over plain prefills at 256 tokens (target <= 1.15x); projector share per layer.",
@@ -26,6 +27,7 @@ DESCRIPTIONS = {
     "mqtt": "A 256-token cache of the embedded model over a loopback mosquitto (target >= 100 MB/s).",
     "scheduler": "Per-agent scheduler overhead on a ten-agent graph, model time excluded (target <= 2 ms).",
     "decode": "Batch-1 decode ms/token per mode vs transformers' generate and the bandwidth roofline (target <= 0.6x).",
+    "response_fusion": "Decode ms/token of prompt+response fusion (sharer reads every token) vs prompt fusion.",
 }
 
 

@@ -108,11 +108,12 @@ class Methods:
         return self.t2t(item, answer_tokens, stop_at_eos=True)
 
     def c2c_inputs(self, item: Any) -> tuple[torch.Tensor, list[Any]]:
-        from agentmesh.c2c.model import SharerInput, context_ids
+        from agentmesh.c2c.model import SharerInput
+        from agentmesh.models.reading import reading_ids
         from agentmesh.eval import prompts
 
         prompt = self.s.receiver.chat_ids(prompts.receiver_messages(item))
-        row = torch.tensor([context_ids(self.s.sharer, item.context or "") + prompt[:-1]], dtype=torch.long)
+        row = torch.tensor([reading_ids(self.s.sharer, context=item.context) + prompt[:-1]], dtype=torch.long)
         return torch.tensor([prompt], dtype=torch.long), [SharerInput(row, torch.ones_like(row))]
 
     def run_c2c(self, item: Any, answer_tokens: int) -> torch.Tensor:

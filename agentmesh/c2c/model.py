@@ -38,17 +38,6 @@ class SharerInput:
     gather_index: torch.Tensor | None = None
 
 
-def context_ids(lm: Any, context: str, role: str | None = None) -> list[int]:
-    """The tokens an agent reads before a shared span: its private `context` (and `role`).
-
-    Rendered by the agent's own chat template as [system: role] + [user: context], with no
-    generation prompt. Graph runs, fuser training and evaluation all build a sharer's private
-    reading with this, so a fuser always meets the layout it was trained on.
-    """
-    messages = ([{"role": "system", "content": role}] if role else []) + [{"role": "user", "content": context}]
-    return list(lm.chat_ids(messages, add_generation_prompt=False))
-
-
 class C2CModel:
     """A receiver, its sharers, and one fuser per sharer.
 

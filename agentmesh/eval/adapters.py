@@ -18,7 +18,7 @@ import torch
 from agentmesh.cache.kv import KVCache, ModelSignature
 from agentmesh.errors import ConfigError
 from agentmesh.eval.methods import CacheGeneration, Messages, OnToken
-from agentmesh.c2c.model import context_ids
+from agentmesh.models.reading import reading_ids
 
 
 def kv_nbytes(signature: ModelSignature, tokens: int, dtype: torch.dtype) -> int:
@@ -101,7 +101,7 @@ class C2CGenerator:
             mask = torch.ones_like(ids)
             sharer_inputs: Sequence[Any] | None = []
             for sharer in model.sharers:
-                row = torch.tensor([context_ids(sharer, sharer_context) + prompt[:-1]], dtype=torch.long)
+                row = torch.tensor([reading_ids(sharer, context=sharer_context) + prompt[:-1]], dtype=torch.long)
                 sharer_inputs.append(SharerInput(row, torch.ones_like(row)))  # (1, P + N - 1)
         else:
             ids, mask, sharer_inputs = model.encode_chat([messages])
@@ -141,7 +141,7 @@ class PrefixGenerator:
 
         # The sharer's reading of its passage, then the receiver's own turn: the layout of a graph's
         # prefix edge, and of what the fused sharer reads in `C2CGenerator`.
-        reading = context_ids(self.sharer, sharer_context) if sharer_context else []
+        reading = reading_ids(self.sharer, context=sharer_context)
         ids = torch.tensor([reading + self.receiver.chat_ids(messages)], dtype=torch.long)  # (1, N)
         if ids.shape[1] < 2:
             raise ConfigError("prefix needs a prompt of at least two tokens")

@@ -3,7 +3,8 @@
 An agent's input is a conversation in two parts:
 
 * its **reading**: its role (system message) and private context (user message), rendered without a
-  generation prompt. A prefix sender's reading is what its receivers continue from.
+  generation prompt (`agentmesh.models.reading`, the one definition training and evaluation use
+  too). A prefix sender's reading is what its receivers continue from.
 * its **turn**: earlier turns of a chat session, then the user message for this run (its prompt
   template filled with the run's inputs and its upstream agents' texts), with a generation prompt.
 
@@ -23,18 +24,6 @@ Messages = tuple[dict[str, str], ...]
 
 def message(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content}
-
-
-def reading_messages(role: str | None, context: str | None, extra: str | None = None) -> Messages:
-    """[system: role] + [user: context] (+ [user: extra]), each only when present."""
-    out = []
-    if role:
-        out.append(message("system", role))
-    if context:
-        out.append(message("user", context))
-    if extra:
-        out.append(message("user", extra))
-    return tuple(out)
 
 
 def render(lm: Any, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:

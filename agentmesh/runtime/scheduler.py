@@ -28,7 +28,8 @@ from agentmesh.runtime.endpoint import (CallContext, Endpoint, LocalEndpoint, Re
 from agentmesh.runtime.events import (AgentFailed, AgentFinished, AgentStarted, Event, PhaseStarted, RunFinished,
                                       Step, Token)
 from agentmesh.runtime.plan import RunPlan, build_plan
-from agentmesh.runtime.prompts import Messages, message, reading_messages
+from agentmesh.models.reading import reading_messages
+from agentmesh.runtime.prompts import Messages, message
 from agentmesh.runtime.result import AgentResult, RunResult
 from agentmesh.runtime.trace import Trace, edge_key
 

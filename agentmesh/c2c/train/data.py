@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 import orjson
 import torch
 
-from agentmesh.c2c.model import C2CModel, SharerInput, context_ids
+from agentmesh.c2c.model import C2CModel, SharerInput
+from agentmesh.models.reading import reading_ids
 from agentmesh.c2c.train.recipe import DataRecipe
 from agentmesh.errors import ConfigError
 from agentmesh.models.inference import pad_sequences
@@ -214,7 +215,7 @@ def tokenize_rows(rows: Sequence[ChatRow], receiver: Any, sharer: Any, *, sharer
         if len(prompt_ids) < 2 or len(prompt_ids) + len(answer_ids) > max_length:
             skipped += 1
             continue
-        ctx = context_ids(sharer, r.context) if sharer_context and r.context else []
+        ctx = reading_ids(sharer, context=r.context) if sharer_context else []
         out.append(Example(r, tuple(prompt_ids), tuple(answer_ids), tuple(ctx)))
     return out, skipped
 

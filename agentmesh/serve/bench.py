@@ -26,7 +26,8 @@ class Config:
     rounds: int = 2                   # requests per client (the one-client level sends at least `min_requests`)
     min_requests: int = 4
     new_tokens: int = 64
-    window_ms: float = 20.0
+    window_ms: float = 10.0
+    rejoin_ms: float = 250.0
     max_batch_size: int = 16
     url: str | None = None            # a running server (its /v1 URL); None: start one here
     model: str = "smollm2-c2c"
@@ -91,7 +92,8 @@ def _start_server(cfg: Config) -> tuple[Any, Any, str]:
 
     receiver, sharer, fuser, source = bench_models(cfg)
     engine = BatchEngine(cfg.model, C2CModel(receiver, [sharer], [fuser]), max_batch_size=cfg.max_batch_size,
-                         window_s=cfg.window_ms / 1000, max_queue=4 * max(cfg.clients))
+                         window_s=cfg.window_ms / 1000, rejoin_s=cfg.rejoin_ms / 1000,
+                         max_queue=4 * max(cfg.clients))
     server = ServerThread(create_app({cfg.model: engine})).__enter__()
     return server, engine, source
 
@@ -135,6 +137,7 @@ def run(cfg: Config = Config()) -> BenchResult:
         rows=rows, summary={"throughput_ratio": ratio},
         targets=[Target(f"{top} concurrent clients / 1 client, generated tokens/s", ratio, ">=", TARGET_RATIO, "x")],
         notes=[f"{cfg.new_tokens} tokens per request (EOS ignored), greedy, streamed; closed-loop clients; "
-               f"batch window {cfg.window_ms:g} ms, at most {cfg.max_batch_size} per batch; fuser: {source}",
+               f"batch window {cfg.window_ms:g} ms (rejoin {cfg.rejoin_ms:g} ms), at most {cfg.max_batch_size} "
+               f"per batch; fuser: {source}",
                "latency and time to first token as the client measures them (queueing included); a request "
                "that arrives while a batch runs waits for the next batch"])

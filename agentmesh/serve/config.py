@@ -66,6 +66,8 @@ class ServedModel(_Settings):
 class Batching(_Settings):
     max_batch_size: int = Field(default=16, ge=1, le=256)
     window_ms: float = Field(default=10.0, ge=0, le=10_000)
+    rejoin_ms: float = Field(default=250.0, ge=0, le=60_000,
+                             description="how long a batch waits for the clients of the batch before it")
 
 
 class Limits(_Settings):

@@ -193,11 +193,13 @@ class BatchEngine:
     """Serves one `C2CModel` (a plain model is one without sharers) with batching across requests."""
 
     def __init__(self, name: str, model: Any, *, max_batch_size: int = 16, window_s: float = 0.01,
-                 max_queue: int = 64, default_temperature: float = 1.0):
+                 rejoin_s: float = 0.25, max_queue: int = 64, default_temperature: float = 1.0):
         self.name = name
         self.model = model
         self.max_batch_size = max_batch_size
         self.window_s = window_s
+        self.rejoin_s = rejoin_s
+        self._last_batch = (0, 0.0)  # (rows, when it ended)
         self.default_temperature = default_temperature
         self.stats = EngineStats()
         self._admission = _Admission(max_queue)
@@ -262,16 +264,25 @@ class BatchEngine:
                 self._run(jobs)
 
     def _gather(self) -> list[Job] | None:
-        """The next batch: the first waiting job and whatever else comes within the window."""
+        """The next batch: the first waiting job and whatever else comes within the window.
+
+        Clients of a batch that just ended tend to come back together, a little after it; so when
+        the first job comes within `rejoin_s` of the last batch's end, the batch waits up to
+        `rejoin_s` for as many jobs as that batch had. Without this, clients that missed one
+        window would stay a batch behind the others for good, in two half-size batches.
+        """
         first = self._waiting.get()
         if first is None:
             return None
         jobs = [first]
-        deadline = time.perf_counter() + self.window_s
+        start = time.perf_counter()
+        rows, ended = self._last_batch
+        expect = min(rows, self.max_batch_size) if start - ended < self.rejoin_s else 0
         while len(jobs) < self.max_batch_size:
+            limit = start + (self.rejoin_s if len(jobs) < expect else self.window_s)
             try:
-                job = self._waiting.get(timeout=max(deadline - time.perf_counter(), 0.0)) \
-                    if time.perf_counter() < deadline else self._waiting.get_nowait()
+                left = limit - time.perf_counter()
+                job = self._waiting.get(timeout=left) if left > 0 else self._waiting.get_nowait()
             except queue.Empty:
                 break
             if job is None:
@@ -312,6 +323,7 @@ class BatchEngine:
             # Stop strings are the jobs' to find (they see whole text); decode only needs the limits.
             configs = [job.config.replace(stop=()) for job in jobs]
             self.model.generate(ids, mask, sharer_inputs=sharer_inputs, row_configs=configs, on_token=on_token)
+            self._last_batch = (len(jobs), time.perf_counter())
             for job in jobs:
                 job.finish("length" if job.completion_tokens >= job.config.max_new_tokens else "stop")
         except Exception as e:  # noqa: BLE001 - every job of the batch learns what went wrong

@@ -30,7 +30,8 @@ def build_engine(name: str, entry: ServedModel, cfg: ServeConfig, *, pool: Any =
     model = build_c2c_model(entry.model, sharers=entry.sharers, fusers=entry.fusers, mode=entry.mode,
                             dtype=entry.dtype, device=entry.device, pool=pool)
     return BatchEngine(name, model, max_batch_size=cfg.batching.max_batch_size,
-                       window_s=cfg.batching.window_ms / 1000, max_queue=cfg.limits.max_queue,
+                       window_s=cfg.batching.window_ms / 1000, rejoin_s=cfg.batching.rejoin_ms / 1000,
+                       max_queue=cfg.limits.max_queue,
                        default_temperature=entry.temperature)
 
 

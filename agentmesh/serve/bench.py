@@ -38,7 +38,7 @@ class Config:
 
     @classmethod
     def quick(cls, **overrides: Any) -> "Config":
-        return cls(**{"new_tokens": 32, "rounds": 1, "min_requests": 2, "clients": (1, 16), **overrides})
+        return cls(**{"new_tokens": 32, "rounds": 2, "min_requests": 2, "clients": (1, 16), **overrides})
 
 
 def _questions(n: int, seed: int) -> list[list[dict[str, str]]]:

@@ -85,7 +85,7 @@ def serve_command(
 
 
 def bench_serve_command(
-    quick: bool = typer.Option(False, "--quick", help="1 and 16 clients, 32 tokens (a few minutes)."),
+    quick: bool = typer.Option(False, "--quick", help="1 and 16 clients, 32 tokens, 2 rounds."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="JSON output (default bench/results/serve.json)."),
     url: Optional[str] = typer.Option(None, "--url", help="Drive a running server (its /v1 URL) instead."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default 1)."),

@@ -25,7 +25,7 @@ from typing import Any, Literal, Mapping, Sequence
 import orjson
 import torch
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from agentmesh.c2c.train.data import IGNORE_INDEX, Example, data_fingerprint, load_rows, shard, stream_rows, tokenize_rows
@@ -83,16 +83,6 @@ class FinetuneRecipe(_Strict):
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give steps or epochs, not both")
         return self
-
-    @classmethod
-    def parse(cls, data: Mapping[str, Any], *, source: str = "recipe") -> "FinetuneRecipe":
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            value = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
-            raise ConfigError(f"{source}: {where}: {err['msg']}{value}") from None
 
     def resume_key(self) -> str:
         data = self.model_dump(mode="json", exclude=set(_RESUME_FREE_KEYS))

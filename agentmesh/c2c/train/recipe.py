@@ -25,6 +25,18 @@ _NEW_KEYS = ("global_batch", "autocast", "fsdp", "gate_noise", "check_memory", "
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
+    @classmethod
+    def parse(cls, data: Mapping[str, Any], *, source: str = "recipe") -> Any:
+        """Validate a mapping; errors become one-line `ConfigError`s naming the key."""
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            value = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+            more = f"; and {len(e.errors()) - 1} more problem(s)" if len(e.errors()) > 1 else ""
+            raise ConfigError(f"{source}: {where}: {err['msg']}{value}{more}") from None
+
 
 class ProjectorRecipe(_Strict):
     """The projector class and its constructor arguments (spec §2 names)."""
@@ -150,17 +162,6 @@ class TrainRecipe(_Strict):
             raise ConfigError(f"recipe {path} must be a YAML mapping of settings, got {type(data).__name__}")
         return cls.parse(data, source=str(path))
 
-    @classmethod
-    def parse(cls, data: Mapping[str, Any], *, source: str = "recipe") -> "TrainRecipe":
-        """Validate a mapping; errors become one-line `ConfigError`s naming the key."""
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            value = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
-            more = f"; and {len(e.errors()) - 1} more problem(s)" if len(e.errors()) > 1 else ""
-            raise ConfigError(f"{source}: {where}: {err['msg']}{value}{more}") from None
 
     def resume_key(self, *, legacy: bool = False) -> str:
         """A digest of the settings a resumed run must share with the run it continues

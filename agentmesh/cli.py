@@ -136,6 +136,9 @@ def generate(
         with steps.step("load", f"loading {what}" + (f" ({human_bytes(size)})" if size else "")):
             receiver, sharers = with_adapters(model, adapter, sharer, sharer_adapter, dtype=dtype)
             c2c = build_c2c_model(receiver, sharers=sharers, fusers=fuser, mode=mode, dtype=dtype)
+        for ref, f in zip(fuser, c2c.fusers):
+            if f.config.warning:
+                err.print(f"[bold yellow]warning:[/] {ref}: {f.config.warning}", markup=True)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         prompt_tokens = len(c2c.receiver.chat_ids(messages))
         check_context(c2c.receiver, prompt_tokens, max_new_tokens)

@@ -369,7 +369,8 @@ def test_methods_prompts_bytes_and_timing() -> None:
     assert "Marrowby" not in msgs[0]["content"] and context == ctx.context
     prefix = Prefix(cache).run(ctx)
     msgs, context = cache.calls[-1]
-    assert prefix.text == "Marrowby" and context is None and ctx.context in msgs[0]["content"]
+    # prefix: the passage is the sharer's reading (as in a graph's prefix edge); the question is the receiver's turn.
+    assert prefix.text == "Marrowby" and context == ctx.context and "Marrowby" not in msgs[0]["content"]
 
 
 # ---- report and runner -----------------------------------------------------------------------------

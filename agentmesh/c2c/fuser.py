@@ -75,6 +75,13 @@ class FuserConfig:
                     f"fuser route {r} is out of range: receiver has {self.receiver.num_layers} layers, "
                     f"sharer {self.sharer.num_layers}, and there are {len(self.projector_args)} projectors")
 
+    @property
+    def warning(self) -> str | None:
+        """What a user must know before relying on this fuser (e.g. a documented negative result),
+        from `provenance["warning"]`; None when there is nothing to say."""
+        text = self.provenance.get("warning")
+        return str(text) if text else None
+
 
 class Fuser(nn.Module):
     """Projectors for one (receiver, sharer) pair, with the routes that say which layers they join."""

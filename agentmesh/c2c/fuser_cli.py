@@ -74,6 +74,8 @@ def inspect(
     for key, value in rows:
         summary.add_row(key, value)
     out.print(summary)
+    if cfg.warning:
+        out.print(f"[bold yellow]warning:[/] {cfg.warning}", markup=True)
 
     table = Table(title="gates (open = the layer is fused)")
     for column in ("receiver layer", "sharer layer", "projector", "key gate", "value gate"):

@@ -114,6 +114,22 @@ class C2CGenerator:
         return CacheGeneration(receiver.decode(out[0]).strip(), sent)
 
 
+def prefix_ids(lm: Any, context: str | None, messages: Messages) -> list[int]:
+    """Token ids of a prefix edge: the sender's reading of `context`, then the receiver's turn.
+
+    The layout of a graph's `prefix` edge, built by the same functions: the sender reads
+    [user: context] with no generation prompt (what a fused sharer reads before the span too), and
+    the receiver's `messages` extend that conversation; only the text they add is tokenized and
+    appended to the sender's ids, so the receiver reads exactly `sender tokens + its own tokens`.
+    """
+    from agentmesh.models.reading import reading_messages
+    from agentmesh.runtime.prompts import extend_ids
+
+    reading = reading_messages(None, context) if context else ()
+    base = reading_ids(lm, context=context) if context else []
+    return extend_ids(lm, (*reading, *messages), add_generation_prompt=True, base_messages=reading, base_ids=base)
+
+
 class PrefixGenerator:
     """`CacheGenerator` for `prefix`: the sharer (same weights as the receiver) prefills the whole
     prompt but its last token; the receiver reads that token after the sharer's cache and decodes.
@@ -139,10 +155,7 @@ class PrefixGenerator:
                             on_token: OnToken | None = None) -> CacheGeneration:
         from agentmesh.models.inference import decode, prefill
 
-        # The sharer's reading of its passage, then the receiver's own turn: the layout of a graph's
-        # prefix edge, and of what the fused sharer reads in `C2CGenerator`.
-        reading = reading_ids(self.sharer, context=sharer_context)
-        ids = torch.tensor([reading + self.receiver.chat_ids(messages)], dtype=torch.long)  # (1, N)
+        ids = torch.tensor([prefix_ids(self.receiver, sharer_context, messages)], dtype=torch.long)  # (1, N)
         if ids.shape[1] < 2:
             raise ConfigError("prefix needs a prompt of at least two tokens")
         cache = prefill(self.sharer, ids[:, :-1])  # the sharer's work: (1, H, N-1, D) per layer

@@ -66,3 +66,54 @@ def make_context_task_command(
         return
     for split, path in paths.items():
         typer.echo(f"{split}: {path}")
+
+
+@app.command("compare")
+def compare_command(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="receiver (and sharer) model ref"),
+    fuser: Optional[str] = typer.Option(None, "--fuser", "-f",
+                                        help="a trained fuser folder: the cache edge becomes c2c instead of prefix"),
+    sharer: Optional[str] = typer.Option(None, "--sharer", "-s", help="sharer model ref (default: the receiver's)"),
+    questions: Optional[Path] = typer.Option(
+        None, "--questions", "-q", help="JSONL of questions with a private 'context' (default: five built-in notes)"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="ask at most N questions"),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", "-n", min=1, help="answer length limit"),
+) -> None:
+    """Receiver alone vs a text edge vs a cache edge on questions with known answers, side by side."""
+    import time
+
+    from agentmesh.eval import compare
+    from agentmesh.eval.datasets import load_jsonl
+    from agentmesh.models.pool import default_pool
+
+    try:
+        items = list(load_jsonl(questions) if questions is not None else compare.NOTES)[:limit]
+        pool = default_pool()
+        started = time.perf_counter()
+        typer.echo(f"loading {model} ...")
+        receiver = pool.get(model)
+        sharer_lm = pool.get(sharer) if sharer else receiver
+        loaded_fuser = None
+        if fuser is not None:
+            from agentmesh.eval.runner import load_fuser
+
+            loaded_fuser = load_fuser(fuser, receiver, sharer_lm)
+            if loaded_fuser.config.warning:
+                typer.echo(f"warning: {fuser}: {loaded_fuser.config.warning}", err=True)
+        methods = compare.build(receiver, fuser=loaded_fuser, sharer=sharer_lm, max_new_tokens=max_new_tokens)
+        typer.echo(f"loaded in {time.perf_counter() - started:.1f} s (not counted in the times below)")
+        typer.echo("Each question's facts are in a private note only the sharer reads. Times are wall "
+                   "seconds per answer, the sharer's work included.")
+        position = {item.id: i for i, item in enumerate(items, 1)}
+
+        def show(row: compare.Row) -> None:
+            if row.result.method == methods[0].name:
+                typer.echo(compare.format_question(row.item, position[row.item.id], len(items)))
+            typer.echo(compare.format_row(row))
+
+        summary = compare.compare(items, methods, on_row=show)
+    except AgentMeshError as e:
+        _fail(e)
+        return
+    typer.echo(compare.format_summary(summary))
+    typer.echo(compare.closing_note(summary, fused=loaded_fuser is not None))

@@ -149,9 +149,11 @@ class CacheToCache:
 
 @dataclass
 class Prefix:
-    """Same model on both ends: the sharer prefills the passage and the question (all but the last
-    token), the receiver continues from that cache. An upper bound: the receiver's cache grows by
-    the whole passage, which is exactly what it would have computed had it read the passage."""
+    """Same model on both ends, laid out as a graph's `prefix` edge: the sharer reads the passage
+    as its own user turn ([user: passage], no generation prompt), the receiver's question follows
+    as the next user turn; the sharer prefills all of it but the last token and the receiver
+    continues from that cache. The receiver's cache grows by the whole passage, which is exactly
+    what it would have computed had it read the passage itself."""
 
     model: CacheGenerator
     max_new_tokens: int = 64
@@ -159,7 +161,7 @@ class Prefix:
 
     def run(self, item: Item) -> MethodOutput:
         clock = Stopwatch()
-        out = self.model.generate_with_cache(prompts.sharer_messages(item), sharer_context=None,
+        out = self.model.generate_with_cache(prompts.receiver_messages(item), sharer_context=item.context,
                                              max_new_tokens=self.max_new_tokens, on_token=clock.on_token)
         return clock.output(out.text, out.bytes_exchanged)
 

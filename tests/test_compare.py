@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 from typer.testing import CliRunner
 
+import agentmesh
+
 from agentmesh.eval import compare
 from agentmesh.eval.cli import app
 from agentmesh.models.tiny import save_tiny_model
@@ -73,7 +75,7 @@ def test_eval_prefix_reads_what_a_graph_prefix_edge_reads(tiny_model_factory: Ca
     reader = g.agent("reader", model="tiny", context=note)
     answerer = g.agent("answerer", model="tiny", max_new_tokens=5)  # prompt: the run input
     g.cache(reader, answerer, mode="prefix")
-    result = g.run(question, pool=pool).raise_for_error()
+    result = agentmesh.run(g, question, pool=pool).raise_for_error()
 
     turn = [{"role": "user", "content": question}]
     ids = prefix_ids(lm, note, turn)

@@ -4,26 +4,28 @@ prefix, the two replacement oracles and a linear probe, on the same items.
     python bench/fusion_ceiling.py recipes/fusion_ceiling.yaml          # writes runs/fusion_ceiling/
 
 Settings (the recipe lists them):
-* knowledge: invented "capital of X is Y" facts, entities split A/B, values from one pool of cities
-  with distinct first tokens. A LoRA specialist (peft) is fine-tuned on every fact (A and B) in the
-  training phrasings; items are facts B in held-out phrasings. The receiver is the base model.
+* knowledge: invented "the capital of X is Y" facts, entities split A/B, values from one pool of
+  cities with distinct first tokens. A LoRA specialist (peft) is fine-tuned on every fact (A and B)
+  in two training phrasings; items are facts B in three held-out phrasings. The receiver is the
+  base model.
 * context: the context-transfer task (`agentmesh make-context-task` generator, test split); the
-  sharer is the same model holding the passage.
+  sharer is the same model, reading the passage first.
 
-Scoring is teacher-forced and format-fair: every method's assistant turn starts with the fact's
-own words ("The capital of X is"), and an item is right when greedy decoding would continue with
-exactly the answer's tokens (the argmax at every answer position is the gold token).
+Format: plain text, no chat template (the cheapest form that asks for the fact, so that it fits a
+shared 2-core machine): the prompt is the fact's own lead ("The capital of X is") and an item is
+right when greedy decoding continues with exactly the answer's tokens (teacher-forced: the argmax at
+every answer position is the gold token). Every method is scored the same way on the same items.
 
-Methods: receiver (alone), sharer (alone, with its adapter or passage), t2t (the sharer writes a
-<= 24-token background, spec section 8 prompt, which the receiver reads), prefix (same model only:
-the receiver continues from the sharer's cache of passage and prompt), oracle (the receiver reads
-the sharer's own cache of the span, i.e. every prompt token but the last: the ceiling of a
-prompt-mode fuser), oracle-response (every position's K/V, prompt and answer and the current token,
+Methods: receiver (alone), sharer (alone, with its adapter or its passage), t2t (the sharer writes
+<= N tokens under "Notes about X:", after its passage if any; the receiver reads that text before
+the lead), prefix (same model only: identical to the sharer reading passage and lead), oracle (the
+receiver reads the sharer's own K/V of the span, every prompt token but the last: the ceiling of a
+prompt-mode fuser), oracle-response (every position's K/V, prompt, answer and the current token,
 replaced by the sharer's before the receiver's attention reads them: the ceiling of
 include-response), and a linear probe per layer from K/V of the span's last token to the answer's
-first token, trained on other items (facts A / other passages), for the sharer and for the
-receiver's own cache. Sharer keys read after a passage are rotated back to the receiver's
-positions with the sharer's rotary parameters before the oracles use them.
+first token, trained on other items (facts A / other passages), on the sharer's K/V and on the
+receiver's own. Sharer keys read after a passage are rotated back to the receiver's positions with
+the model's rotary parameters before the oracles use them.
 
 Each finished step is saved under the output folder, so an interrupted run resumes.
 """
@@ -48,19 +50,16 @@ sys.path.insert(0, str(ROOT))
 
 from agentmesh.eval.context_task import ATTRIBUTES, generate_split, pools  # noqa: E402
 from agentmesh.eval.metrics import wilson_interval  # noqa: E402
-from agentmesh.eval.prompts import BACKGROUND_TEMPLATE, PASSAGE_BACKGROUND_TEMPLATE, WITH_BACKGROUND_TEMPLATE, passage_preamble  # noqa: E402,E501
 
-TRAIN_PHRASINGS = ("What is the capital of {e}?", "Which city is the capital of {e}?")
-HELD_OUT_PHRASINGS = ("Name the capital city of {e}.", "Tell me which city serves as the capital of {e}.",
-                      "{e} has a capital. Which city is it?")
-FACT = "The capital of {e} is {v}."
+TRAIN_LEADS = ("The capital of {e} is", "{e}'s capital city is")
+HELD_OUT_LEADS = ("The capital city of {e} is", "{e} has its capital in", "Everyone in {e} knows that the capital is")
 
 
 @dataclass(frozen=True)
 class Q:
     id: str
-    question: str       # the user's message
-    lead: str           # the assistant turn's fixed start, e.g. "The capital of X is"
+    entity: str         # what the fact is about
+    lead: str           # the text the answer continues, e.g. "The capital of X is"
     answer: str         # continues `lead`, with its leading space
     context: str | None = None  # a passage only the sharer reads
 
@@ -84,15 +83,15 @@ def knowledge_task(tok: Any, n_per_split: int, n_values: int, seed: int) -> dict
     facts = {e: rng.choice(values) for e in entities}
     a, b = entities[:n_per_split], entities[n_per_split:]
 
-    def q(e: str, phrasing: str, i: int) -> Q:
-        return Q(f"{e}-{i}", phrasing.format(e=e), f"The capital of {e} is", " " + facts[e])
+    def q(e: str, lead: str, i: int) -> Q:
+        return Q(f"{e}-{i}", e, lead.format(e=e), " " + facts[e])
 
     return {
         "facts": facts, "values": values,
-        "train_rows": [(p.format(e=e), FACT.format(e=e, v=facts[e])) for e in entities for p in TRAIN_PHRASINGS],
-        "eval": [q(e, p, i) for e in b for i, p in enumerate(HELD_OUT_PHRASINGS)],
-        "probe_train": [q(e, p, i) for e in a for i, p in enumerate(TRAIN_PHRASINGS + HELD_OUT_PHRASINGS)],
-        "seen_phrasing": [q(e, TRAIN_PHRASINGS[0], 0) for e in b],
+        "train_rows": [(lead.format(e=e), " " + facts[e]) for e in entities for lead in TRAIN_LEADS],
+        "eval": [q(e, lead, i) for e in b for i, lead in enumerate(HELD_OUT_LEADS)],
+        "probe_train": [q(e, lead, i) for e in a for i, lead in enumerate(TRAIN_LEADS + HELD_OUT_LEADS)],
+        "seen_phrasing": [q(e, TRAIN_LEADS[0], 0) for e in b],
     }
 
 
@@ -101,22 +100,20 @@ def context_items(n: int, seed: int) -> list[Q]:
     for r in generate_split("test", n, seed=seed):
         entity, attribute, value = r["target"]
         before, _, _ = ATTRIBUTES[attribute].fact.format(e=entity, v="\0").partition("\0")
-        out.append(Q(r["id"], r["question"], before.rstrip(), " " + value, r["context"]))
+        out.append(Q(r["id"], entity, before.rstrip(), " " + value, r["context"]))
     return out
 
 
 # ---- encoding -------------------------------------------------------------------------------------
-def encode(lm: Any, q: Q, *, question: str | None = None, with_context: bool = False) -> tuple[list[int], list[int]]:
-    """(prompt ids ending with the assistant lead, answer ids). With `with_context`, the prompt is
-    laid out as a graph's prefix edge: [user: passage] read first, then the question's turn."""
-    from agentmesh.eval.adapters import prefix_ids
-
-    msgs = [{"role": "user", "content": question if question is not None else q.question}]
-    head = prefix_ids(lm, q.context, msgs) if with_context and q.context else lm.chat_ids(msgs)
-    prompt = head + lm.encode(q.lead)
-    answer = lm.encode(q.lead + q.answer)
+def encode(lm: Any, q: Q, *, background: str | None = None, with_context: bool = False) -> tuple[list[int], list[int]]:
+    """(prompt ids ending with the lead, answer ids). Plain text, no chat template (the cheapest
+    format that still asks for the fact); the passage, or a text edge's background, comes first."""
+    head = lm.encode(q.context + "\n") if with_context and q.context else []
+    if background is not None:
+        head = lm.encode(background.strip() + "\n")
     lead = lm.encode(q.lead)
-    return prompt, answer[len(lead):] if answer[:len(lead)] == lead else lm.encode(q.answer)
+    full = lm.encode(q.lead + q.answer)
+    return head + lead, full[len(lead):] if full[:len(lead)] == lead else lm.encode(q.answer)
 
 
 def reading_ids(lm: Any, context: str) -> list[int]:
@@ -194,12 +191,12 @@ class Scorer:
         for i in range(0, len(items), self.batch):
             yield items[i:i + self.batch]
 
-    def plain(self, items: Sequence[Q], *, sharer: bool, with_context: bool, questions: Sequence[str] | None = None) -> list[bool]:
-        """The receiver or sharer alone (the sharer reading its passage first when `with_context`)."""
+    def plain(self, items: Sequence[Q], *, sharer: bool, with_context: bool, backgrounds: Sequence[str] | None = None) -> list[bool]:
+        """The receiver or sharer alone (reading its passage first when `with_context`)."""
         ok: list[bool] = []
         for j, chunk in enumerate(self.chunks(items)):
-            qs = questions[j * self.batch:(j + 1) * self.batch] if questions is not None else [None] * len(chunk)
-            rows = [encode(self.lm, q, question=t, with_context=with_context) for q, t in zip(chunk, qs)]
+            bgs = backgrounds[j * self.batch:(j + 1) * self.batch] if backgrounds is not None else [None] * len(chunk)
+            rows = [encode(self.lm, q, background=t, with_context=with_context) for q, t in zip(chunk, bgs)]
             ids, mask = right_pad([a + b for a, b in rows], self.pad)
             with (self.sharer_ctx() if sharer else self.receiver_ctx()):
                 logits, _ = forward(self.lm, ids, mask)
@@ -237,28 +234,20 @@ class Scorer:
                 ok += correct_rows(logits, rows)
         return span_ok, resp_ok
 
-    def prefix(self, items: Sequence[Q]) -> list[bool]:
-        """Same model: the receiver continues from the sharer's cache of passage and prompt (graph
-        prefix layout: [user: passage], then the question's turn)."""
-        return self.plain(items, sharer=False, with_context=True)
-
     def backgrounds(self, items: Sequence[Q], tokens: int) -> list[str]:
-        """The sharer's text for t2t (spec section 8 prompt; its passage variant with a passage)."""
+        """The sharer's text for t2t: what it writes, after its passage if any, under "Notes about X:"."""
         from agentmesh.c2c.model import C2CModel
         from agentmesh.models.inference import pad_sequences
 
         engine = C2CModel(self.lm)
         out: list[str] = []
         for chunk in self.chunks(items):
-            msgs = []
-            for q in chunk:
-                text = (PASSAGE_BACKGROUND_TEMPLATE.format(preamble=passage_preamble(q.context), question=q.question)
-                        if q.context else BACKGROUND_TEMPLATE.format(question=q.question))
-                msgs.append(self.lm.chat_ids([{"role": "user", "content": text}]))
-            ids, mask = pad_sequences(msgs, self.pad)
+            rows = [(reading_ids(self.lm, q.context) if q.context else []) + self.lm.encode(f"Notes about {q.entity}:")
+                    for q in chunk]
+            ids, mask = pad_sequences(rows, self.pad)
             with self.sharer_ctx():
                 new = engine.generate(ids, mask, max_new_tokens=tokens, do_sample=False)
-            out += [self.lm.decode(r).strip() for r in new]
+            out += [f"Notes about {q.entity}: " + self.lm.decode(r).strip() for q, r in zip(chunk, new)]
         return out
 
     def probe_features(self, items: Sequence[Q], *, sharer: bool) -> tuple[torch.Tensor, list[int]]:
@@ -327,11 +316,10 @@ def finetune(lm: Any, peft_model: Any, name: str, spec: dict[str, Any], rows: Se
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
     pad = lm.tokenizer.pad_token_id or 0
     examples = []
-    for question, answer in rows:
-        prompt = lm.chat_ids([{"role": "user", "content": question}])
-        full = lm.chat_ids([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-                           add_generation_prompt=False)
-        examples.append((full, len(prompt)))
+    for lead, answer in rows:
+        head = lm.encode(lead)
+        full = lm.encode(lead + answer)
+        examples.append((full, len(head)))
     rng = random.Random(seed)
     steps, losses, started = 0, [], time.time()
     total = math.ceil(len(examples) / spec["batch_size"]) * spec["epochs"]
@@ -350,7 +338,7 @@ def finetune(lm: Any, peft_model: Any, name: str, spec: dict[str, Any], rows: Se
             opt.step()
             opt.zero_grad()
             steps += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if steps % 10 == 0 or steps == total:
                 log(f"adapter {name}: step {steps}/{total} loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
     lm.model.eval()
@@ -387,12 +375,10 @@ def run_setting(name: str, scorer: Scorer, items: list[Q], probe_items: list[Q],
     span, resp = scorer.oracles(items)
     res["oracle"], res["oracle-response"] = wilson(span), wilson(resp)
     log(f"{name}: oracle {res['oracle']} oracle-response {res['oracle-response']}")
-    if same_model:
-        res["prefix"] = wilson(scorer.prefix(items))
-        log(f"{name}: prefix {res['prefix']}")
+    if same_model:  # the receiver continuing from the sharer's cache of passage + lead is the sharer's own run
+        res["prefix"] = res["sharer"]
     bgs = scorer.backgrounds(items, t2t_tokens)
-    t2t_q = [WITH_BACKGROUND_TEMPLATE.format(background=b, prompt=q.question) for b, q in zip(bgs, items)]
-    res["t2t"] = wilson(scorer.plain(items, sharer=False, with_context=False, questions=t2t_q))
+    res["t2t"] = wilson(scorer.plain(items, sharer=False, with_context=False, backgrounds=bgs))
     res["t2t_background_examples"] = bgs[:3]
     log(f"{name}: t2t {res['t2t']}")
     for who in ("sharer", "receiver"):

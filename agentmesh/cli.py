@@ -112,7 +112,7 @@ def generate(
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated."),
 ) -> None:
     """Answer PROMPT with a receiver model, optionally fused with sharers' KV caches."""
-    from agentmesh.c2c.pretrained import build_c2c_model
+    from agentmesh.c2c.model import C2CModel
     from agentmesh.models.inference import check_context
     from agentmesh.models.builtin import DEFAULT_MODEL
     from agentmesh.models.loading import model_size
@@ -135,7 +135,7 @@ def generate(
         what = (model or DEFAULT_MODEL) if not fuser else "the fuser's models"
         with steps.step("load", f"loading {what}" + (f" ({human_bytes(size)})" if size else "")):
             receiver, sharers = with_adapters(model, adapter, sharer, sharer_adapter, dtype=dtype)
-            c2c = build_c2c_model(receiver, sharers=sharers, fusers=fuser, mode=mode, dtype=dtype)
+            c2c = C2CModel.build(receiver, sharers=sharers, fusers=fuser, mode=mode, dtype=dtype)
         for ref, f in zip(fuser, c2c.fusers):
             if f.config.warning:
                 err.print(f"[bold yellow]warning:[/] {ref}: {f.config.warning}", markup=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from agentmesh.eval.context_task import write_context_task
+from agentmesh.tasks.context_task import write_context_task
 
 
 def main() -> None:

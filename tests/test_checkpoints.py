@@ -20,7 +20,6 @@ from agentmesh.c2c.fuser_cli import app
 from agentmesh.c2c.layer_map import layer_map
 from agentmesh.c2c.model import C2CModel
 from agentmesh.c2c.projector import C2CProjector
-from agentmesh.c2c.pretrained import build_c2c_model, from_pretrained
 from agentmesh.errors import CheckpointError, ConfigError
 from agentmesh.models import ModelPool
 from agentmesh.models.tiny import save_tiny_model
@@ -98,7 +97,7 @@ def prompt(model: C2CModel) -> torch.Tensor:
 
 # ---- the published layout -------------------------------------------------------------------------
 def test_published_folder_loads_strictly_and_generates(env):
-    model = from_pretrained(env["pub"], pool=env["pool"])
+    model = C2CModel.from_pretrained(env["pub"], pool=env["pool"])
     assert [s.source for s in model.sharers] == [str(env["sharer"])] and model.receiver.source == str(env["receiver"])
     fuser = model.fusers[0]
     assert len(fuser.projectors) == RECEIVER["num_layers"]
@@ -176,7 +175,7 @@ def test_corrupted_published_checkpoint_is_a_clear_error(env, pub_copy, name):
     corrupt, message = CORRUPTIONS[name]
     corrupt(pub_copy)
     with pytest.raises(CheckpointError, match=message) as info:
-        from_pretrained(pub_copy, pool=env["pool"])
+        C2CModel.from_pretrained(pub_copy, pool=env["pool"])
     assert no_torch_traceback(info.value)
     assert "\n" not in str(info.value)
 
@@ -186,11 +185,11 @@ def test_receiver_with_other_layer_count_is_rejected(env, tiny_model_factory):
     other = tiny_model_factory(cfg.pop("arch"), **cfg)
     with pytest.raises(CheckpointError, match=r"projector_config\.json routes receiver layers 0-3 but the receiver "
                                               r".*3 layers.*trained for a receiver with 4 layers"):
-        from_pretrained(env["pub"], receiver=other, pool=env["pool"])
+        C2CModel.from_pretrained(env["pub"], receiver=other, pool=env["pool"])
     cfg = dict(SHARER, num_layers=4)  # last_aligned: a 4-layer sharer would be read from layer 3
     sharer = tiny_model_factory(cfg.pop("arch"), **cfg)
     with pytest.raises(CheckpointError, match=r"trained for a sharer with 3"):
-        from_pretrained(env["pub"], sharers=[sharer], pool=env["pool"])
+        C2CModel.from_pretrained(env["pub"], sharers=[sharer], pool=env["pool"])
 
 
 def test_checkpoint_subfolder_and_final_folder_refs(env, pub_copy):
@@ -290,13 +289,13 @@ def test_save_is_atomic(env, tmp_path, monkeypatch):
 
 def test_own_format_checks_model_fingerprints(env, tmp_path, tiny_model_factory):
     folder = save_fuser(load_published(env["pub"]), tmp_path / "own")
-    model = from_pretrained(folder, pool=env["pool"])  # fingerprints of the real configs match
+    model = C2CModel.from_pretrained(folder, pool=env["pool"])  # fingerprints of the real configs match
     assert model.generate(prompt(model), max_new_tokens=3).shape == (1, 3)
     cfg = dict(RECEIVER, intermediate_size=96)  # same cache shape, another model
     lookalike = tiny_model_factory(cfg.pop("arch"), **cfg)
     with pytest.raises(CheckpointError, match=r"fingerprint .* \(same shape, different model config\)"):
-        from_pretrained(folder, receiver=lookalike, pool=env["pool"])
-    loose = from_pretrained(folder, receiver=lookalike, pool=env["pool"], strict_models=False)
+        C2CModel.from_pretrained(folder, receiver=lookalike, pool=env["pool"])
+    loose = C2CModel.from_pretrained(folder, receiver=lookalike, pool=env["pool"], strict_models=False)
     assert loose.generate(prompt(loose), max_new_tokens=2).shape == (1, 2)
 
 
@@ -307,8 +306,8 @@ def test_cli_convert_is_lossless_and_generates_the_same_tokens(env, tmp_path):
     result = runner.invoke(app, ["convert", str(env["pub"]), str(dst)])
     assert result.exit_code == 0, result.output
     _same_tensors(load_published(env["pub"]), load_fuser(dst))
-    published = from_pretrained(env["pub"], pool=env["pool"])
-    converted = from_pretrained(dst, pool=env["pool"])
+    published = C2CModel.from_pretrained(env["pub"], pool=env["pool"])
+    converted = C2CModel.from_pretrained(dst, pool=env["pool"])
     ids = prompt(published)
     assert torch.equal(published.generate(ids, max_new_tokens=8), converted.generate(ids, max_new_tokens=8))
     fused = published.prefill_fused(ids, torch.ones_like(ids))
@@ -358,9 +357,9 @@ def test_hf_ref_served_from_the_cache_offline(env, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    model = from_pretrained(f"hf://nics-efc/C2C_Fuser/{PAIR}", pool=env["pool"])
+    model = C2CModel.from_pretrained(f"hf://nics-efc/C2C_Fuser/{PAIR}", pool=env["pool"])
     assert model.fusers[0].config.provenance["source"] == str((repo / "snapshots" / sha / PAIR).resolve())
-    reference = from_pretrained(env["pub"], pool=env["pool"])
+    reference = C2CModel.from_pretrained(env["pub"], pool=env["pool"])
     ids = prompt(model)
     assert torch.equal(model.generate(ids, max_new_tokens=4), reference.generate(ids, max_new_tokens=4))
     assert load_any(PAIR).num_parameters() == reference.fusers[0].num_parameters()  # a bare pair name
@@ -372,13 +371,13 @@ def test_hf_ref_served_from_the_cache_offline(env, tmp_path, monkeypatch):
 
 # ---- several pairs at once --------------------------------------------------------------------------
 def test_several_pair_folders_share_one_receiver(env):
-    one = from_pretrained(env["pub"], pool=env["pool"])
+    one = C2CModel.from_pretrained(env["pub"], pool=env["pool"])
     ids = prompt(one)
     mask = torch.ones_like(ids)
     single = one.prefill_fused(ids, mask)
     caches = {}
     for mode in ("parallel", "sequential"):
-        both = from_pretrained([env["pub"], env["pub2"]], mode=mode, pool=env["pool"])
+        both = C2CModel.from_pretrained([env["pub"], env["pub2"]], mode=mode, pool=env["pool"])
         assert both.mode == mode and [s.source for s in both.sharers] == [str(env["sharer"]), str(env["sharer2"])]
         assert both.receiver is one.receiver  # loaded once through the pool
         caches[mode] = both.prefill_fused(ids, mask)
@@ -391,17 +390,17 @@ def test_pair_folders_for_different_receivers_are_rejected(env):
     e = {k: re.escape(str(env[k])) for k in ("pub", "pub_b", "receiver", "receiver_b")}
     with pytest.raises(CheckpointError, match=rf"fuser {e['pub']} was trained for receiver '{e['receiver']}', "
                                               rf"fuser {e['pub_b']} for receiver '{e['receiver_b']}'"):
-        from_pretrained([env["pub"], env["pub_b"]], pool=env["pool"])
+        C2CModel.from_pretrained([env["pub"], env["pub_b"]], pool=env["pool"])
 
 
 def test_build_c2c_model_takes_models_from_the_fuser_unless_given(env):
-    recorded = build_c2c_model(None, fusers=[str(env["pub"])], pool=env["pool"])
+    recorded = C2CModel.build(None, fusers=[str(env["pub"])], pool=env["pool"])
     assert recorded.receiver.source == str(env["receiver"]) and recorded.sharers[0].source == str(env["sharer"])
-    given = build_c2c_model(str(env["receiver"]), sharers=[str(env["sharer"])], fusers=[str(env["pub"])],
-                            pool=env["pool"])
+    given = C2CModel.build(str(env["receiver"]), sharers=[str(env["sharer"])], fusers=[str(env["pub"])],
+                           pool=env["pool"])
     assert given.receiver is recorded.receiver and given.sharers[0] is recorded.sharers[0]
     with pytest.raises(ConfigError, match="no fuser"):
-        build_c2c_model(str(env["receiver"]), sharers=[str(env["sharer"])], pool=env["pool"])
+        C2CModel.build(str(env["receiver"]), sharers=[str(env["sharer"])], pool=env["pool"])
     with pytest.raises(CheckpointError, match=r"was trained for receiver .*4 layers.* but the receiver is .*5 layers"):
-        build_c2c_model(str(env["sharer2"]), sharers=[str(env["sharer"])], fusers=[load_published(env["pub"])],
-                        pool=env["pool"])
+        C2CModel.build(str(env["sharer2"]), sharers=[str(env["sharer"])], fusers=[load_published(env["pub"])],
+                       pool=env["pool"])

@@ -16,10 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from agentmesh.errors import ConfigError
-from agentmesh.eval import prompts
+from agentmesh.tasks import prompts
 from agentmesh.eval.cli import app
-from agentmesh.eval.context_task import SPLITS, generate_split, pools, write_context_task
-from agentmesh.eval.datasets import (
+from agentmesh.tasks.context_task import SPLITS, generate_split, pools, write_context_task
+from agentmesh.tasks.datasets import (
     DatasetConfig, Item, detect_shape, load_hf, load_items, load_jsonl, parse_rows, select)
 from agentmesh.eval.extract import contains_answer, extract_letter, extract_number, grade
 from agentmesh.eval.methods import (

@@ -38,7 +38,7 @@ class Config:
 def prompts(lm: Any, n: int, seed: int = 0) -> list[list[int]]:
     """Receiver prompts (chat ids) of `n` context-task questions."""
     from agentmesh.bench.c2c_vs_t2t import load_items
-    from agentmesh.eval.prompts import receiver_messages
+    from agentmesh.tasks.prompts import receiver_messages
 
     return [lm.chat_ids(receiver_messages(item)) for item in load_items(n, seed)]
 

@@ -65,8 +65,8 @@ class _Setup:
 
 def load_items(n: int, seed: int = 0) -> list[Any]:
     """`n` held-out questions of the context task (each with its private passage)."""
-    from agentmesh.eval.context_task import generate_split
-    from agentmesh.eval.datasets import parse_rows
+    from agentmesh.tasks.context_task import generate_split
+    from agentmesh.tasks.datasets import parse_rows
 
     records = generate_split("test", n, seed=seed)
     return list(parse_rows(records, shape="auto", source="context-task"))
@@ -89,7 +89,7 @@ class Methods:
 
     def t2t(self, item: Any, answer_tokens: int, *, stop_at_eos: bool = False,
             background_tokens: int | None = None) -> torch.Tensor:
-        from agentmesh.eval import prompts
+        from agentmesh.tasks import prompts
 
         sharer, receiver = self.s.sharer, self.s.receiver
         bg_ids = self._ids(sharer, prompts.background_messages(item))
@@ -110,7 +110,7 @@ class Methods:
     def c2c_inputs(self, item: Any) -> tuple[torch.Tensor, list[Any]]:
         from agentmesh.c2c.model import SharerInput
         from agentmesh.models.reading import reading_ids
-        from agentmesh.eval import prompts
+        from agentmesh.tasks import prompts
 
         prompt = self.s.receiver.chat_ids(prompts.receiver_messages(item))
         row = torch.tensor([reading_ids(self.s.sharer, context=item.context) + prompt[:-1]], dtype=torch.long)
@@ -125,7 +125,7 @@ class Methods:
         return out
 
     def prefix(self, item: Any, answer_tokens: int) -> torch.Tensor:
-        from agentmesh.eval import prompts
+        from agentmesh.tasks import prompts
         from agentmesh.models.inference import decode, prefill
 
         ids = self._ids(self.s.receiver, prompts.sharer_messages(item))  # passage + question
@@ -137,7 +137,7 @@ class Methods:
         return out
 
     def receiver(self, item: Any, answer_tokens: int) -> torch.Tensor:
-        from agentmesh.eval import prompts
+        from agentmesh.tasks import prompts
 
         ids = self._ids(self.s.receiver, prompts.receiver_messages(item))
         out = self.receiver_alone.generate(ids, max_new_tokens=answer_tokens, do_sample=False, eos_token_id=[])
@@ -178,7 +178,7 @@ class Methods:
         return {"sharer_prefill": t_sharer, "receiver_prefill": t_receiver, "fusion": t_fuse, "answer": t_decode}
 
     def t2t_stages(self, item: Any, answer_tokens: int) -> dict[str, float]:
-        from agentmesh.eval import prompts
+        from agentmesh.tasks import prompts
 
         dev = self.s.receiver.device
         sharer, receiver = self.s.sharer, self.s.receiver

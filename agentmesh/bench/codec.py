@@ -58,7 +58,7 @@ def make_cache(cfg: Config, dtype: torch.dtype, signature: Any = None) -> Any:
 def text_bytes_per_token(tokenizer: Any = None, n_items: int = 50) -> tuple[float, str]:
     """UTF-8 bytes per token of context-task passages and questions under `tokenizer`
     (SmolLM2's when None)."""
-    from agentmesh.eval.context_task import generate_split
+    from agentmesh.tasks.context_task import generate_split
 
     source = "given tokenizer"
     if tokenizer is None:

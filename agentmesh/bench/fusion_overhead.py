@@ -40,7 +40,7 @@ class Config:
 
 def prompt_ids(lm: Any, tokens: int, seed: int = 0) -> torch.Tensor:
     """(1, tokens) ids of real text (context-task passages and questions), repeated as needed."""
-    from agentmesh.eval.context_task import generate_split
+    from agentmesh.tasks.context_task import generate_split
 
     ids: list[int] = []
     records = generate_split("test", 64, seed=seed)

@@ -15,6 +15,7 @@ import torch
 
 from agentmesh.c2c.alignment import align_batch, same_vocabulary
 from agentmesh.c2c.fuser import Fuser, Fusion, FusionMode, SharerSpan, fuse
+from agentmesh.c2c.pretrained import build_parts, load_pretrained
 from agentmesh.c2c.response import ResponseFusion, SharerReading
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import CheckpointError, ConfigError
@@ -38,6 +39,11 @@ class SharerInput:
     gather_index: torch.Tensor | None = None
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in ("parallel", "sequential"):
+        raise ConfigError(f"fusion mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
+
+
 class C2CModel:
     """A receiver, its sharers, and one fuser per sharer.
 
@@ -49,8 +55,7 @@ class C2CModel:
                  *, mode: FusionMode = "parallel"):
         if len(sharers) != len(fusers):
             raise ConfigError(f"C2CModel got {len(sharers)} sharers but {len(fusers)} fusers; give one fuser per sharer")
-        if mode not in ("parallel", "sequential"):
-            raise ConfigError(f"fusion mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
+        _check_mode(mode)
         for i, (sharer, fuser) in enumerate(zip(sharers, fusers)):
             for role, lm, sig in (("receiver", receiver, fuser.receiver), ("sharer", sharer, fuser.sharer)):
                 if not lm.signature.same_shape(sig):
@@ -77,13 +82,18 @@ class C2CModel:
                               "vocabulary); a sharer with another tokenizer can only use a 'prompt' fuser")
 
     @classmethod
-    def from_pretrained(cls, ref: Any, **kwargs: Any) -> "C2CModel":
+    def from_pretrained(cls, ref: Any, *, mode: FusionMode = "parallel", **kwargs: Any) -> C2CModel:
         """Load fusers (a folder, a published pair folder, or ``hf://nics-efc/C2C_Fuser/<pair>``;
         a list for several sharers) with the receiver and sharers they were trained for.
-        See `agentmesh.c2c.pretrained.from_pretrained` for the options."""
-        from agentmesh.c2c.pretrained import from_pretrained
+        See `agentmesh.c2c.pretrained.load_pretrained` for the options."""
+        _check_mode(mode)  # before anything is loaded
+        return cls(*load_pretrained(ref, **kwargs), mode=mode)
 
-        return from_pretrained(ref, **kwargs)
+    @classmethod
+    def build(cls, model: Any = None, *, mode: FusionMode = "parallel", **kwargs: Any) -> C2CModel:
+        """What `agentmesh generate` builds from its options (see `agentmesh.c2c.pretrained.build_parts`)."""
+        _check_mode(mode)
+        return cls(*build_parts(model, **kwargs), mode=mode)
 
     @property
     def tokenizer(self) -> Any:

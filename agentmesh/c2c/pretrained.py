@@ -1,6 +1,7 @@
-"""`C2CModel` from fuser checkpoints: the receiver and sharers are loaded from the ids the
-checkpoints record (hub ids or local paths) through a `ModelPool`, unless given, and every fuser
-is checked against the models it actually joins."""
+"""The parts of a `C2CModel` from fuser checkpoints: the receiver and sharers are loaded from the
+ids the checkpoints record (hub ids or local paths) through a `ModelPool`, unless given, and every
+fuser is checked against the models it actually joins. `C2CModel.from_pretrained` and
+`C2CModel.build` assemble the model from what these functions return."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,11 +12,11 @@ import torch
 from agentmesh.c2c.checkpoints import (
     FuserRef, bind_models, check_models, load_any, locate, pair_models, resolve_model_path,
 )
-from agentmesh.c2c.fuser import Fuser, FusionMode
-from agentmesh.c2c.model import C2CModel
+from agentmesh.c2c.fuser import Fuser
 from agentmesh.errors import CheckpointError, ConfigError, ModelLoadError
 
 ModelLike = Any  # a LoadedModel, or a reference ModelPool.get understands (name, folder, .gguf, hub id)
+Parts = tuple[Any, list[Any], list[Fuser]]  # (receiver, sharers, one fuser per sharer)
 
 
 def _same_model_id(a: str, b: str) -> bool:
@@ -47,19 +48,19 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def from_pretrained(
+def load_pretrained(
     ref: FuserRef | Sequence[FuserRef],
     *,
     receiver: ModelLike | None = None,
     sharers: Sequence[ModelLike | None] | ModelLike | None = None,
-    mode: FusionMode = "parallel",
     pool: Any = None,
     dtype: Any = "auto",
     device: str | torch.device = "cpu",
     subfolder: str | None = None,
     strict_models: bool = True,
-) -> C2CModel:
-    """A `C2CModel` from one fuser reference or several (one per sharer of the same receiver).
+) -> Parts:
+    """The receiver, sharers and fusers of one fuser reference or several (one per sharer of the
+    same receiver).
 
     Each `ref` is a fuser folder in the published layout (config.json + final/) or ours
     (fuser.json), a published pair name, or ``hf://nics-efc/C2C_Fuser/<pair>[@revision]``;
@@ -73,8 +74,6 @@ def from_pretrained(
     refs = _as_list(ref)
     if not refs:
         raise ConfigError("from_pretrained needs at least one fuser reference")
-    if mode not in ("parallel", "sequential"):
-        raise ConfigError(f"fusion mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
     given_sharers = [None] * len(refs) if sharers is None else _as_list(sharers)
     if len(given_sharers) != len(refs):
         raise ConfigError(f"from_pretrained got {len(refs)} fusers but {len(given_sharers)} sharers; give one sharer "
@@ -104,23 +103,22 @@ def from_pretrained(
                          subfolder=loc.subfolder, check_fingerprints=strict_models)
         loaded_sharers.append(sharer)
         fusers.append(bind_models(fuser, recv.signature, sharer.signature).to(device))
-    return C2CModel(recv, loaded_sharers, fusers, mode=mode)
+    return recv, loaded_sharers, fusers
 
 
-def build_c2c_model(
+def build_parts(
     model: ModelLike | None = None,
     *,
     sharers: Sequence[ModelLike] = (),
     fusers: Sequence[FuserRef | Fuser] = (),
-    mode: FusionMode = "parallel",
     dtype: Any = "auto",
     device: str | torch.device = "cpu",
     pool: Any = None,
     subfolder: str | None = None,
-) -> C2CModel:
+) -> Parts:
     """What `agentmesh generate` builds from its options.
 
-    No fusers: `model` alone (the default model when None). With fusers: `from_pretrained(fusers)`,
+    No fusers: `model` alone (the default model when None). With fusers: `load_pretrained(fusers)`,
     the receiver being `model` when given and the one the first fuser records otherwise, and the
     sharers `sharers` when given (one per fuser) and the recorded ones otherwise. Already loaded
     `Fuser` objects are used as they are (then `model` and `sharers` are required).
@@ -132,8 +130,8 @@ def build_c2c_model(
     if not fusers:
         if sharers:
             raise ConfigError(f"{len(sharers)} sharer(s) given but no fuser; give one --fuser per sharer")
-        return C2CModel(_get_model(pool, model or DEFAULT_MODEL, role="receiver", fuser=None, dtype=dtype,
-                                   device=device))
+        return _get_model(pool, model or DEFAULT_MODEL, role="receiver", fuser=None, dtype=dtype,
+                          device=device), [], []
     if sharers and len(sharers) != len(fusers):
         raise ConfigError(f"{len(sharers)} sharers but {len(fusers)} fusers; give one fuser per sharer, in order")
     if all(isinstance(f, Fuser) for f in fusers):
@@ -143,12 +141,11 @@ def build_c2c_model(
         loaded = [_get_model(pool, s, role="sharer", fuser=None, dtype=dtype, device=device) for s in sharers]
         for f, s in zip(fusers, loaded):
             check_models(f, recv.signature, s.signature)
-        return C2CModel(recv, loaded, [bind_models(f, recv.signature, s.signature) for f, s in zip(fusers, loaded)],
-                        mode=mode)
+        return recv, loaded, [bind_models(f, recv.signature, s.signature) for f, s in zip(fusers, loaded)]
     if any(isinstance(f, Fuser) for f in fusers):
         raise ConfigError("give fusers either all as references or all as loaded Fuser objects")
-    return from_pretrained(fusers, receiver=model, sharers=sharers or None, mode=mode, pool=pool, dtype=dtype,
-                           device=device, subfolder=subfolder)
+    return load_pretrained(fusers, receiver=model, sharers=sharers or None, pool=pool, dtype=dtype, device=device,
+                           subfolder=subfolder)
 
 
-__all__ = ["build_c2c_model", "from_pretrained"]
+__all__ = ["build_parts", "load_pretrained"]

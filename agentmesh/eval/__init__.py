@@ -3,7 +3,7 @@
 Importing this package loads no model and no plotting library; `agentmesh.eval.adapters` is
 the only module that runs models, `agentmesh.eval.report` the only one that draws.
 """
-from agentmesh.eval.datasets import DatasetConfig, Item, load_items, load_jsonl
+from agentmesh.tasks.datasets import DatasetConfig, Item, load_items, load_jsonl
 from agentmesh.eval.extract import extract_letter, extract_number, grade
 from agentmesh.eval.methods import (
     CacheGeneration, CacheGenerator, CacheToCache, Generator, Method, MethodOutput, Prefix, ReceiverOnly,

@@ -56,7 +56,7 @@ def make_context_task_command(
     max_facts: int = typer.Option(6, "--max-facts", help="most facts per passage"),
 ) -> None:
     """Generate the context-transfer task (seeded, no download)."""
-    from agentmesh.eval.context_task import write_context_task
+    from agentmesh.tasks.context_task import write_context_task
 
     try:
         paths = write_context_task(out_dir, seed=seed, n_train=n_train, n_test=n_test, multiple_choice=mc,

@@ -11,7 +11,7 @@ import unicodedata
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from agentmesh.eval.datasets import LETTERS, Item
+from agentmesh.tasks.datasets import LETTERS, Item
 
 # Markers a model wraps an answer in: markdown bold/italics, parentheses, brackets, quotes.
 _OPEN = r"[\*_\(\[\{\"'`]*"

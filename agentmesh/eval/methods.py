@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from agentmesh.eval import prompts
-from agentmesh.eval.datasets import Item
+from agentmesh.tasks import prompts
+from agentmesh.tasks.datasets import Item
 
 Messages = list[dict[str, str]]
 OnToken = Callable[[str], None]  # called with each new token's text, as soon as it exists

@@ -15,7 +15,7 @@ from typing import Any, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agentmesh.errors import ConfigError
-from agentmesh.eval.datasets import DatasetConfig, Item, load_items
+from agentmesh.tasks.datasets import DatasetConfig, Item, load_items
 from agentmesh.eval.extract import grade
 from agentmesh.eval.methods import (
     CacheToCache, Method, Prefix, ReceiverOnly, SharerOnly, TextToText, run_safely)

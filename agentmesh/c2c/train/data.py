@@ -102,7 +102,7 @@ def _read_hf(data: DataRecipe) -> list[tuple[str, Any]]:
 
 
 def _context_task_rows(data: DataRecipe) -> list[tuple[str, Any]]:
-    from agentmesh.eval.context_task import generate_split
+    from agentmesh.tasks.context_task import generate_split
 
     task = data.context_task
     assert task is not None

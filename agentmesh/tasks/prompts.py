@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from agentmesh.eval.datasets import LETTERS, Item
+from agentmesh.tasks.datasets import LETTERS, Item
 
 Messages = list[dict[str, str]]
 

@@ -1,7 +1,7 @@
-"""Evaluation items and their loaders: local JSONL in several known shapes, or Hugging Face datasets.
+"""Task items and their loaders: local JSONL in several known shapes, or Hugging Face datasets.
 
 Every loader yields `Item`s with a letter answer (multiple choice), a number string (GSM8K shape)
-or a short text span (context-transfer task), so the rest of `agentmesh.eval` never looks at a
+or a short text span (context-transfer task), so training and evaluation never look at a
 dataset's own field names.
 """
 from __future__ import annotations

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agentmesh.errors import ConfigError
-from agentmesh.eval.datasets import LETTERS, Item
-from agentmesh.eval.prompts import training_messages
+from agentmesh.tasks.datasets import LETTERS, Item
+from agentmesh.tasks.prompts import training_messages
 
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, ...] = ("train", "test")
@@ -160,7 +160,7 @@ class _Passage:
 
 def make_item(rng: random.Random, pool: dict[str, list[str]], *, split: Split, index: int,
               multiple_choice: bool = False, min_facts: int = 3, max_facts: int = 6) -> dict[str, Any]:
-    """One task record (a JSON-ready dict that `agentmesh.eval.datasets` reads as "context" shape)."""
+    """One task record (a JSON-ready dict that `agentmesh.tasks.datasets` reads as "context" shape)."""
     attribute = rng.choice(sorted(ATTRIBUTES))
     n_facts = rng.randint(min_facts, max_facts)
     passage = _Passage(rng, pool)

@@ -1,0 +1,217 @@
+"""What both checkpoint layouts share: reading JSON with one-line errors, model signatures (from
+a config.json on this machine, or the shape a checkpoint implies), building projectors and loading
+their weights strictly, and checking a fuser against the models it will join."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from agentmesh.c2c.fuser import Fuser, FuserConfig
+from agentmesh.c2c.projector import dtype_name, parse_dtype
+from agentmesh.c2c.registry import build_projector
+from agentmesh.cache.kv import ModelSignature
+from agentmesh.errors import CheckpointError, ConfigError
+
+FuserRef = str | Path
+
+DEFAULT_ALIGNMENT: str = FuserConfig.__dataclass_fields__["alignment"].default
+_SHOW = 4  # how many keys an error lists before "..."
+
+
+def first_line(error: BaseException) -> str:
+    """The error's first sentence, short enough for a one-line message."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].split(". ")[0] if lines else ""
+    return f"{type(error).__name__}: {text if len(text) <= 160 else text[:157] + '...'}"
+
+
+def list_keys(keys: Sequence[str]) -> str:
+    shown = ", ".join(sorted(keys)[:_SHOW])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _SHOW else "")
+
+
+def short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def ranges(values: Sequence[int]) -> str:
+    vs = sorted(set(values))
+    if vs and vs == list(range(vs[0], vs[-1] + 1)):
+        return f"{vs[0]}-{vs[-1]}" if len(vs) > 1 else str(vs[0])
+    return str(vs)
+
+
+def read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}; expected {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({first_line(e)}); expected {what}") from None
+
+
+def describe(sig: ModelSignature) -> str:
+    return (f"{sig.name!r} ({sig.num_layers} layers, {sig.num_kv_heads} KV heads of dim {sig.head_dim})")
+
+
+def fuser_model_ids(fuser: Fuser) -> tuple[str, str]:
+    """(receiver id, sharer id) a loaded fuser was trained with (hub ids or paths)."""
+    prov = fuser.config.provenance
+    return str(prov.get("base_model") or fuser.receiver.name), str(prov.get("teacher_model") or fuser.sharer.name)
+
+
+def resolve_model_path(model_id: str, base: Path) -> str:
+    """A relative local path in a checkpoint is read relative to the checkpoint folder when it
+    does not exist relative to the working directory; anything else is returned unchanged."""
+    if model_id.startswith("hf://") or Path(model_id).expanduser().exists():
+        return model_id
+    candidate = base / model_id
+    return str(candidate.resolve()) if not Path(model_id).is_absolute() and candidate.exists() else model_id
+
+
+def local_signature(model_id: str, base: Path | None = None) -> ModelSignature | None:
+    """The signature of `model_id` from a config.json already on this machine (a local folder, or
+    the Hugging Face cache), without loading weights or touching the network; None if unknown."""
+    ref = resolve_model_path(model_id, base) if base is not None else model_id
+    config_file: Path | None = None
+    path = Path(ref).expanduser()
+    if (path / "config.json").is_file():
+        config_file = path / "config.json"
+    elif re.fullmatch(r"(hf://)?[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?", ref) and not path.exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        from agentmesh.models import hub_cache_dir
+
+        repo, _, rev = ref.removeprefix("hf://").partition("@")
+        try:
+            found = try_to_load_from_cache(repo, "config.json", cache_dir=hub_cache_dir(), revision=rev or None)
+        except Exception:  # a malformed cache is the same as no cache here
+            found = None
+        if isinstance(found, str):
+            config_file = Path(found)
+    if config_file is None:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(config_file.parent, local_files_only=True)
+    except Exception:  # an unreadable or unknown config: fall back to what the checkpoint says
+        return None
+    return ModelSignature.from_config(config, model_id)
+
+
+def inferred_signature(model_id: str, num_layers: int, num_kv_heads: int, head_dim: int) -> ModelSignature:
+    # No config.json to read: only the shape the checkpoint itself implies, no fingerprint.
+    return ModelSignature(name=model_id, model_type="", num_layers=num_layers, num_kv_heads=num_kv_heads,
+                          head_dim=head_dim, vocab_size=0, fingerprint="")
+
+
+def normalise_args(args: dict[str, Any]) -> dict[str, Any]:
+    """Init args with the dtype as a plain name ("bfloat16"), so they are JSON and hashable-friendly."""
+    out = dict(args)
+    if "dtype" in out:
+        out["dtype"] = dtype_name(parse_dtype(out["dtype"]))
+    return out
+
+
+def instantiate(name: str, args: dict[str, Any], where: str) -> nn.Module:
+    """Build a projector whose every tensor is about to be overwritten by a strict load.
+
+    Built on the meta device and then given uninitialised CPU storage, which skips random init
+    (seconds for a 478 M-parameter fuser); classes with non-persistent buffers (which a state dict
+    would not restore) are built normally.
+    """
+    try:
+        with torch.device("meta"):
+            module = build_projector(name, args)
+        if any(m._non_persistent_buffers_set for m in module.modules()):
+            module = build_projector(name, args)
+        else:
+            module = module.to_empty(device="cpu")
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e.message}") from None
+    except Exception as e:  # a projector class rejecting its arguments in its own way
+        raise CheckpointError(f"{where}: projector {name!r} could not be built from its init_args "
+                              f"({first_line(e)})") from None
+    return module
+
+
+def load_strict(module: nn.Module, state: Any, file: str, prefix: str = "") -> None:
+    """`load_state_dict(strict=True)`, with missing/unexpected keys and wrong shapes reported
+    against `file` before torch sees them."""
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file} does not hold a state dict (a mapping of names to tensors)")
+    expected = module.state_dict()
+    missing = [prefix + k for k in expected if k not in state]
+    unexpected = [prefix + k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = ([f"missing keys {list_keys(missing)}"] if missing else []) + (
+            [f"unexpected keys {list_keys(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{file}: {'; '.join(parts)}; expected exactly the {len(expected)} keys of "
+                              f"{type(module).__name__}")
+    for key, want in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(f"{file}: tensor {prefix + key} has shape {tuple(got.shape)}, expected "
+                                  f"{tuple(want.shape)}")
+    try:
+        module.load_state_dict(dict(state), strict=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: the weights could not be loaded ({first_line(e)})") from None
+
+
+def check_projector_dims(args: dict[str, Any], receiver: ModelSignature, sharer: ModelSignature,
+                          where: str) -> None:
+    """The projector's declared K/V sizes against the models it will join (args it lacks are skipped)."""
+    wants = (("source_dim", sharer.head_dim, "sharer", "head dim {}"),
+             ("source_num_heads", sharer.num_kv_heads, "sharer", "{} KV heads"),
+             ("target_dim", receiver.head_dim, "receiver", "head dim {}"),
+             ("target_num_heads", receiver.num_kv_heads, "receiver", "{} KV heads"))
+    for key, want, role, what in wants:
+        if key in args and args[key] != want:
+            sig = sharer if role == "sharer" else receiver
+            raise CheckpointError(
+                f"{where}: {key}={args[key]!r} but the {role} {sig.name!r} has {what.format(want)}; "
+                f"this fuser was trained for another {role}")
+
+
+def make_fuser(config: FuserConfig, projectors: list[nn.Module], where: str) -> Fuser:
+    try:
+        return Fuser(config, projectors)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e.message}") from None
+
+
+def check_models(fuser: Fuser, receiver: ModelSignature | None, sharer: ModelSignature | None, *,
+                 fingerprints: bool = False) -> None:
+    """Raise `CheckpointError` unless the fuser's receiver/sharer shapes (and, with `fingerprints`,
+    their config fingerprints where the checkpoint records one) match the given models."""
+    source = fuser.config.provenance.get("source", "fuser")
+    for role, want, have in (("receiver", fuser.receiver, receiver), ("sharer", fuser.sharer, sharer)):
+        if have is None:
+            continue
+        if not want.same_shape(have):
+            raise CheckpointError(f"{source} was trained for {role} {describe(want)}, but the {role} is "
+                                  f"{describe(have)}")
+        if fingerprints and want.fingerprint and want.fingerprint != have.fingerprint:
+            raise CheckpointError(
+                f"{source} was saved for {role} {want.name!r} with config fingerprint {want.fingerprint}, but "
+                f"{have.name!r} has fingerprint {have.fingerprint} (same shape, different model config)",
+                hint="pass strict_models=False to use it anyway")
+
+
+def bind_models(fuser: Fuser, receiver: ModelSignature, sharer: ModelSignature) -> Fuser:
+    """The same fuser (same projector modules) whose config names the given, actual models, so the
+    caches those models make pass its signature checks."""
+    if fuser.receiver == receiver and fuser.sharer == sharer:
+        return fuser
+    config = replace(fuser.config, receiver=receiver, sharer=sharer)
+    return Fuser(config, list(fuser.projectors))
+

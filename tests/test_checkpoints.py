@@ -393,7 +393,7 @@ def test_pair_folders_for_different_receivers_are_rejected(env):
         C2CModel.from_pretrained([env["pub"], env["pub_b"]], pool=env["pool"])
 
 
-def test_build_c2c_model_takes_models_from_the_fuser_unless_given(env):
+def test_c2c_model_build_takes_models_from_the_fuser_unless_given(env):
     recorded = C2CModel.build(None, fusers=[str(env["pub"])], pool=env["pool"])
     assert recorded.receiver.source == str(env["receiver"]) and recorded.sharers[0].source == str(env["sharer"])
     given = C2CModel.build(str(env["receiver"]), sharers=[str(env["sharer"])], fusers=[str(env["pub"])],

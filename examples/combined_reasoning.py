@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import agentmesh
-from agentmesh.graph import Graph
+from agentmesh.graph import Graph, load_graph, validate_graph
 from agentmesh.models import default_pool
 from agentmesh.runtime import AgentFinished, RunFinished, Token
 from agentmesh.units import human_bytes
@@ -38,7 +38,8 @@ def build(max_new_tokens: int) -> Graph:
                       max_new_tokens=max_new_tokens)
     g.text(hours, planner)
     g.cache(closures, planner, mode="prefix")
-    return g.validate()
+    validate_graph(g)
+    return g
 
 
 async def run(graph: Graph, question: str | None) -> None:
@@ -75,7 +76,7 @@ def main() -> None:
     parser.add_argument("--question", default=None, help="default: the graph's input")
     args = parser.parse_args()
     graph = build(args.max_new_tokens)
-    yaml_graph = Graph.from_yaml(GRAPHS / "combined_reasoning.yaml")
+    yaml_graph = load_graph(GRAPHS / "combined_reasoning.yaml")
     assert [e.label for e in graph.edges] == [e.label for e in yaml_graph.edges]
     asyncio.run(run(graph, args.question))
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import agentmesh
-from agentmesh.graph import Graph
+from agentmesh.graph import Graph, load_graph
 from agentmesh.models import default_pool
 from agentmesh.runtime import RunResult
 from agentmesh.units import human_bytes
@@ -106,7 +106,7 @@ def check_intro(text: str, business: str) -> Check:
 
 
 def load(name: str, max_new_tokens: int | None = None) -> Graph:
-    graph = Graph.from_yaml(GRAPHS / name)
+    graph = load_graph(GRAPHS / name)
     if max_new_tokens is not None:
         for agent in graph.agents.values():
             agent.max_new_tokens = min(agent.max_new_tokens, max_new_tokens)

@@ -54,10 +54,10 @@ def test_programmer_writer_pipeline_via_cli(tmp_path: Path) -> None:
 
 
 def test_combined_reasoning_pipeline() -> None:
-    from agentmesh.graph import Graph
+    from agentmesh.graph import load_graph
     from agentmesh.runtime import run_graph
 
-    g = Graph.from_yaml(ROOT / "graphs" / "combined_reasoning.yaml")
+    g = load_graph(ROOT / "graphs" / "combined_reasoning.yaml")
     g.agents["planner"].max_new_tokens = 24
     r = run_graph(g)
     assert r.ok, r.error

@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from agentmesh.errors import ConfigError, GraphError
-from agentmesh.graph import Agent, Edge, Graph, GraphSpec, describe, dump_spec, load_graph, load_spec, mermaid
+from agentmesh.graph import (Agent, Edge, Graph, GraphSpec, describe, dump_spec, load_graph, load_spec, mermaid,
+                             validate_graph)
 from agentmesh.graph.cli import app
 from agentmesh.graph.template import placeholders, render
 
@@ -45,7 +46,7 @@ def test_builder_structure_and_queries():
     e1 = g.cache(p, w, mode="prefix")
     e2 = g.text(c, "writer")
     assert isinstance(e1, Edge) and e1.is_prefix and not e1.is_fuse and e2.is_text
-    assert g.validate() is g
+    validate_graph(g)
 
     assert [a.name for a in g.order()] == ["programmer", "critic", "writer"]
     assert g.sharers_of(w) == [p] and g.prefix_of(w) is p and g.prefix_of(c) is None
@@ -82,7 +83,7 @@ def test_builder_validation_errors_name_key_path():
     g.cache(a, b, mode="prefix")
     g.cache(b, a, mode="prefix")
     with pytest.raises(GraphError) as info:
-        g.validate()
+        validate_graph(g)
     assert str(info.value).startswith("graph 'demo': edges[0]: cycle a -> b -> a")
     with pytest.raises(GraphError, match="cycle"):
         g.order()
@@ -90,7 +91,7 @@ def test_builder_validation_errors_name_key_path():
     g2 = Graph(name="demo")
     g2.agent("a", max_new_tokens=0)
     with pytest.raises(GraphError, match=r"graph 'demo': agents\.a\.max_new_tokens: .*greater than or equal to 1"):
-        g2.validate()
+        validate_graph(g2)
 
 
 def test_prompts_inputs_and_templates():
@@ -137,7 +138,7 @@ def test_broker_config_reads_password_from_environment(monkeypatch):
         b.password_value()
     monkeypatch.setenv("MESH_PW", "s3cret")
     assert b.password_value() == "s3cret"
-    g.validate()
+    validate_graph(g)
     with pytest.raises(GraphError, match="broker.url: the broker url must not carry credentials"):
         g.set_broker("mqtt://bob:pw@broker.local:1883")
 
@@ -469,10 +470,10 @@ def full_graph(base_dir: Path) -> Graph:
 
 def test_graph_yaml_graph_round_trip(tmp_path):
     g = full_graph(tmp_path)
-    g.validate()
+    validate_graph(g)
     text = g.to_yaml(tmp_path / "everything.yaml")
     assert "password" not in text.replace("password_env", "")
-    g2 = Graph.from_yaml(tmp_path / "everything.yaml")
+    g2 = load_graph(tmp_path / "everything.yaml")
     assert g2 == g
     assert g2.to_yaml() == text
     assert g2.agents["reader"].context == g.agents["reader"].context  # multi-line text survives

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from agentmesh.errors import ConfigError, TransportError
-from agentmesh.graph import Graph
+from agentmesh.graph import Graph, load_graph
 from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.runtime import Token, run_graph
@@ -409,7 +409,7 @@ outputs: [ask]
         finally:
             err.close()
     assert code == 0, (tmp_path / "worker.err").read_text()
-    local = run_graph(Graph.from_yaml(yaml), pool=ModelPool())
+    local = run_graph(load_graph(yaml), pool=ModelPool())
     assert data["ok"] and data["outputs"]["ask"] == local["ask"].text
     assert data["bytes_by_edge"]["doc->ask"] > local.bytes_by_edge()["doc->ask"]  # encoded, over the broker
     assert data["agents"]["ask"]["prefilled_tokens"] == local["ask"].prefilled_tokens

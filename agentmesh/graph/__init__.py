@@ -2,10 +2,11 @@
 schema with its loader/dumper, validation and views. Importing this package never imports torch."""
 from agentmesh.graph.graph import (Agent, BrokerConfig, Edge, FuserDecl, FuserRef, Graph, HostDecl, ModelDecl,
                                    ResolvedModel, TLSConfig)
+from agentmesh.graph.load import load_graph
 from agentmesh.graph.render import describe, mermaid
 from agentmesh.graph.spec import DEFAULT_MODEL, GraphSpec
 from agentmesh.graph.validate import FuserInfo, validate_graph
-from agentmesh.graph.yaml_io import dump_spec, load_graph, load_spec
+from agentmesh.graph.yaml_io import dump_spec, load_spec
 
 __all__ = [
     "Agent", "BrokerConfig", "DEFAULT_MODEL", "Edge", "FuserDecl", "FuserInfo", "FuserRef", "Graph", "GraphSpec",

@@ -13,6 +13,7 @@ import typer
 
 from agentmesh.errors import AgentMeshError, GraphError
 from agentmesh.graph.graph import Graph
+from agentmesh.graph.load import load_graph
 from agentmesh.graph.render import describe, mermaid
 
 app = typer.Typer(help="Check and show pipeline graphs (YAML).", no_args_is_help=True, add_completion=False,
@@ -40,7 +41,7 @@ def _fuser_info(ref: str) -> tuple[str, str] | None:
 
 
 def _load(file: Path) -> Graph:
-    return Graph.from_yaml(file, fuser_info=_fuser_info)
+    return load_graph(file, fuser_info=_fuser_info)
 
 
 def _check_models(file: Path, graph: Graph) -> None:

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import networkx as nx
 from pydantic import ValidationError
@@ -27,10 +27,8 @@ from agentmesh.files import FileProblem, read_text_limited
 from agentmesh.graph import template
 from agentmesh.graph.source import KeyPath, SourceMap, choices_hint, graph_error
 from agentmesh.graph.spec import DEFAULT_MODEL, IDENT_HINT, IDENT_RE, AgentSpec, AuthSpec, GraphSpec
+from agentmesh.graph.yaml_io import dump_spec, spec_from_data
 from agentmesh.transport.config import BrokerConfig, TLSConfig
-
-if TYPE_CHECKING:
-    from agentmesh.graph.validate import FuserInfo
 
 S = TypeVar("S")
 EdgeType = Literal["text", "cache"]
@@ -312,11 +310,20 @@ class Graph:
         try:
             names = list(nx.lexicographical_topological_sort(self.nx, key=rank.__getitem__))
         except nx.NetworkXUnfeasible:
-            from agentmesh.graph.validate import check_acyclic
-
-            check_acyclic(self)
+            self.check_acyclic()
             raise
         return [self.agents[n] for n in names]
+
+    def check_acyclic(self) -> None:
+        """Raise a GraphError naming the cycle, e.g. `cycle a -> b -> a`."""
+        try:
+            cycle = nx.find_cycle(self.nx)
+        except nx.NetworkXNoCycle:
+            return
+        names = [u for u, _ in cycle] + [cycle[0][0]]
+        first = next(i for i, e in enumerate(self.edges) if (e.sender, e.receiver) == tuple(cycle[0][:2]))
+        raise self._error(("edges", first), f"cycle {' -> '.join(names)}",
+                          "edges must not loop back; agents run in dependency order")
 
     def in_edges(self, agent: Agent | str, *, type: EdgeType | None = None) -> list[Edge]:
         name = self._name(agent)
@@ -482,17 +489,8 @@ class Graph:
 
     # -- validation and conversion ---------------------------------------------------------------
 
-    def validate(self, *, fuser_info: FuserInfo | None = None) -> Graph:
-        """Check the whole graph; raises GraphError (with file and line when loaded from YAML)."""
-        from agentmesh.graph.validate import validate_graph
-
-        validate_graph(self, fuser_info=fuser_info)
-        return self
-
     def to_spec(self) -> GraphSpec:
         """The pipeline-file form of this graph (checked by the schema)."""
-        from agentmesh.graph.yaml_io import spec_from_data
-
         return spec_from_data(self._to_data(), self.source or self._label)
 
     def _to_data(self) -> dict[str, Any]:
@@ -517,9 +515,10 @@ class Graph:
         }
 
     @classmethod
-    def from_spec(cls, spec: GraphSpec, *, base_dir: str | Path | None = None, source: SourceMap | None = None,
-                  validate: bool = True, fuser_info: FuserInfo | None = None) -> Graph:
-        """Build a graph from a checked spec; `base_dir` is where relative paths resolve (the YAML's folder)."""
+    def from_spec(cls, spec: GraphSpec, *, base_dir: str | Path | None = None,
+                  source: SourceMap | None = None) -> Graph:
+        """Build a graph from a checked spec; `base_dir` is where relative paths resolve (the YAML's
+        folder). The cross-agent checks are `validate_graph`'s (`load_graph` runs them)."""
         g = cls(spec.name, description=spec.description, base_dir=base_dir)
         g.source = source
         g.models = {k: ModelDecl(ref=m.ref, dtype=m.dtype, device=m.device, adapter=m.adapter)
@@ -542,24 +541,11 @@ class Graph:
                    for e in spec.edges]
         g.inputs = dict(spec.inputs)
         g.outputs = None if spec.outputs is None else list(spec.outputs)
-        if validate:
-            g.validate(fuser_info=fuser_info)
         return g
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, *, validate: bool = True, fuser_info: FuserInfo | None = None) -> Graph:
-        """Load and check a pipeline file; errors name the file, the line and the key path."""
-        from agentmesh.graph.yaml_io import load_spec
-
-        spec, source = load_spec(path)
-        return cls.from_spec(spec, base_dir=Path(path).parent, source=source, validate=validate,
-                             fuser_info=fuser_info)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """The pipeline file text; also written to `path` when given. Relative paths in it keep
         their meaning only when `path` lies in `base_dir`."""
-        from agentmesh.graph.yaml_io import dump_spec
-
         text = dump_spec(self.to_spec())
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
@@ -591,8 +577,3 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"Graph({self.name!r}, agents={list(self.agents)}, edges={len(self.edges)})"
-
-    def __str__(self) -> str:
-        from agentmesh.graph.render import describe
-
-        return describe(self)

@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
-
 from agentmesh.errors import GraphError
+from agentmesh.graph.graph import Agent, Edge, Graph
 from agentmesh.graph.source import one_line
-
-if TYPE_CHECKING:
-    from agentmesh.graph.graph import Agent, Edge, Graph
 
 _MERMAID_RESERVED = {"end", "graph", "subgraph", "flowchart", "style", "class", "classdef", "click",
                      "linkstyle", "direction", "default"}

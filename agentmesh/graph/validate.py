@@ -10,16 +10,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import networkx as nx
 
 from agentmesh.errors import AgentMeshError, GraphError
 from agentmesh.graph import template
+from agentmesh.graph.graph import Graph
 from agentmesh.graph.source import KeyPath, choices_hint, graph_error
-
-if TYPE_CHECKING:
-    from agentmesh.graph.graph import Graph
 
 FuserInfo = Callable[[str], "tuple[str, str] | None"]
 
@@ -30,7 +25,7 @@ def validate_graph(graph: Graph, *, fuser_info: FuserInfo | None = None) -> None
     _check_tables(graph)
     _check_agents(graph)
     _check_edges(graph)
-    check_acyclic(graph)
+    graph.check_acyclic()
     _check_receivers(graph)
     _check_fusers(graph, fuser_info)
     _check_prompts(graph)
@@ -100,18 +95,6 @@ def _check_edges(graph: Graph) -> None:
 def _model_label(m: object) -> str:
     ref, dtype = getattr(m, "ref"), getattr(m, "dtype")
     return ref if dtype == "auto" else f"{ref} {dtype}"
-
-
-def check_acyclic(graph: Graph) -> None:
-    """Raise a GraphError naming the cycle, e.g. `cycle a -> b -> a`."""
-    try:
-        cycle = nx.find_cycle(graph.nx)
-    except nx.NetworkXNoCycle:
-        return
-    names = [u for u, _ in cycle] + [cycle[0][0]]
-    first = next(i for i, e in enumerate(graph.edges) if (e.sender, e.receiver) == tuple(cycle[0][:2]))
-    raise _err(graph, ("edges", first), f"cycle {' -> '.join(names)}",
-               "edges must not loop back; agents run in dependency order")
 
 
 def _check_receivers(graph: Graph) -> None:

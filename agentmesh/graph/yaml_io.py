@@ -11,7 +11,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -20,10 +20,6 @@ from agentmesh.errors import GraphError
 from agentmesh.files import FileProblem, read_text_limited
 from agentmesh.graph.source import KeyPath, SourceMap, did_you_mean, graph_error, one_line
 from agentmesh.graph.spec import IDENT_HINT, IDENT_PATTERN, GraphSpec
-
-if TYPE_CHECKING:
-    from agentmesh.graph.graph import Graph
-    from agentmesh.graph.validate import FuserInfo
 
 _HIDDEN_KEYS = {"password"}  # fields that exist only to be rejected; never suggested
 
@@ -160,13 +156,6 @@ def load_spec(path: str | Path) -> tuple[GraphSpec, SourceMap]:
     return spec_from_data(data, source), source
 
 
-def load_graph(path: str | Path, *, validate: bool = True, fuser_info: FuserInfo | None = None) -> Graph:
-    """Load, check and build the graph of a pipeline file."""
-    from agentmesh.graph.graph import Graph
-
-    return Graph.from_yaml(path, validate=validate, fuser_info=fuser_info)
-
-
 # ----------------------------------------------------------------------------------------------
 # Explaining schema errors
 
@@ -293,4 +282,4 @@ def dump_spec(spec: GraphSpec) -> str:
                      default_flow_style=False)
 
 
-__all__ = ["read_yaml", "spec_from_data", "load_spec", "load_graph", "dump_spec", "spec_to_data"]
+__all__ = ["read_yaml", "spec_from_data", "load_spec", "dump_spec", "spec_to_data"]

@@ -52,7 +52,7 @@ def worker_command(
 ) -> None:
     """Serve the agents FILE places on HOST: answer runs started on any host (`agentmesh run FILE
     --broker ...`) until Ctrl-C or SIGTERM."""
-    from agentmesh.graph import Graph
+    from agentmesh.graph import load_graph
     from agentmesh.mesh.auth import make_guard
     from agentmesh.mesh.settings import broker_config
     from agentmesh.mesh.worker import Worker, served_agents
@@ -61,7 +61,7 @@ def worker_command(
     if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
         _fail(ConfigError(f"--wire-dtype {wire_dtype!r} is unknown; use one of {', '.join(WIRE_DTYPES)}"))
     try:
-        graph = Graph.from_yaml(file)
+        graph = load_graph(file)
         served_agents(graph, host)
         config = broker_config(graph, url=broker, host=host, username=username, password_env=password_env)
         guard = make_guard(graph, host, insecure=insecure)

@@ -36,7 +36,7 @@ import torch
 from agentmesh.cache.codec import decode_cache, encode_cache
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import ConfigError, TransportError
-from agentmesh.graph import Graph
+from agentmesh.graph import Graph, validate_graph
 from agentmesh.mesh.auth import CLIENT, make_guard
 from agentmesh.mesh.client import DEFAULT_CALL_TIMEOUT, CallReply, RemoteClient
 from agentmesh.mesh.envelope import Envelope
@@ -331,7 +331,7 @@ async def arun_remote(graph: Graph, inputs: str | Mapping[str, str] | None = Non
                           hint="pass one of the hosts under hosts: to --host, or leave it out to run as a client")
     graph = caller_view(graph, host)  # other hosts' private contexts stay on their hosts
     if validate:
-        graph.validate()
+        validate_graph(graph)
     plan = build_plan(graph, validate=False)
     if pool is None:
         pool = default_pool()

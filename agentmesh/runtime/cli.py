@@ -29,9 +29,9 @@ def _fail(error: BaseException | str) -> NoReturn:
 
 
 def _load(file: Path) -> Any:
-    from agentmesh.graph import Graph
+    from agentmesh.graph import load_graph
 
-    return Graph.from_yaml(file)
+    return load_graph(file)
 
 
 def _read_input(value: str | None) -> str | None:

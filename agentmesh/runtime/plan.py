@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from agentmesh.graph import Graph, validate_graph
 from agentmesh.runtime.trace import EdgeInfo
 
 
@@ -77,10 +78,10 @@ class RunPlan:
         return chain
 
 
-def build_plan(graph: Any, *, validate: bool = True) -> RunPlan:
+def build_plan(graph: Graph, *, validate: bool = True) -> RunPlan:
     """The plan of `graph` (validated first unless `validate=False`); raises `GraphError`."""
     if validate:
-        graph.validate()
+        validate_graph(graph)
     outputs = tuple(a.name for a in graph.output_agents())
     agents: dict[str, AgentPlan] = {}
     for agent in graph.order():

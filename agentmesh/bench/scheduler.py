@@ -42,11 +42,18 @@ class Config:
 class NullEndpoint:
     """An endpoint without a model: every call hops to a worker thread and returns at once."""
 
-    is_local = True
+    records_transfers = False
+    model = None
 
     def __init__(self, agent: str, cache: Any):
         self.agent = agent
         self.cache = cache
+
+    def check_fuser(self, ref: str) -> None:
+        pass
+
+    def forget(self) -> None:
+        pass
 
     async def load(self, ctx: Any) -> None:
         return None

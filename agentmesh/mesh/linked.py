@@ -12,10 +12,11 @@ which move caches the same way between workers.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Sequence
+from typing import Sequence
 
 from agentmesh.cache.codec import decode_cache, encode_cache
 from agentmesh.cache.kv import KVCache
+from agentmesh.models.loaded import LoadedModel
 from agentmesh.runtime.endpoint import (CallContext, Endpoint, ReadRequest, ShareFn, ShareRequest, TextOutput,
                                         TextRequest)
 from agentmesh.runtime.trace import edge_key
@@ -26,7 +27,7 @@ class LinkedEndpoint:
     """`inner`'s agent, with the caches it hands on sent over `link` in `wire_dtype`
     (None: the cache's own dtype, lossless; "bf16", "fp16", "int8", "fp8" as in the codec)."""
 
-    is_local = False  # the scheduler leaves the transfer accounting to this endpoint
+    records_transfers = True  # the scheduler leaves the transfer accounting to this endpoint
 
     def __init__(self, inner: Endpoint, link: Link, *, wire_dtype: str | None = None, run_id: str | None = None):
         self.inner = inner
@@ -36,13 +37,14 @@ class LinkedEndpoint:
         self.run_id = run_id or uuid.uuid4().hex[:12]
 
     @property
-    def model(self) -> Any:
-        return getattr(self.inner, "model", None)
+    def model(self) -> LoadedModel | None:
+        return self.inner.model
+
+    def check_fuser(self, ref: str) -> None:
+        self.inner.check_fuser(ref)
 
     def forget(self) -> None:
-        forget = getattr(self.inner, "forget", None)
-        if callable(forget):
-            forget()
+        self.inner.forget()
 
     async def load(self, ctx: CallContext) -> None:
         await self.inner.load(ctx)

@@ -41,9 +41,11 @@ from agentmesh.mesh.auth import CLIENT, make_guard
 from agentmesh.mesh.client import DEFAULT_CALL_TIMEOUT, CallReply, RemoteClient
 from agentmesh.mesh.envelope import Envelope
 from agentmesh.mesh.settings import allowed_callers, broker_config, broker_timeout, caller_view
+from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.pool import ModelPool, default_pool
-from agentmesh.runtime.endpoint import (CallContext, Endpoint, LocalEndpoint, ReadRequest, ShareFn, ShareRequest,
-                                        TextOutput, TextRequest)
+from agentmesh.runtime.endpoint import (CallContext, Endpoint, ReadRequest, ShareFn, ShareRequest, TextOutput,
+                                        TextRequest)
+from agentmesh.runtime.local import LocalEndpoint
 from agentmesh.runtime.plan import RunPlan, build_plan
 from agentmesh.runtime.result import RunResult
 from agentmesh.runtime.scheduler import arun_graph, run_sync
@@ -76,7 +78,7 @@ class RemoteEndpoint:
     `wire_dtype`: how the caches this side sends are encoded (None: lossless).
     """
 
-    is_local = False
+    records_transfers = True
     model = None
 
     def __init__(self, agent: str, host: str, client: RemoteClient, *, prefix: str | None = None,
@@ -86,6 +88,12 @@ class RemoteEndpoint:
         self.client = client
         self.prefix = prefix
         self.wire_dtype = wire_dtype
+
+    def check_fuser(self, ref: str) -> None:
+        pass  # the fuser is on the worker's disk; the worker reports a missing one
+
+    def forget(self) -> None:
+        pass  # the worker keeps this agent's caches, for as long as the run lasts
 
     def _import_spans(self, reply: CallReply, ctx: CallContext) -> None:
         """The worker's steps, moved onto the caller's clock."""
@@ -254,7 +262,7 @@ class FeedingEndpoint:
     of endpoints that are not local to them; the remote receivers record the caches they ship,
     and this records the in-process hand-offs to local receivers, as the scheduler would."""
 
-    is_local = False
+    records_transfers = True
 
     def __init__(self, inner: LocalEndpoint, remote: frozenset[str]):
         self.inner = inner
@@ -262,8 +270,11 @@ class FeedingEndpoint:
         self.remote = remote
 
     @property
-    def model(self) -> Any:
+    def model(self) -> LoadedModel | None:
         return self.inner.model
+
+    def check_fuser(self, ref: str) -> None:
+        self.inner.check_fuser(ref)
 
     def forget(self) -> None:
         self.inner.forget()

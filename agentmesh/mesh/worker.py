@@ -35,8 +35,8 @@ import torch
 from agentmesh.cache.codec import decode_cache, encode_cache
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import AgentMeshError, ConfigError, TransportError
-from agentmesh.runtime.endpoint import (CallContext, LocalEndpoint, ReadRequest, ShareFn, ShareRequest,
-                                        TextRequest)
+from agentmesh.runtime.endpoint import CallContext, ReadRequest, ShareFn, ShareRequest, TextRequest
+from agentmesh.runtime.local import LocalEndpoint
 from agentmesh.runtime.plan import build_plan
 from agentmesh.runtime.prompts import Messages
 from agentmesh.runtime.trace import Trace

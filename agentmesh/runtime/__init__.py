@@ -1,8 +1,8 @@
 """Running agent graphs: the plan, the asyncio scheduler, endpoints, results, traces and chat sessions."""
-from agentmesh.runtime.endpoint import (CallContext, Endpoint, LocalEndpoint, ReadRequest, ShareRequest, TextOutput,
-                                        TextRequest)
+from agentmesh.runtime.endpoint import CallContext, Endpoint, ReadRequest, ShareRequest, TextOutput, TextRequest
 from agentmesh.runtime.events import (AgentFailed, AgentFinished, AgentStarted, Event, PhaseStarted, RunFinished,
                                       Step, Token)
+from agentmesh.runtime.local import LocalEndpoint
 from agentmesh.runtime.plan import AgentPlan, FuseInput, RunPlan, build_plan
 from agentmesh.runtime.result import AgentResult, RunResult
 from agentmesh.runtime.scheduler import arun_graph, make_endpoints, run_graph, stream_graph

@@ -1,4 +1,5 @@
-"""Endpoints: where an agent's model runs. The scheduler talks to every agent through this seam.
+"""The endpoint contract: where an agent's model runs. The scheduler talks to every agent through
+this seam and nothing else.
 
 An endpoint serves one agent and offers three async calls:
 
@@ -29,14 +30,11 @@ from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVa
 
 import torch
 
-from agentmesh.c2c.fuser import Fuser, SharerSpan, fuse
 from agentmesh.cache.kv import KVCache
-from agentmesh.errors import AgentMeshError, CacheError
-from agentmesh.models.inference import GenerationConfig, decode, prefill
-from agentmesh.models.streaming import TextDecoder
+from agentmesh.models.loaded import LoadedModel
 from agentmesh.runtime.plan import FuseInput
-from agentmesh.runtime.prompts import Messages, cache_ids, common_prefix, extend_ids
-from agentmesh.runtime.trace import Trace, edge_key
+from agentmesh.runtime.prompts import Messages
+from agentmesh.runtime.trace import Trace
 
 T = TypeVar("T")
 
@@ -48,7 +46,6 @@ class RunCancelled(Exception):
     """Raised inside a worker thread when the run it works for was cancelled (another agent failed)."""
 
 
-# ---- requests and answers -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ReadRequest:
     """A reading conversation. It starts with `past_messages`, which `past` (a prefix sender's
@@ -117,7 +114,22 @@ class CallContext:
 
 class Endpoint(Protocol):
     agent: str
-    is_local: bool
+    # True: the endpoint records the "transfer" span of every cache it hands on (it moves them over
+    # a link itself); False: the scheduler records them as in-process hand-offs.
+    records_transfers: bool
+
+    @property
+    def model(self) -> LoadedModel | None:
+        """The agent's model when it runs in this process and has loaded (None otherwise)."""
+        ...
+
+    def check_fuser(self, ref: str) -> None:
+        """Raise before anything loads if fuser `ref` cannot be found where this agent runs."""
+        ...
+
+    def forget(self) -> None:
+        """Drop every cache kept between calls (a chat session's reset)."""
+        ...
 
     async def load(self, ctx: CallContext) -> None: ...
     async def reading(self, req: ReadRequest, ctx: CallContext) -> KVCache | None: ...
@@ -125,7 +137,6 @@ class Endpoint(Protocol):
     async def text(self, req: TextRequest, ctx: CallContext, share: Sequence[ShareFn] = ()) -> TextOutput: ...
 
 
-# ---- helpers ------------------------------------------------------------------------------------------
 async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
     """Like `asyncio.gather`, but when one fails the others are cancelled before the error is raised."""
     tasks = [asyncio.ensure_future(a) for a in aws]
@@ -143,273 +154,3 @@ async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
                 p.cancel()
             raise t.exception()  # type: ignore[misc]
     return [t.result() for t in tasks]
-
-
-def generation_config(lm: Any, generation: Mapping[str, Any]) -> GenerationConfig:
-    """The agent's generation settings with the model's EOS tokens."""
-    kw = {k: v for k, v in generation.items() if v is not None}
-    stop = kw.pop("stop", ()) or ()
-    return GenerationConfig(eos_token_ids=tuple(lm.eos_token_ids), stop=tuple(stop), **kw)
-
-
-def pad_id(lm: Any) -> int:
-    tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return int(pad if pad is not None else 0)
-
-
-def _row(ids: Sequence[int]) -> torch.Tensor:
-    return torch.tensor([list(ids)], dtype=torch.long)  # (1, N)
-
-
-class LocalEndpoint:
-    """Runs one agent's model in this process, in worker threads."""
-
-    is_local = True
-
-    def __init__(self, agent: str, model_ref: str, *, pool: Any, dtype: str = "auto", device: str = "cpu",
-                 adapter: str | None = None):
-        self.agent = agent
-        self.model_ref = model_ref
-        self.adapter = adapter
-        self.dtype = dtype
-        self.device = device
-        self.pool = pool
-        self._lm: Any = None
-        self._lock = threading.Lock()          # guards the caches below; never held during compute
-        self._load_lock = threading.Lock()
-        self._store: dict[str, KVCache] = {}   # unfused caches by slot, reusable by token prefix
-        self._fused: KVCache | None = None     # this agent's fused prompt span (receivers of fuse edges)
-        self._fusers: dict[str, Fuser] = {}
-
-    # ---- model ------------------------------------------------------------------------------------
-    @property
-    def model(self) -> Any:
-        """The loaded model (None before `load`)."""
-        return self._lm
-
-    def _load(self, ctx: CallContext) -> Any:
-        with self._load_lock:
-            if self._lm is None:
-                get = lambda: self.pool.get(self.model_ref, dtype=self.dtype, device=self.device,  # noqa: E731
-                                            adapter=self.adapter)
-                if self.pool.has(self.model_ref, self.adapter):  # loaded already (or registered): nothing to time
-                    self._lm = get()
-                else:
-                    with ctx.trace.span(self.agent, "load") as sp:
-                        self._lm = get()
-                        sp.detail = str(getattr(self._lm, "name", self.model_ref))
-        return self._lm
-
-    async def load(self, ctx: CallContext) -> None:
-        if self._lm is None:
-            await ctx.in_thread(self._load, ctx)
-
-    async def _model(self, ctx: CallContext) -> Any:
-        await self.load(ctx)
-        return self._lm
-
-    # ---- caches ----------------------------------------------------------------------------------
-    def forget(self) -> None:
-        """Drop every kept cache (a chat session calls this on reset)."""
-        with self._lock:
-            self._store.clear()
-            self._fused = None
-
-    def _put(self, slot: str, cache: KVCache | None) -> None:
-        if cache is not None:
-            with self._lock:
-                self._store[slot] = cache
-
-    def _best_base(self, lm: Any, ids: Sequence[int], past: KVCache | None) -> tuple[KVCache | None, int]:
-        """The kept cache (or `past`) sharing the longest token prefix with `ids`, cut to that prefix."""
-        if past is not None:
-            past.check_signature(lm.signature, f"the cache {self.agent} continues from")
-        with self._lock:
-            candidates = ([past] if past is not None else []) + list(self._store.values())
-        best, n = None, 0
-        for c in candidates:
-            k = common_prefix(cache_ids(c), ids)
-            if k > n:
-                best, n = c, k
-        if best is not None and n < best.seq_len:
-            best = best.slice_tokens(0, n)
-        return best, n
-
-    def _prefill(self, lm: Any, ids: Sequence[int], past: KVCache | None, slot: str, ctx: CallContext,
-                 kind: str, edge: str | None = None) -> tuple[KVCache | None, int]:
-        """The cache of `ids`, computing only what no kept cache already holds; returns (cache, computed)."""
-        if not ids:
-            return None, 0
-        ctx.check()
-        base, n = self._best_base(lm, ids, past)
-        with ctx.trace.span(self.agent, kind, edge=edge) as sp:
-            cache = base
-            if n < len(ids):
-                new = _row(ids[n:])
-                cache = prefill(lm, new, torch.ones_like(new), past=base)
-            sp.tokens = len(ids) - n
-            if n:
-                sp.detail = f"reused {n} of {len(ids)} tokens"
-        self._put(slot, cache)
-        return cache, len(ids) - n
-
-    # ---- token ids --------------------------------------------------------------------------------
-    @staticmethod
-    def _reading_ids(lm: Any, req: ReadRequest) -> list[int]:
-        return extend_ids(lm, req.messages, add_generation_prompt=False, base_messages=req.past_messages,
-                          base_ids=cache_ids(req.past))
-
-    @staticmethod
-    def prompt_ids(lm: Any, req: TextRequest) -> list[int]:
-        return extend_ids(lm, req.messages, add_generation_prompt=True, base_messages=req.past_messages,
-                          base_ids=cache_ids(req.past))
-
-    # ---- reading and sharing ----------------------------------------------------------------------
-    async def reading(self, req: ReadRequest, ctx: CallContext) -> KVCache | None:
-        lm = await self._model(ctx)
-
-        def work() -> KVCache | None:
-            ids = self._reading_ids(lm, req)
-            if len(ids) == len(cache_ids(req.past)):
-                return req.past  # nothing of its own to read: it hands on what it continued from
-            cache, _ = self._prefill(lm, ids, req.past, "read", ctx, "read")
-            return cache
-
-        return await ctx.in_thread(work)
-
-    async def share(self, req: ShareRequest, ctx: CallContext) -> KVCache:
-        lm = await self._model(ctx)
-        if req.span_ids.shape[0] != 1:
-            raise CacheError(f"{self.agent}: the runtime shares one conversation at a time, got a batch of "
-                             f"{req.span_ids.shape[0]}")
-        span = [int(t) for t in req.span_ids[0][req.span_mask[0].bool()]]
-        if not 0 < req.keep_last <= len(span):
-            raise CacheError(f"{self.agent}: asked for the last {req.keep_last} positions of a {len(span)}-token span")
-
-        def work() -> KVCache:
-            ids = self._reading_ids(lm, req.reading) + span
-            cache, _ = self._prefill(lm, ids, req.reading.past, f"share:{req.receiver}", ctx, "share",
-                                     edge=edge_key(self.agent, req.receiver))
-            assert cache is not None
-            return cache.slice_tokens(cache.seq_len - req.keep_last, None)
-
-        return await ctx.in_thread(work)
-
-    # ---- generating ---------------------------------------------------------------------------------
-    def _fuser(self, lm: Any, ref: str) -> Fuser:
-        with self._lock:
-            if ref in self._fusers:
-                return self._fusers[ref]
-        from agentmesh.c2c.checkpoints import load_any
-
-        fuser = load_any(ref, receiver_signature=lm.signature).eval()
-        with self._lock:
-            return self._fusers.setdefault(ref, fuser)
-
-    def _load_fusers(self, lm: Any, refs: Sequence[str], ctx: CallContext) -> list[Fuser]:
-        missing = [r for r in refs if r not in self._fusers]
-        if not missing:
-            return [self._fusers[r] for r in refs]
-        with ctx.trace.span(self.agent, "load", edge=None) as sp:
-            sp.detail = "fusers: " + ", ".join(missing)
-            return [self._fuser(lm, r) for r in refs]
-
-    async def text(self, req: TextRequest, ctx: CallContext, share: Sequence[ShareFn] = ()) -> TextOutput:
-        if len(share) != len(req.fuse):
-            raise AgentMeshError(f"{self.agent}: {len(req.fuse)} fuse inputs but {len(share)} share functions")
-        lm = await self._model(ctx)
-        ids = await ctx.in_thread(self.prompt_ids, lm, req)
-        span = ids[:-1]
-        if not req.fuse:
-            cache, computed = await ctx.in_thread(self._prefill, lm, span, req.past, "text", ctx, "prefill")
-            return await ctx.in_thread(self._decode, lm, cache, ids, req, ctx, computed, True)
-        cache, computed = await self._fused_prefill(lm, span, req, ctx, share)
-        return await ctx.in_thread(self._decode, lm, cache, ids, req, ctx, computed, False)
-
-    async def _fused_prefill(self, lm: Any, span: list[int], req: TextRequest, ctx: CallContext,
-                             share: Sequence[ShareFn]) -> tuple[KVCache | None, int]:
-        """Spec §4: the receiver prefills its span from its own unfused context while every sharer
-        prefills the same span; the fusers then rewrite the span's K/V. Tokens already fused in an
-        earlier turn keep their fused K/V, so only the new tokens are fused (`fuse(..., start=)`)."""
-        if not span:
-            return None, 0
-        with self._lock:
-            old = self._fused
-        start = common_prefix(cache_ids(old), span) if old is not None else 0
-        new = len(span) - start
-        if new == 0:
-            assert old is not None
-            return old.slice_tokens(0, start), 0
-        span_ids = _row(span)
-        span_mask = torch.ones_like(span_ids)
-        own = ctx.in_thread(self._prefill, lm, span, req.past, "raw", ctx, "prefill")
-        fusers = ctx.in_thread(self._load_fusers, lm, [f.fuser for f in req.fuse], ctx)
-        shared = [fn(span_ids, span_mask, new) for fn in share]
-        (raw, computed), loaded, *caches = await gather_or_cancel(own, fusers, *shared)
-        ctx.check()
-
-        def work() -> KVCache:
-            spans = []
-            for f, fuser, cache in zip(req.fuse, loaded, caches):
-                if cache.seq_len != new:
-                    raise CacheError(f"sharer {f.sharer} sent {cache.seq_len} positions for a {new}-token span")
-                if cache.signature is not None:
-                    from agentmesh.c2c.checkpoints import bind_models, check_models
-
-                    check_models(fuser, lm.signature, cache.signature)
-                    fuser = bind_models(fuser, lm.signature, cache.signature)
-                spans.append(SharerSpan(fuser, cache.to(device=raw.device)))
-            base = raw if old is None or start == 0 else KVCache.concat([old.slice_tokens(0, start),
-                                                                         raw.slice_tokens(start, None)])
-            with ctx.trace.span(self.agent, "fuse") as sp, torch.no_grad():
-                fused = fuse(base, spans, req.fusion, start=start)  # type: ignore[arg-type]
-                sp.tokens = new
-                sp.detail = f"{len(spans)} sharer(s), {req.fusion}" + (f", from token {start}" if start else "")
-            with self._lock:
-                self._fused = fused
-            return fused
-
-        return await ctx.in_thread(work), computed
-
-    def _decode(self, lm: Any, cache: KVCache | None, ids: list[int], req: TextRequest, ctx: CallContext,
-                computed: int, keep: bool) -> TextOutput:
-        ctx.check()
-        gen = generation_config(lm, req.generation)
-        eos = set(gen.eos_token_ids)
-        stream = TextDecoder(lm.tokenizer)
-        first: list[float] = []
-
-        def on_token(step: int, tok: torch.Tensor) -> None:
-            if ctx.cancel.is_set():
-                raise RunCancelled(f"the run was cancelled while {self.agent} was decoding")
-            if not first:
-                first.append(ctx.trace.now())
-            t = int(tok[0])
-            if t in eos:
-                return
-            piece = stream.push(t)
-            if ctx.on_token is not None:
-                ctx.on_token(piece, t)
-
-        last = _row(ids[-1:])
-        with ctx.trace.span(self.agent, "decode") as sp:
-            out = decode(lm, cache, last, torch.ones_like(last), gen, pad_token_id=pad_id(lm), on_token=on_token,
-                         prompt_ids=_row(ids), return_cache=keep)
-            sp.tokens = int(out.tokens.shape[1])
-        if keep:
-            # Unfused prompt + generated tokens: the next turn of a chat reuses all of it.
-            self._put("text", out.cache)
-        generated = [int(t) for t in out.tokens[0]]
-        cut = next((i for i, t in enumerate(generated) if t in eos), len(generated))
-        token_ids = tuple(generated[:cut])
-        text = lm.decode(list(token_ids), skip_special_tokens=True)
-        for s in gen.stop:
-            text = text.split(s, 1)[0]
-        finished = bool(out.finished[0]) if out.finished is not None else cut < len(generated)
-        return TextOutput(text=text.strip(), token_ids=token_ids, prompt_tokens=len(ids),
-                          prefilled_tokens=computed + 1, first_token_s=first[0] if first else None,
-                          finished=finished)
-
-    def __repr__(self) -> str:
-        return f"LocalEndpoint({self.agent!r}, model={self.model_ref!r})"

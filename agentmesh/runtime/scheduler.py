@@ -21,12 +21,14 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agentmesh.c2c.alignment import same_vocabulary
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import AgentMeshError, ConfigError, RunError
-from agentmesh.runtime.endpoint import (CallContext, Endpoint, LocalEndpoint, ReadRequest, RunCancelled,
-                                        ShareFn, ShareRequest, TextRequest, gather_or_cancel)
+from agentmesh.runtime.endpoint import (CallContext, Endpoint, ReadRequest, RunCancelled, ShareFn, ShareRequest,
+                                        TextRequest, gather_or_cancel)
 from agentmesh.runtime.events import (AgentFailed, AgentFinished, AgentStarted, Event, PhaseStarted, RunFinished,
                                       Step, Token)
+from agentmesh.runtime.local import LocalEndpoint
 from agentmesh.runtime.plan import RunPlan, build_plan
 from agentmesh.models.reading import reading_messages
 from agentmesh.runtime.prompts import Messages, message
@@ -138,7 +140,7 @@ class _Run:
         if cache is None or key in self._moved:
             return
         self._moved.add(key)
-        if self.endpoints[sender].is_local:
+        if not self.endpoints[sender].records_transfers:
             now = self.trace.now()
             self.trace.record(sender, "transfer", now, now, tokens=tokens, bytes=cache.nbytes, edge=key,
                               detail="in-process")
@@ -227,15 +229,14 @@ class _Run:
         """Sharers read the receiver's token ids, so both models must share one vocabulary."""
         pair = (receiver, sharer)
         r, s = self.endpoints[receiver], self.endpoints[sharer]
-        if pair in self._vocab_checked or not (isinstance(r, LocalEndpoint) and isinstance(s, LocalEndpoint)):
-            return
+        if pair in self._vocab_checked or r.records_transfers or s.records_transfers:
+            return  # a model on another host: its worker checks what it reads
         await gather_or_cancel(r.load(self.ctx(receiver)), s.load(self.ctx(sharer)))
-        if r.model is not s.model:
-            from agentmesh.c2c.alignment import same_vocabulary
-
-            if not same_vocabulary(r.model.tokenizer, s.model.tokenizer):
+        rm, sm = r.model, s.model
+        if rm is not None and sm is not None and rm is not sm:
+            if not same_vocabulary(rm.tokenizer, sm.tokenizer):
                 raise ConfigError(
-                    f"fuse edge {sharer} -> {receiver}: {s.model.name} and {r.model.name} have different "
+                    f"fuse edge {sharer} -> {receiver}: {sm.name} and {rm.name} have different "
                     "tokenizers; graph runs feed sharers the receiver's token ids, so both must share one "
                     "vocabulary", hint="use a sharer with the receiver's tokenizer, or a text edge")
         self._vocab_checked.add(pair)
@@ -272,20 +273,17 @@ class _Run:
 
     # ---- the run ------------------------------------------------------------------------------------
     def check_fusers(self) -> None:
-        """Fail before any model loads when a fuse edge's local fuser folder is missing or unreadable."""
-        from agentmesh.c2c.checkpoints import locate
-
+        """Fail before any model loads when a fuse edge's fuser is missing or unreadable where its
+        receiver runs."""
         for name, a in self.plan.agents.items():
             for f in a.fuse:
-                if f.fuser.startswith("hf://"):
-                    continue  # may need a download: the receiver's endpoint fetches it
                 try:
-                    locate(f.fuser)
+                    self.endpoints[name].check_fuser(f.fuser)
                 except AgentMeshError as e:
                     raise AgentFailure(name, e) from e
 
     async def execute(self) -> None:
-        if all(ep.is_local for ep in self.endpoints.values()):
+        if not any(ep.records_transfers for ep in self.endpoints.values()):
             self.check_fusers()
         roots: list[Any] = []
         for name, ep in self.endpoints.items():

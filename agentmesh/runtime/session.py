@@ -76,9 +76,7 @@ class ChatSession:
         self.history.clear()
         self.results.clear()
         for ep in self.endpoints.values():
-            forget = getattr(ep, "forget", None)
-            if callable(forget):
-                forget()
+            ep.forget()
 
     def __repr__(self) -> str:
         return f"ChatSession({self.plan.graph!r}, turns={self.turns})"

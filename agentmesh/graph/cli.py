@@ -26,18 +26,10 @@ class Format(str, enum.Enum):
 
 
 def _fuser_info(ref: str) -> tuple[str, str] | None:
-    # The checkpoint code may offer a metadata reader (no weights loaded). It is imported only when
-    # a graph has fuse edges, so that checking other graphs never imports torch.
-    import importlib
+    # Imported here, when a graph has a fuse edge, so that checking other graphs never imports torch.
+    from agentmesh.c2c.checkpoints import fuser_info
 
-    try:
-        checkpoints = importlib.import_module("agentmesh.c2c.checkpoints")
-    except ModuleNotFoundError as exc:
-        if exc.name != "agentmesh.c2c.checkpoints":
-            raise
-        return None
-    info = getattr(checkpoints, "fuser_info", None)
-    return info(ref) if callable(info) else None
+    return fuser_info(ref)
 
 
 def _load(file: Path) -> Graph:
@@ -105,9 +97,9 @@ def show(file: Annotated[Path, typer.Argument(help="pipeline file")],
     typer.echo(describe(g) if format is Format.text else mermaid(g), nl=False)
 
 
-if __name__ == "__main__":
-    app()
-
-
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+if __name__ == "__main__":
+    app()

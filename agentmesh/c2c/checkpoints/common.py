@@ -21,6 +21,14 @@ from agentmesh.errors import CheckpointError, ConfigError
 FuserRef = str | Path
 
 DEFAULT_ALIGNMENT: str = FuserConfig.__dataclass_fields__["alignment"].default
+ALIGNMENTS = ("last", "first", "longest")  # how a sharer's tokens are gathered onto the receiver's
+# A fuser's JSON files are kilobytes and no transformer has a thousand layers: a file that claims
+# more is damaged or hostile, and is refused before it can make anything allocate.
+MAX_JSON_BYTES = 16 * 1024 * 1024
+MAX_LAYERS = 1024
+PROJECTOR_DIMS = ("source_dim", "source_num_heads", "target_dim", "target_num_heads")
+# Elements a projector may hold beyond its stored weights (non-persistent buffers).
+_UNSTORED_ELEMENTS = 1 << 20
 _SHOW = 4  # how many keys an error lists before "..."
 
 
@@ -48,13 +56,68 @@ def ranges(values: Sequence[int]) -> str:
     return str(vs)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON readers keep the last of two equal keys; in a checkpoint that hides a second route.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def read_json(path: Path, what: str) -> Any:
+    """The parsed JSON file; every problem (size, duplicate keys, nesting, syntax) is one line."""
     if not path.is_file():
         raise CheckpointError(f"missing {path}; expected {what}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path} is {size:,} bytes; expected {what}, at most {MAX_JSON_BYTES:,} bytes")
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys,
+                          parse_constant=_no_constant)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: key {e.args[0]!r} appears twice in one object; expected {what} with "
+                              "each key once") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} nests too deeply to be {what}") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({first_line(e)}); expected {what}") from None
+
+
+def count(value: Any, what: str, where: str, *, low: int = 1, high: int | None = None) -> int:
+    """`value` as an integer in [low, high], or a one-line error naming `what` and `where`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise CheckpointError(f"{where}: {what} is {short(value)}; expected an integer {bounds}")
+    return value
+
+
+def signature_from_json(data: Any, where: str) -> ModelSignature:
+    """A model signature written in a checkpoint, every field checked (kinds and sizes)."""
+    fields = ModelSignature.__dataclass_fields__
+    required = set(fields) - {"rotary"}  # records written before `rotary` existed lack it
+    if not isinstance(data, dict) or not required <= set(data) <= set(fields):
+        got = sorted(data) if isinstance(data, dict) else short(data)
+        raise CheckpointError(f"{where} is {got}; expected the fields {', '.join(fields)}")
+    for key in ("name", "model_type", "fingerprint"):
+        if not isinstance(data[key], str):
+            raise CheckpointError(f"{where}.{key} is {short(data[key])}; expected a string")
+    for key, low, high in (("num_layers", 1, MAX_LAYERS), ("num_kv_heads", 1, None), ("head_dim", 1, None),
+                           ("vocab_size", 0, None)):
+        count(data[key], key, where, low=low, high=high)
+    try:
+        return ModelSignature.from_dict(data)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{where}: rotary is malformed ({first_line(e)})") from None
 
 
 def describe(sig: ModelSignature) -> str:
@@ -121,46 +184,67 @@ def normalise_args(args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def instantiate(name: str, args: dict[str, Any], where: str) -> nn.Module:
-    """Build a projector whose every tensor is about to be overwritten by a strict load.
-
-    Built on the meta device and then given uninitialised CPU storage, which skips random init
-    (seconds for a 478 M-parameter fuser); classes with non-persistent buffers (which a state dict
-    would not restore) are built normally.
-    """
+def meta_projector(name: str, args: dict[str, Any], where: str, *, stored: Mapping[str, tuple[int, ...]] | None,
+                   stored_bytes: int, file: str, prefix: str = "") -> nn.Module:
+    """A projector built on the meta device, which allocates nothing, so the sizes its init_args
+    claim are checked before any memory is taken: against the tensor shapes `stored` in the
+    weights file when those are known without reading it (safetensors), and always against the
+    file's size, `stored_bytes` (every stored element takes at least one byte)."""
     try:
         with torch.device("meta"):
             module = build_projector(name, args)
-        if any(m._non_persistent_buffers_set for m in module.modules()):
-            module = build_projector(name, args)
-        else:
-            module = module.to_empty(device="cpu")
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e.message}") from None
     except Exception as e:  # a projector class rejecting its arguments in its own way
         raise CheckpointError(f"{where}: projector {name!r} could not be built from its init_args "
                               f"({first_line(e)})") from None
+    if stored is not None:
+        check_shapes({k: tuple(t.shape) for k, t in module.state_dict().items()}, stored, file, prefix,
+                     type(module).__name__)
+    elements = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+    if elements > stored_bytes + _UNSTORED_ELEMENTS:
+        raise CheckpointError(f"{where}: its init_args describe {elements:,} weights, but {file} holds only "
+                              f"{stored_bytes:,} bytes; expected init_args that match the stored weights")
     return module
 
 
-def load_strict(module: nn.Module, state: Any, file: str, prefix: str = "") -> None:
-    """`load_state_dict(strict=True)`, with missing/unexpected keys and wrong shapes reported
-    against `file` before torch sees them."""
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{file} does not hold a state dict (a mapping of names to tensors)")
-    expected = module.state_dict()
-    missing = [prefix + k for k in expected if k not in state]
-    unexpected = [prefix + k for k in state if k not in expected]
+def materialise(module: nn.Module, name: str, args: dict[str, Any], where: str) -> nn.Module:
+    """A checked meta projector with uninitialised CPU storage, about to be overwritten by a strict
+    load: this skips random init (seconds for a 478 M-parameter fuser). Classes with non-persistent
+    buffers (which a state dict would not restore) are built again normally."""
+    try:
+        if any(m._non_persistent_buffers_set for m in module.modules()):
+            return build_projector(name, args)
+        return module.to_empty(device="cpu")
+    except Exception as e:  # a projector class failing in its own way
+        raise CheckpointError(f"{where}: projector {name!r} could not be built from its init_args "
+                              f"({first_line(e)})") from None
+
+
+def check_shapes(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]], file: str,
+                 prefix: str, owner: str) -> None:
+    """Exactly the expected tensor names, each of the expected shape; else one line against `file`."""
+    missing = [prefix + k for k in expected if k not in got]
+    unexpected = [prefix + k for k in got if k not in expected]
     if missing or unexpected:
         parts = ([f"missing keys {list_keys(missing)}"] if missing else []) + (
             [f"unexpected keys {list_keys(unexpected)}"] if unexpected else [])
-        raise CheckpointError(f"{file}: {'; '.join(parts)}; expected exactly the {len(expected)} keys of "
-                              f"{type(module).__name__}")
+        raise CheckpointError(f"{file}: {'; '.join(parts)}; expected exactly the {len(expected)} keys of {owner}")
     for key, want in expected.items():
-        got = state[key]
-        if tuple(got.shape) != tuple(want.shape):
-            raise CheckpointError(f"{file}: tensor {prefix + key} has shape {tuple(got.shape)}, expected "
-                                  f"{tuple(want.shape)}")
+        if tuple(got[key]) != tuple(want):
+            raise CheckpointError(f"{file}: tensor {prefix + key} has shape {tuple(got[key])}, expected {tuple(want)}")
+
+
+def load_strict(module: nn.Module, state: Any, file: str, prefix: str = "") -> None:
+    """`load_state_dict(strict=True)`, with missing/unexpected keys, wrong shapes and non-finite
+    values (NaN, Inf) reported against `file` before torch sees them."""
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file} does not hold a state dict (a mapping of names to tensors)")
+    check_shapes({k: tuple(t.shape) for k, t in module.state_dict().items()},
+                 {k: tuple(t.shape) for k, t in state.items()}, file, prefix, type(module).__name__)
+    for key, t in state.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{file}: tensor {prefix + key} holds NaN or Inf values; expected finite weights")
     try:
         module.load_state_dict(dict(state), strict=True)
     except Exception as e:
@@ -175,6 +259,8 @@ def check_projector_dims(args: dict[str, Any], receiver: ModelSignature, sharer:
              ("target_dim", receiver.head_dim, "receiver", "head dim {}"),
              ("target_num_heads", receiver.num_kv_heads, "receiver", "{} KV heads"))
     for key, want, role, what in wants:
+        if key in args:
+            count(args[key], key, where)
         if key in args and args[key] != want:
             sig = sharer if role == "sharer" else receiver
             raise CheckpointError(
@@ -193,8 +279,14 @@ def check_models(fuser: Fuser, receiver: ModelSignature | None, sharer: ModelSig
                  fingerprints: bool = False) -> None:
     """Raise `CheckpointError` unless the fuser's receiver/sharer shapes (and, with `fingerprints`,
     their config fingerprints where the checkpoint records one) match the given models."""
-    source = fuser.config.provenance.get("source", "fuser")
-    for role, want, have in (("receiver", fuser.receiver, receiver), ("sharer", fuser.sharer, sharer)):
+    check_signatures(fuser.config.provenance.get("source", "fuser"), (fuser.receiver, fuser.sharer),
+                     (receiver, sharer), fingerprints=fingerprints)
+
+
+def check_signatures(source: str, trained: tuple[ModelSignature, ModelSignature],
+                     given: tuple[ModelSignature | None, ModelSignature | None], *, fingerprints: bool = False) -> None:
+    """The (receiver, sharer) a checkpoint was trained for against the models given (None: unknown)."""
+    for role, want, have in zip(("receiver", "sharer"), trained, given):
         if have is None:
             continue
         if not want.same_shape(have):

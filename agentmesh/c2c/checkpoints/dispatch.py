@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agentmesh.c2c.checkpoints.common import FuserRef, check_models, read_json
+from agentmesh.c2c.checkpoints.common import FuserRef, read_json
 from agentmesh.c2c.checkpoints.hub import download_pair, parse_hub_ref
-from agentmesh.c2c.checkpoints.native import FUSER_JSON, WEIGHTS_FILE, load_fuser, read_fuser_json
+from agentmesh.c2c.checkpoints.native import FUSER_JSON, WEIGHTS_FILE, check_fuser, load_fuser, read_fuser_json
 from agentmesh.c2c.checkpoints.published import (DEFAULT_SUBFOLDER, PUBLISHED_PAIRS, PUBLISHED_REPO, alignment_of,
-                                                 load_published, model_ids)
+                                                 check_published, load_published, model_ids)
 from agentmesh.c2c.fuser import Fuser
 from agentmesh.cache.kv import ModelSignature
 from agentmesh.errors import CheckpointError, ConfigError
@@ -76,9 +76,8 @@ def load_any(ref: FuserRef, *, receiver_signature: ModelSignature | None = None,
     if where.layout == "published":
         return load_published(where.folder, receiver_signature=receiver_signature,
                               sharer_signature=sharer_signature, subfolder=where.subfolder)
-    fuser = load_fuser(where.folder)
-    check_models(fuser, receiver_signature, sharer_signature, fingerprints=check_fingerprints)
-    return fuser
+    return load_fuser(where.folder, receiver_signature=receiver_signature, sharer_signature=sharer_signature,
+                      check_fingerprints=check_fingerprints)
 
 
 def size_on_disk(location: FuserLocation) -> int:
@@ -90,3 +89,21 @@ def size_on_disk(location: FuserLocation) -> int:
         files = [location.folder / "config.json", *(p for p in sub.iterdir() if p.is_file())] if sub.is_dir() else []
     return sum(f.stat().st_size for f in files if f.is_file())
 
+
+def fuser_info(ref: FuserRef) -> tuple[str, str] | None:
+    """(receiver id, sharer id) a fuser was trained for, after checking all its metadata (JSON
+    files, routes, projector sizes against the weight files) without reading a weight.
+
+    This is what `agentmesh graph check` asks of every fuse edge. A local folder that does not
+    exist or whose metadata is damaged is a `CheckpointError`; a hub reference is None (checking
+    it would mean downloading it).
+    """
+    text = str(ref)
+    if text.startswith(("hf://", "hf:/")) or (text in PUBLISHED_PAIRS and not Path(text).exists()):
+        return None
+    where = locate(ref)
+    if where.layout == "agentmesh":
+        checked = check_fuser(where.folder)
+        return checked.doc.receiver.id, checked.doc.sharer.id
+    published = check_published(where.folder, subfolder=where.subfolder)
+    return published.receiver_id, published.sharer_id

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -17,9 +18,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from agentmesh.c2c.checkpoints.common import (FuserRef, check_projector_dims, first_line, fuser_model_ids,
-                                              instantiate, load_strict, make_fuser, normalise_args, read_json, short)
+from agentmesh.c2c.checkpoints.common import (ALIGNMENTS, MAX_LAYERS, FuserRef, check_projector_dims, check_signatures,
+                                              count, first_line, fuser_model_ids, load_strict, make_fuser, materialise,
+                                              meta_projector, normalise_args, ranges, read_json, short,
+                                              signature_from_json)
 from agentmesh.c2c.fuser import Fuser, FuserConfig, Route
+from agentmesh.c2c.layer_map import LAYER_MAPS
 from agentmesh.c2c.projector import dtype_name
 from agentmesh.c2c.registry import projector_name
 from agentmesh.cache.kv import ModelSignature
@@ -31,10 +35,12 @@ FORMAT_NAME = "agentmesh-fuser"
 FORMAT_VERSION = 2
 FUSER_JSON = "fuser.json"
 WEIGHTS_FILE = "model.safetensors"
+# Bytes per element of the safetensors dtypes (unknown ones count one byte: the bound stays safe).
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "3" is not a layer number
 
 
 class _ModelEntry(_Strict):
@@ -43,7 +49,7 @@ class _ModelEntry(_Strict):
 
 
 class _ProjectorEntry(_Strict):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     class_: str = Field(alias="class")  # "class" is a Python keyword
     init_args: list[dict[str, Any]]
@@ -210,62 +216,136 @@ def save_fuser(fuser: Fuser, folder: FuserRef, *, provenance: Mapping[str, Any] 
     return folder
 
 
-def load_fuser(folder: FuserRef) -> Fuser:
-    """A `Fuser` from our own layout, loaded strictly (every tensor present, none extra, same shapes)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _check_layout(doc: _FuserDoc, json_path: Path, receiver: ModelSignature) -> tuple[Route, ...]:
+    """Routes, layer map and alignment as a fuser can use them: at least one route, one per
+    receiver layer at most, every projector routed."""
+    if doc.alignment not in ALIGNMENTS:
+        raise CheckpointError(f"{json_path}: alignment is {short(doc.alignment)}; expected one of {', '.join(ALIGNMENTS)}")
+    if doc.layer_map not in (*LAYER_MAPS, "custom"):
+        raise CheckpointError(f"{json_path}: layer_map is {short(doc.layer_map)}; expected one of "
+                              f"{', '.join(LAYER_MAPS)} or 'custom'")
+    n = len(doc.projector.init_args)
+    if n == 0:
+        raise CheckpointError(f"{json_path}: projector.init_args is empty; expected one entry per projector")
+    if not doc.routes:
+        raise CheckpointError(f"{json_path}: routes is empty; expected one route per fused receiver layer")
+    seen: set[int] = set()
+    for i, r in enumerate(doc.routes):
+        where = f"{json_path}: routes[{i}]"
+        count(r.receiver_layer, "receiver_layer", where, low=0, high=receiver.num_layers - 1)
+        count(r.sharer_layer, "sharer_layer", where, low=0, high=MAX_LAYERS - 1)
+        count(r.projector, "projector", where, low=0, high=n - 1)
+        if r.receiver_layer in seen:
+            raise CheckpointError(f"{where} routes receiver layer {r.receiver_layer} a second time; expected one route "
+                                  "per receiver layer")
+        seen.add(r.receiver_layer)
+    unused = sorted(set(range(n)) - {r.projector for r in doc.routes})
+    if unused:
+        raise CheckpointError(f"{json_path}: projectors {ranges(unused)} are in projector.init_args but no route uses "
+                              "them; expected every projector routed")
+    return tuple(Route(r.receiver_layer, r.sharer_layer, r.projector) for r in doc.routes)
 
+
+def _stored_tensors(weights_path: Path, n: int) -> dict[int, dict[str, tuple[tuple[int, ...], int]]]:
+    """Per projector, each stored tensor's (shape, bytes), read from the safetensors header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    grouped: dict[int, dict[str, tuple[tuple[int, ...], int]]] = {i: {} for i in range(n)}
+    try:
+        with safe_open(weights_path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                m = re.match(r"^projectors\.(\d+)\.(.+)$", key)
+                if m is None or int(m[1]) not in grouped:
+                    raise CheckpointError(f"{weights_path}: unexpected tensor {key}; expected keys "
+                                          f"projectors.<i>.<name> with i in 0-{n - 1}")
+                piece = f.get_slice(key)
+                shape = tuple(int(d) for d in piece.get_shape())
+                size = _DTYPE_BYTES.get(piece.get_dtype(), 1)
+                for d in shape:
+                    size *= d
+                grouped[int(m[1])][m[2]] = (shape, size)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({first_line(e)})") from None
+    return grouped
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What fuser.json describes, checked against the models and the weights file's header."""
+
+    doc: _FuserDoc
+    receiver: ModelSignature
+    sharer: ModelSignature
+    routes: tuple[Route, ...]
+    args: tuple[dict[str, Any], ...]
+    projectors: tuple[nn.Module, ...]  # on the meta device: nothing allocated yet
+
+
+def check_fuser(folder: FuserRef, *, receiver_signature: ModelSignature | None = None,
+                sharer_signature: ModelSignature | None = None, check_fingerprints: bool = False) -> _Checked:
+    """Everything fuser.json claims (signatures, routes, layer map, alignment, projector sizes),
+    checked against the given models and the safetensors header; no weight is read."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"fuser folder {folder} does not exist; expected a folder with {FUSER_JSON} and "
                               f"{WEIGHTS_FILE}")
     doc = read_fuser_json(folder)
     json_path, weights_path = folder / FUSER_JSON, folder / WEIGHTS_FILE
-    try:
-        receiver = ModelSignature.from_dict(doc.receiver.signature)
-        sharer = ModelSignature.from_dict(doc.sharer.signature)
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{json_path}: a model signature lacks {first_line(e)}; expected the fields "
-                              f"{', '.join(ModelSignature.__dataclass_fields__)}") from None
-    except ValueError as e:
-        raise CheckpointError(f"{json_path}: a model signature is malformed: {e}") from None
-    if not doc.projector.init_args:
-        raise CheckpointError(f"{json_path}: projector.init_args is empty; expected one entry per projector")
-    projectors: list[nn.Module] = []
+    receiver = signature_from_json(doc.receiver.signature, f"{json_path}: receiver.signature")
+    sharer = signature_from_json(doc.sharer.signature, f"{json_path}: sharer.signature")
+    check_signatures(str(folder.resolve()), (receiver, sharer), (receiver_signature, sharer_signature),
+                     fingerprints=check_fingerprints)
+    routes = _check_layout(doc, json_path, receiver)
+    if not weights_path.is_file():
+        raise CheckpointError(f"missing {weights_path}; expected the fuser's tensors next to {FUSER_JSON}")
+    stored = _stored_tensors(weights_path, len(doc.projector.init_args))
+    args, projectors = [], []
     for i, raw in enumerate(doc.projector.init_args):
         where = f"{json_path} (projector {i})"
         try:
-            args = normalise_args(raw)
+            args.append(normalise_args(raw))
         except ConfigError as e:
             raise CheckpointError(f"{where}: {e.message}") from None
-        check_projector_dims(args, receiver, sharer, where)
-        projectors.append(instantiate(doc.projector.class_, args, where))
-    if not weights_path.is_file():
-        raise CheckpointError(f"missing {weights_path}; expected the fuser's tensors next to {FUSER_JSON}")
+        check_projector_dims(args[-1], receiver, sharer, where)
+        projectors.append(meta_projector(doc.projector.class_, args[-1], where,
+                                         stored={k: shape for k, (shape, _) in stored[i].items()},
+                                         stored_bytes=sum(b for _, b in stored[i].values()), file=str(weights_path),
+                                         prefix=f"projectors.{i}."))
+    return _Checked(doc, receiver, sharer, routes, tuple(args), tuple(projectors))
+
+
+def load_fuser(folder: FuserRef, *, receiver_signature: ModelSignature | None = None,
+               sharer_signature: ModelSignature | None = None, check_fingerprints: bool = False) -> Fuser:
+    """A `Fuser` from our own layout, loaded strictly (every tensor present, none extra, same shapes,
+    all finite), after `check_fuser` has checked what fuser.json claims: nothing is allocated for
+    a file that lies about its sizes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    checked = check_fuser(folder, receiver_signature=receiver_signature, sharer_signature=sharer_signature,
+                          check_fingerprints=check_fingerprints)
+    folder = Path(folder).expanduser()
+    doc, json_path, weights_path = checked.doc, folder / FUSER_JSON, folder / WEIGHTS_FILE
+    projectors = [materialise(m, doc.projector.class_, a, f"{json_path} (projector {i})")
+                  for i, (m, a) in enumerate(zip(checked.projectors, checked.args))]
     try:
         tensors = load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file ({first_line(e)})") from None
     grouped: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(len(projectors))}
     for key, t in tensors.items():
-        m = re.match(r"^projectors\.(\d+)\.(.+)$", key)
-        if m is None or int(m[1]) not in grouped:
-            raise CheckpointError(f"{weights_path}: unexpected tensor {key}; expected keys projectors.<i>.<name> with "
-                                  f"i in 0-{len(projectors) - 1}")
-        grouped[int(m[1])][m[2]] = t
+        index, _, name = key.removeprefix("projectors.").partition(".")
+        grouped[int(index)][name] = t  # names were checked against the header
     for i, module in enumerate(projectors):
         load_strict(module, grouped[i], str(weights_path), prefix=f"projectors.{i}.")
         module.eval()
-    routes = tuple(Route(r.receiver_layer, r.sharer_layer, r.projector) for r in doc.routes)
     provenance = {**doc.provenance, "format": "agentmesh", "source": str(folder.resolve()),
                   "base_model": doc.receiver.id, "teacher_model": doc.sharer.id}
     try:
-        config = FuserConfig(receiver=receiver, sharer=sharer, projector=doc.projector.class_,
-                             projector_args=tuple(normalise_args(a) for a in doc.projector.init_args),
-                             routes=routes, layer_map=doc.layer_map, alignment=doc.alignment,
-                             fusion=doc.layout.fusion, key_positions=doc.layout.key_positions,
-                             provenance=provenance)
+        config = FuserConfig(receiver=checked.receiver, sharer=checked.sharer, projector=doc.projector.class_,
+                             projector_args=checked.args, routes=checked.routes, layer_map=doc.layer_map,
+                             alignment=doc.alignment, fusion=doc.layout.fusion,
+                             key_positions=doc.layout.key_positions, provenance=provenance)
     except ConfigError as e:
         raise CheckpointError(f"{json_path}: {e.message}") from None
     return make_fuser(config, projectors, str(json_path))
-

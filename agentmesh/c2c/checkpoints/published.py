@@ -17,9 +17,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from agentmesh.c2c.checkpoints.common import (DEFAULT_ALIGNMENT, FuserRef, check_projector_dims, describe, first_line,
-                                              inferred_signature, instantiate, load_strict, local_signature,
-                                              make_fuser, normalise_args, ranges, read_json, short)
+from agentmesh.c2c.checkpoints.common import (DEFAULT_ALIGNMENT, MAX_LAYERS, PROJECTOR_DIMS, FuserRef,
+                                              check_projector_dims, count, describe, first_line, inferred_signature,
+                                              load_strict, local_signature, make_fuser, materialise, meta_projector, normalise_args,
+                                              ranges, read_json, short)
 from agentmesh.c2c.fuser import Fuser, FuserConfig, Route
 from agentmesh.c2c.layer_map import LAYER_MAPS
 from agentmesh.c2c.registry import projector_class, projector_name
@@ -97,13 +98,15 @@ def _routes(path: Path) -> tuple[Route, ...]:
                               "model 1; a multi-sharer fuser is loaded as one folder per pair)")
     routes: list[Route] = []
     for layer, entries in sharers["1"].items():
-        if not (isinstance(layer, str) and layer.isdigit()):
-            raise CheckpointError(f"{path}: receiver layer key {layer!r} is not a layer number; {expected}")
+        if not (isinstance(layer, str) and layer.isdigit() and int(layer) < MAX_LAYERS):
+            raise CheckpointError(f"{path}: receiver layer key {layer!r} is not a layer number below {MAX_LAYERS}; "
+                                  f"{expected}")
         ok = (isinstance(entries, list) and all(
-            isinstance(e, list) and len(e) == 2 and all(isinstance(x, int) and x >= 0 for x in e) for e in entries))
+            isinstance(e, list) and len(e) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < MAX_LAYERS for x in e) for e in entries))
         if not ok or not entries:
             raise CheckpointError(f"{path}: receiver layer {layer} maps to {short(entries)}; expected a list like "
-                                  "[[<sharer layer>, <projector index>]]")
+                                  f"[[<sharer layer>, <projector index>]] of integers below {MAX_LAYERS}")
         if len(entries) > 1:
             raise CheckpointError(f"{path}: receiver layer {layer} reads {len(entries)} sharer layers {entries}; "
                                   "agentmesh fuses exactly one sharer layer into each receiver layer")
@@ -146,16 +149,30 @@ def _check_routes(routes: tuple[Route, ...], path: Path, receiver: ModelSignatur
                 f"was trained for a sharer with {deepest + 1}")
 
 
-def load_published(folder: FuserRef, *, receiver_signature: ModelSignature | None = None,
-                   sharer_signature: ModelSignature | None = None, subfolder: str = DEFAULT_SUBFOLDER) -> Fuser:
-    """A `Fuser` from a published pair folder (the one holding config.json and `subfolder`/).
+@dataclass(frozen=True)
+class _Checked:
+    """What a published pair folder describes, checked against the models and its files' sizes."""
 
-    Projectors are rebuilt from `projector_i.json` through the registry and loaded strictly from
-    `projector_i.pt` (`torch.load(weights_only=True)`). Dims, head counts and layer counts are
-    checked against the given signatures — the models the fuser will actually join. Without a
-    signature, the model's config.json is read if it is on this machine (a local folder or the HF
-    cache), else the shape the checkpoint implies is used (no fingerprint).
-    """
+    receiver_id: str
+    sharer_id: str
+    receiver: ModelSignature
+    sharer: ModelSignature
+    alignment: str
+    mapping: str | None
+    routes: tuple[Route, ...]
+    sub: Path
+    name: str
+    args: tuple[dict[str, Any], ...]
+    projectors: tuple[nn.Module, ...]  # on the meta device: nothing allocated yet
+
+
+def check_published(folder: FuserRef, *, receiver_signature: ModelSignature | None = None,
+                    sharer_signature: ModelSignature | None = None, subfolder: str = DEFAULT_SUBFOLDER) -> _Checked:
+    """Everything a published pair folder claims (model ids, routes, projector classes and sizes),
+    checked against the given signatures (the models the fuser will actually join) and against
+    the sizes of its weight files; no weight is read. Without a signature, the model's config.json
+    is read if it is on this machine (a local folder or the HF cache), else the shape the
+    checkpoint implies is used (no fingerprint)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"fuser folder {folder} does not exist; expected a published pair folder with "
@@ -165,6 +182,9 @@ def load_published(folder: FuserRef, *, receiver_signature: ModelSignature | Non
     receiver_id, sharer_id = model_ids(config, config_path)
     alignment = alignment_of(config, config_path)
     mapping = config["model"].get("mapping")
+    if mapping is not None and mapping not in LAYER_MAPS:
+        raise CheckpointError(f"{config_path}: model.mapping is {short(mapping)}; expected one of "
+                              f"{', '.join(LAYER_MAPS)} (or no mapping key)")
     sub = folder / subfolder
     if not sub.is_dir():
         others = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -196,6 +216,9 @@ def load_published(folder: FuserRef, *, receiver_signature: ModelSignature | Non
             args = normalise_args(spec["init_args"])
         except ConfigError as e:
             raise CheckpointError(f"{path}: {e.message}") from None
+        for key in PROJECTOR_DIMS:
+            if key in args:
+                count(args[key], f"init_args.{key}", str(path))
         specs.append((spec["class"], args))
     names = {name for name, _ in specs}
     if len(names) > 1:
@@ -217,11 +240,28 @@ def load_published(folder: FuserRef, *, receiver_signature: ModelSignature | Non
             f"{sub} holds {len(indices)} projectors but the receiver {describe(receiver)} has only "
             f"{receiver.num_layers} layers; expected at most one projector per receiver layer")
 
-    projectors: list[nn.Module] = []
+    projectors = []
     for i, (_, args) in zip(indices, specs):
         spec_path, weights_path = sub / f"projector_{i}.json", sub / f"projector_{i}.pt"
         check_projector_dims(args, receiver, sharer, str(spec_path))
-        module = instantiate(name, args, str(spec_path))
+        projectors.append(meta_projector(name, args, str(spec_path), stored=None,
+                                         stored_bytes=weights_path.stat().st_size, file=str(weights_path)))
+    return _Checked(receiver_id, sharer_id, receiver, sharer, alignment, mapping, routes, sub, name,
+                    tuple(args for _, args in specs), tuple(projectors))
+
+
+def load_published(folder: FuserRef, *, receiver_signature: ModelSignature | None = None,
+                   sharer_signature: ModelSignature | None = None, subfolder: str = DEFAULT_SUBFOLDER) -> Fuser:
+    """A `Fuser` from a published pair folder (the one holding config.json and `subfolder`/), after
+    `check_published`: projectors are rebuilt from `projector_i.json` through the registry and
+    loaded strictly from `projector_i.pt` (`torch.load(weights_only=True)`)."""
+    c = check_published(folder, receiver_signature=receiver_signature, sharer_signature=sharer_signature,
+                        subfolder=subfolder)
+    folder = Path(folder).expanduser()
+    projectors: list[nn.Module] = []
+    for i, (meta, args) in enumerate(zip(c.projectors, c.args)):
+        spec_path, weights_path = c.sub / f"projector_{i}.json", c.sub / f"projector_{i}.pt"
+        module = materialise(meta, c.name, args, str(spec_path))
         try:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as e:  # zip/pickle/EOF errors of a truncated or foreign file
@@ -231,10 +271,9 @@ def load_published(folder: FuserRef, *, receiver_signature: ModelSignature | Non
         projectors.append(module.eval())
 
     provenance = {"format": "published", "source": str(folder.resolve()), "subfolder": subfolder,
-                  "base_model": receiver_id, "teacher_model": sharer_id}
+                  "base_model": c.receiver_id, "teacher_model": c.sharer_id}
     return make_fuser(FuserConfig(
-        receiver=receiver, sharer=sharer, projector=projector_name(projectors[0]),
-        projector_args=tuple(args for _, args in specs), routes=routes,
-        layer_map=mapping if isinstance(mapping, str) and mapping in LAYER_MAPS else "custom",
-        alignment=alignment, provenance=provenance), projectors, str(sub))
+        receiver=c.receiver, sharer=c.sharer, projector=projector_name(projectors[0]), projector_args=c.args,
+        routes=c.routes, layer_map=c.mapping if c.mapping is not None else "custom", alignment=c.alignment,
+        provenance=provenance), projectors, str(c.sub))
 

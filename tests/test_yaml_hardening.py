@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from agentmesh.errors import GraphError
-from agentmesh.graph import Graph
+from agentmesh.graph import load_graph
 from agentmesh.graph.cli import app as graph_app
 from agentmesh.graph.yaml_io import MAX_DEPTH, read_yaml
 
@@ -125,7 +125,7 @@ def test_special_files_as_context_file(tmp_path, kind):
               "missing": "does not exist", "oversized": "is larger than 8.0 MB"}[kind]
     path = write(tmp_path, HEADER + f"agents:\n  a: {{model: smollm2-135m-instruct, context_file: '{target}'}}\n")
     with pytest.raises(GraphError, match=rf"agents\.a\.context_file.*{needle}"):
-        Graph.from_yaml(path)
+        load_graph(path)
     assert_one_line_exit_2(path, needle)
 
 

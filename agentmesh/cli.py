@@ -118,13 +118,13 @@ def generate(
     from agentmesh.models.loading import model_size
     from agentmesh.models.streaming import TextDecoder
     from agentmesh.progress import Steps
+    from agentmesh.types import check_fusion_mode
     from agentmesh.units import human_bytes
 
     text = read_text_arg(prompt, "prompt")
     steps = Steps(err)
     try:
-        if mode not in ("parallel", "sequential"):
-            raise ConfigError(f"--mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
+        check_fusion_mode(mode, "--mode")
         # Bad paths fail here, before anything is shown or loaded.
         size = model_size(model or DEFAULT_MODEL) if model is not None or not fuser else None
         for ref in fuser:

@@ -5,6 +5,16 @@ from __future__ import annotations
 from pydantic_core import PydanticCustomError
 
 
+def error_line(error: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message` (`Type` alone for an empty message), at most `limit`
+    characters of message: how a foreign exception appears inside one of our one-line errors."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 class AgentMeshError(Exception):
     """Base class of every error agentmesh raises on purpose."""
 

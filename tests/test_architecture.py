@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tasks",),
     ("models",),
     ("cache",),
-    ("transport", "units", "yaml_file"),
+    ("transport", "types", "units", "yaml_file"),
     ("errors",),
 )
 RANK = {name: len(LAYERS) - i for i, row in enumerate(LAYERS) for name in row}

@@ -90,7 +90,7 @@ def test_fusers_of_one_model_fuse_the_same_tokens(pair) -> None:
 
 
 def test_eval_runs_both_oracles(tmp_path: Path, pair) -> None:
-    from agentmesh.eval.context_task import write_context_task
+    from agentmesh.tasks.context_task import write_context_task
     from agentmesh.eval.runner import evaluate, parse_config
 
     receiver, sharer = pair

@@ -50,7 +50,7 @@ def run(cfg: Config = Config(), *, receiver: Any = None, sharer: Any = None, fus
 
     receiver, sharer, fuser, source = bench_models(cfg, receiver, sharer, fuser, pool)
     model = C2CModel(receiver, [sharer], [fuser])
-    pad = model._pad_id()
+    pad = model.receiver.pad_token_id
     rows = prompts(receiver, cfg.batch, cfg.seed)
     big_ids, big_mask = pad_sequences(rows, pad)                     # (B, N)
     singles = [pad_sequences([r], pad) for r in rows]                # each (1, N_i)

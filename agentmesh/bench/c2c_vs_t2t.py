@@ -131,7 +131,7 @@ class Methods:
         ids = self._ids(self.s.receiver, prompts.sharer_messages(item))  # passage + question
         cache = prefill(self.s.sharer, ids[:, :-1])
         gen = self.receiver_alone.generation_config(max_new_tokens=answer_tokens, eos_token_id=[])
-        out = decode(self.s.receiver, cache, ids[:, -1:], None, gen, pad_token_id=self.receiver_alone._pad_id(),
+        out = decode(self.s.receiver, cache, ids[:, -1:], None, gen, pad_token_id=self.receiver_alone.receiver.pad_token_id,
                      prompt_ids=ids).tokens
         self.last["prefix"] = {"sharer_prompt": ids.shape[1] - 1, "receiver_prompt": 1, "answer": out.shape[1]}
         return out
@@ -174,7 +174,7 @@ class Methods:
             t_fuse, fused = timed(lambda: fuse(cache, [span], "parallel"), dev)
         gen = self.c2c.generation_config(max_new_tokens=answer_tokens, eos_token_id=[])
         t_decode, _ = timed(lambda: decode(self.s.receiver, fused, ids[:, -1:], mask[:, -1:], gen,
-                                           pad_token_id=self.c2c._pad_id(), prompt_ids=ids), dev)
+                                           pad_token_id=self.c2c.receiver.pad_token_id, prompt_ids=ids), dev)
         return {"sharer_prefill": t_sharer, "receiver_prefill": t_receiver, "fusion": t_fuse, "answer": t_decode}
 
     def t2t_stages(self, item: Any, answer_tokens: int) -> dict[str, float]:

@@ -34,12 +34,12 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import torch
 
 from agentmesh.errors import ConfigError
-from agentmesh.models.loaded import plain_chat_text
+from agentmesh.models.loaded import pad_token_id, plain_chat_text
+from agentmesh.types import Messages
 
 GatherStrategy = Literal["last", "first", "longest"]
 ReferenceStrategy = Literal["first", "longest"]
 AlignMethod = Literal["offsets", "first", "longest"]
-Messages = Sequence[Mapping[str, Any]]
 
 GATHER_STRATEGIES: tuple[str, ...] = ("last", "first", "longest")
 _EMPTY = (0, 0)
@@ -537,7 +537,7 @@ def _decode_one(tokenizer: Any, token_id: int) -> str:
 def _map_special(receiver_tok: Any, sharer_tok: Any, token_id: int, text: str) -> int:
     def pad(tok: Any) -> int | None:
         # The reference sets a missing pad token to the eos token before mapping.
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return pad_token_id(tok, default=None)
 
     by_role = {
         pad(receiver_tok): pad(sharer_tok),
@@ -621,11 +621,6 @@ def _pad_rows(rows: list[list[int]], pad: int, width: int, left: bool) -> tuple[
     return ids, mask, shifts
 
 
-def _pad_id(tok: Any) -> int:
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return int(pad if pad is not None else 0)
-
-
 def batch_alignments(alignments: Sequence[TokenAlignment], *, receiver_pad_id: int, sharer_pad_id: int,
                      strategy: str = "last", span: int | None = None, padding_side: str = "left") -> AlignedBatch:
     """Pad several alignments into one `AlignedBatch`; gather indices shift with the padding."""
@@ -672,6 +667,6 @@ def align_batch(receiver: Any, sharer: Any, conversations: Sequence[Messages | s
     method = strategy if strategy != "last" and reference_layout else "offsets"
     items = [align(receiver, sharer, c, add_generation_prompt=add_generation_prompt, method=method,
                    share_ids=share_ids, template_kwargs=template_kwargs) for c in conversations]
-    return batch_alignments(items, receiver_pad_id=_pad_id(_tokenizer_of(receiver)),
-                            sharer_pad_id=_pad_id(_tokenizer_of(sharer)), strategy=strategy, span=span,
+    return batch_alignments(items, receiver_pad_id=pad_token_id(_tokenizer_of(receiver)),
+                            sharer_pad_id=pad_token_id(_tokenizer_of(sharer)), strategy=strategy, span=span,
                             padding_side=padding_side)

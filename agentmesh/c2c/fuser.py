@@ -29,9 +29,9 @@ from agentmesh.cache.kv import KVCache, ModelSignature
 from agentmesh.cache.rotary import rotate_keys
 from agentmesh.c2c.layer_map import layer_map as make_layer_map
 from agentmesh.c2c.registry import build_projector
+from agentmesh.types import FusionMode, check_fusion_mode
 from agentmesh.errors import CacheError, ConfigError
 
-FusionMode = Literal["parallel", "sequential"]
 Fusion = Literal["prompt", "prompt+response"]
 FUSIONS: tuple[str, ...] = ("prompt", "prompt+response")
 KeyPositions = Literal["receiver", "sharer"]
@@ -199,10 +199,6 @@ def at_receiver_positions(span: SharerSpan, positions: torch.Tensor | None) -> S
     return replace(span, cache=cache.replace(keys=keys, positions=positions))
 
 
-def check_mode(mode: str) -> None:
-    if mode not in ("parallel", "sequential"):
-        raise ConfigError(f"fusion mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
-
 
 def fuse_layer(layer: int, keys: torch.Tensor, values: torch.Tensor, sharers: Sequence[SharerSpan],
                mode: FusionMode = "parallel") -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +227,7 @@ def fuse(receiver: KVCache, sharers: Sequence[SharerSpan], mode: FusionMode = "p
 
     Each sharer cache holds exactly those N tokens. Tokens outside the span are left as they are.
     """
-    check_mode(mode)
+    check_fusion_mode(mode)
     if not sharers:
         return receiver
     n = sharers[0].cache.seq_len

@@ -14,15 +14,16 @@ from typing import Any, Callable, Sequence
 import torch
 
 from agentmesh.c2c.alignment import align_batch, same_vocabulary
-from agentmesh.c2c.fuser import Fuser, Fusion, FusionMode, SharerSpan, fuse
+from agentmesh.c2c.fuser import Fuser, Fusion, SharerSpan, fuse
 from agentmesh.c2c.pretrained import build_parts, load_pretrained
 from agentmesh.c2c.response import ResponseFusion, SharerReading
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import CheckpointError, ConfigError
 from agentmesh.models.inference import (
     GenerationConfig, Streamer, decode, left_pad, next_token_logits, pad_sequences, prefill)
+from agentmesh.models.protocol import LanguageModel
+from agentmesh.types import FusionMode, Messages, check_fusion_mode
 
-Messages = Sequence[dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,7 @@ class SharerInput:
     gather_index: torch.Tensor | None = None
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in ("parallel", "sequential"):
-        raise ConfigError(f"fusion mode {mode!r} is unknown; expected 'parallel' or 'sequential'")
+
 
 
 class C2CModel:
@@ -51,11 +50,11 @@ class C2CModel:
     closed-gate fuser and no fuser at all give bit-identical logits.
     """
 
-    def __init__(self, receiver: Any, sharers: Sequence[Any] = (), fusers: Sequence[Fuser] = (),
+    def __init__(self, receiver: LanguageModel, sharers: Sequence[LanguageModel] = (), fusers: Sequence[Fuser] = (),
                  *, mode: FusionMode = "parallel"):
         if len(sharers) != len(fusers):
             raise ConfigError(f"C2CModel got {len(sharers)} sharers but {len(fusers)} fusers; give one fuser per sharer")
-        _check_mode(mode)
+        check_fusion_mode(mode)
         for i, (sharer, fuser) in enumerate(zip(sharers, fusers)):
             for role, lm, sig in (("receiver", receiver, fuser.receiver), ("sharer", sharer, fuser.sharer)):
                 if not lm.signature.same_shape(sig):
@@ -86,13 +85,13 @@ class C2CModel:
         """Load fusers (a folder, a published pair folder, or ``hf://nics-efc/C2C_Fuser/<pair>``;
         a list for several sharers) with the receiver and sharers they were trained for.
         See `agentmesh.c2c.pretrained.load_pretrained` for the options."""
-        _check_mode(mode)  # before anything is loaded
+        check_fusion_mode(mode)  # before anything is loaded
         return cls(*load_pretrained(ref, **kwargs), mode=mode)
 
     @classmethod
     def build(cls, model: Any = None, *, mode: FusionMode = "parallel", **kwargs: Any) -> C2CModel:
         """What `agentmesh generate` builds from its options (see `agentmesh.c2c.pretrained.build_parts`)."""
-        _check_mode(mode)
+        check_fusion_mode(mode)
         return cls(*build_parts(model, **kwargs), mode=mode)
 
     @property
@@ -167,14 +166,7 @@ class C2CModel:
     # ---- generation ----------------------------------------------------------------------------
     def generation_config(self, **overrides: Any) -> GenerationConfig:
         """Defaults for this receiver (its EOS tokens), with `overrides` applied."""
-        eos = overrides.pop("eos_token_id", None)
-        stop = overrides.pop("stop", None) or ()
-        if eos is None:
-            eos_ids = tuple(self.receiver.eos_token_ids)
-        else:
-            eos_ids = (eos,) if isinstance(eos, int) else tuple(eos)
-        return GenerationConfig(eos_token_ids=eos_ids, stop=(stop,) if isinstance(stop, str) else tuple(stop),
-                                **{k: v for k, v in overrides.items() if v is not None})
+        return GenerationConfig.for_model(self.receiver, **overrides)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 256, do_sample: bool = False, temperature: float | None = None,
@@ -200,14 +192,14 @@ class C2CModel:
             top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop=stop, seed=seed)
         ids, mask = left_pad(input_ids, attention_mask)
         cache, rest, rest_mask, hook = self.start(ids, mask, sharer_inputs)
-        out = decode(self.receiver, cache, rest, rest_mask, gen, pad_token_id=self._pad_id(),
+        out = decode(self.receiver, cache, rest, rest_mask, gen, pad_token_id=self.receiver.pad_token_id,
                      streamer=streamer, on_token=on_token, prompt_ids=ids, hook=hook)
         return out.tokens
 
     def encode_chat(self, conversations: Sequence[Messages]) -> tuple[torch.Tensor, torch.Tensor, list[SharerInput] | None]:
         """Receiver ids for a batch of conversations, and each sharer's aligned input where needed."""
         rows = [self.receiver.chat_ids(list(m)) for m in conversations]
-        ids, mask = pad_sequences(rows, self._pad_id())
+        ids, mask = pad_sequences(rows, self.receiver.pad_token_id)
         if all(self.shares_vocab):
             return ids, mask, None
         inputs: list[SharerInput | None] = []
@@ -228,15 +220,9 @@ class C2CModel:
         return texts[0] if single else texts
 
     def _finish_text(self, tokens: torch.Tensor, stop: str | Sequence[str] | None) -> str:
-        text = self.receiver.tokenizer.decode(tokens, skip_special_tokens=True)
-        for s in ((stop,) if isinstance(stop, str) else (stop or ())):
-            text = text.split(s, 1)[0]
-        return text.strip()
+        return GenerationConfig(stop=(stop,) if isinstance(stop, str) else tuple(stop or ())).trim(
+            self.receiver.tokenizer.decode(tokens, skip_special_tokens=True))
 
-    def _pad_id(self) -> int:
-        tok = self.receiver.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return int(pad if pad is not None else 0)
 
     def __repr__(self) -> str:
         names = ", ".join(s.name for s in self.sharers) or "none"

@@ -17,9 +17,10 @@ from typing import Any, Sequence
 
 import torch
 
-from agentmesh.c2c.fuser import Fuser, FusionMode, SharerSpan, at_receiver_positions, fuse_layer
+from agentmesh.c2c.fuser import Fuser, SharerSpan, at_receiver_positions, fuse_layer
 from agentmesh.cache.kv import KVCache
 from agentmesh.models.inference import RunningCache
+from agentmesh.types import FusionMode
 
 
 @dataclass

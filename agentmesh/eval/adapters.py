@@ -17,8 +17,9 @@ import torch
 
 from agentmesh.cache.kv import KVCache, ModelSignature
 from agentmesh.errors import ConfigError
-from agentmesh.eval.methods import CacheGeneration, Messages, OnToken
+from agentmesh.eval.methods import CacheGeneration, OnToken
 from agentmesh.models.reading import reading_ids
+from agentmesh.types import Messages
 
 
 def kv_nbytes(signature: ModelSignature, tokens: int, dtype: torch.dtype) -> int:
@@ -47,11 +48,6 @@ def _token_callback(tokenizer: Any, on_token: OnToken | None) -> Callable[[int, 
         on_token(decoder.push(int(tokens.reshape(-1)[0])))
 
     return callback
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad if pad is not None else 0)
 
 
 class ModelGenerator:
@@ -160,6 +156,6 @@ class PrefixGenerator:
             raise ConfigError("prefix needs a prompt of at least two tokens")
         cache = prefill(self.sharer, ids[:, :-1])  # the sharer's work: (1, H, N-1, D) per layer
         gen = self._engine.generation_config(max_new_tokens=max_new_tokens, do_sample=False)
-        out = decode(self.receiver, cache, ids[:, -1:], None, gen, pad_token_id=_pad_id(self.receiver.tokenizer),
+        out = decode(self.receiver, cache, ids[:, -1:], None, gen, pad_token_id=self.receiver.pad_token_id,
                      on_token=_token_callback(self.receiver.tokenizer, on_token), prompt_ids=ids)
         return CacheGeneration(self.receiver.decode(out.tokens[0]).strip(), cache_wire_nbytes(cache, self.wire_dtype))

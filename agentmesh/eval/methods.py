@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from agentmesh.errors import error_line
 from agentmesh.tasks import prompts
 from agentmesh.tasks.datasets import Item
+from agentmesh.types import Messages
 
-Messages = list[dict[str, str]]
 OnToken = Callable[[str], None]  # called with each new token's text, as soon as it exists
 
 
@@ -166,12 +167,6 @@ class Prefix:
         return clock.output(out.text, out.bytes_exchanged)
 
 
-def describe_error(error: BaseException) -> str:
-    """`Type: first line of the message`, for reports."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
 def run_safely(method: Method, item: Item) -> MethodOutput:
     """`method.run(item)`, with any exception turned into an output that carries the error."""
     start = time.perf_counter()
@@ -179,4 +174,4 @@ def run_safely(method: Method, item: Item) -> MethodOutput:
         return method.run(item)
     except Exception as e:  # one bad item must not end the run; it is reported and counted wrong
         return MethodOutput(text="", latency_s=time.perf_counter() - start, ttft_s=None, bytes_exchanged=0,
-                            error=describe_error(e))
+                            error=error_line(e))

@@ -14,7 +14,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agentmesh.errors import ConfigError
+from agentmesh.errors import ConfigError, error_line
 from agentmesh.tasks.datasets import DatasetConfig, Item, load_items
 from agentmesh.eval.extract import grade
 from agentmesh.eval.methods import (
@@ -152,7 +152,7 @@ def run_item(method: Method, item: Item) -> ItemResult:
             g = grade(item, out.text)
             prediction, correct = g.prediction, g.correct
         except Exception as e:  # grading a strange output is still that item's failure, not the run's
-            out = type(out)(out.text, out.latency_s, out.ttft_s, out.bytes_exchanged, f"{type(e).__name__}: {e}")
+            out = type(out)(out.text, out.latency_s, out.ttft_s, out.bytes_exchanged, error_line(e))
             prediction, correct = None, False
     else:
         prediction, correct = None, False

@@ -29,11 +29,11 @@ from agentmesh.graph.source import KeyPath, SourceMap, choices_hint, graph_error
 from agentmesh.graph.spec import DEFAULT_MODEL, IDENT_HINT, IDENT_RE, AgentSpec, AuthSpec, GraphSpec
 from agentmesh.graph.yaml_io import dump_spec, spec_from_data
 from agentmesh.transport.config import BrokerConfig, TLSConfig
+from agentmesh.types import FusionMode
 
 S = TypeVar("S")
 EdgeType = Literal["text", "cache"]
 CacheMode = Literal["fuse", "prefix"]
-FusionMode = Literal["parallel", "sequential"]
 
 # A context file is read into a prompt: far past any model's context length is a wrong path.
 MAX_CONTEXT_BYTES = 8_000_000

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from agentmesh.errors import schema_error as custom_error
 from agentmesh.transport.config import ENV_NAME_RE, BrokerConfig, check_broker_url
+from agentmesh.types import FusionMode
 
 # Must equal agentmesh.models.builtin.DEFAULT_MODEL; repeated here so that reading a pipeline file
 # never imports torch/transformers.
@@ -44,7 +45,6 @@ DEVICE_RE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 Name = Annotated[str, StringConstraints(pattern=IDENT_PATTERN)]
 TextEdgeType = Literal["text", "cache"]
 CacheMode = Literal["fuse", "prefix"]
-FusionMode = Literal["parallel", "sequential"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 _DTYPE_SYNONYMS = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}

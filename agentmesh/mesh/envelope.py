@@ -28,7 +28,7 @@ from typing import Any, Mapping, NoReturn
 import orjson
 
 from agentmesh import errors
-from agentmesh.errors import AgentMeshError, RunError, TransportError
+from agentmesh.errors import AgentMeshError, RunError, TransportError, error_line
 from agentmesh.mesh.auth import MAC_BYTES, Guard
 from agentmesh.runtime.endpoint import RunCancelled
 from agentmesh.transport.link import edge_channel, validate_segment
@@ -149,9 +149,7 @@ def error_body(exc: BaseException) -> dict[str, Any]:
         return {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}
     if isinstance(exc, RunCancelled):
         return {"type": "RunCancelled", "message": str(exc), "hint": None}
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return {"type": "RunError", "message": text, "hint": None}
+    return {"type": "RunError", "message": error_line(exc), "hint": None}
 
 
 def raise_remote(body: Any, agent: str, host: str) -> NoReturn:

@@ -16,38 +16,21 @@ from typing import Sequence
 
 from agentmesh.cache.codec import decode_cache, encode_cache
 from agentmesh.cache.kv import KVCache
-from agentmesh.models.loaded import LoadedModel
-from agentmesh.runtime.endpoint import (CallContext, Endpoint, ReadRequest, ShareFn, ShareRequest, TextOutput,
-                                        TextRequest)
+from agentmesh.runtime.endpoint import (CallContext, Endpoint, ForwardingEndpoint, ReadRequest, ShareFn,
+                                        ShareRequest, TextOutput, TextRequest)
 from agentmesh.runtime.trace import edge_key
 from agentmesh.transport.link import Link, edge_channel
 
 
-class LinkedEndpoint:
+class LinkedEndpoint(ForwardingEndpoint):
     """`inner`'s agent, with the caches it hands on sent over `link` in `wire_dtype`
     (None: the cache's own dtype, lossless; "bf16", "fp16", "int8", "fp8" as in the codec)."""
 
-    records_transfers = True  # the scheduler leaves the transfer accounting to this endpoint
-
     def __init__(self, inner: Endpoint, link: Link, *, wire_dtype: str | None = None, run_id: str | None = None):
-        self.inner = inner
-        self.agent = inner.agent
+        super().__init__(inner)
         self.link = link
         self.wire_dtype = wire_dtype
         self.run_id = run_id or uuid.uuid4().hex[:12]
-
-    @property
-    def model(self) -> LoadedModel | None:
-        return self.inner.model
-
-    def check_fuser(self, ref: str) -> None:
-        self.inner.check_fuser(ref)
-
-    def forget(self) -> None:
-        self.inner.forget()
-
-    async def load(self, ctx: CallContext) -> None:
-        await self.inner.load(ctx)
 
     async def _cross(self, cache: KVCache, receiver: str, ctx: CallContext) -> KVCache:
         """Send `cache` to `receiver` over the link and return what arrived (decoded and checked)."""

@@ -41,10 +41,9 @@ from agentmesh.mesh.auth import CLIENT, make_guard
 from agentmesh.mesh.client import DEFAULT_CALL_TIMEOUT, CallReply, RemoteClient
 from agentmesh.mesh.envelope import Envelope
 from agentmesh.mesh.settings import allowed_callers, broker_config, broker_timeout, caller_view
-from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.pool import ModelPool, default_pool
-from agentmesh.runtime.endpoint import (CallContext, Endpoint, ReadRequest, ShareFn, ShareRequest, TextOutput,
-                                        TextRequest)
+from agentmesh.runtime.endpoint import (CallContext, Endpoint, ForwardingEndpoint, ReadRequest, ShareFn,
+                                        ShareRequest, TextOutput, TextRequest)
 from agentmesh.runtime.local import LocalEndpoint
 from agentmesh.runtime.plan import RunPlan, build_plan
 from agentmesh.runtime.result import RunResult
@@ -257,36 +256,20 @@ class RemoteEndpoint:
         return f"RemoteEndpoint({self.agent!r}, host={self.host!r}, run={self.client.run_id})"
 
 
-class FeedingEndpoint:
+class FeedingEndpoint(ForwardingEndpoint):
     """A local agent with receivers on other hosts. The scheduler leaves the transfer accounting
     of endpoints that are not local to them; the remote receivers record the caches they ship,
     and this records the in-process hand-offs to local receivers, as the scheduler would."""
 
-    records_transfers = True
-
     def __init__(self, inner: LocalEndpoint, remote: frozenset[str]):
-        self.inner = inner
-        self.agent = inner.agent
+        super().__init__(inner)
         self.remote = remote
-
-    @property
-    def model(self) -> LoadedModel | None:
-        return self.inner.model
-
-    def check_fuser(self, ref: str) -> None:
-        self.inner.check_fuser(ref)
-
-    def forget(self) -> None:
-        self.inner.forget()
 
     def _in_process(self, cache: KVCache, receiver: str, ctx: CallContext) -> None:
         if receiver not in self.remote:
             now = ctx.trace.now()
             ctx.trace.record(self.agent, "transfer", now, now, tokens=cache.seq_len, bytes=cache.nbytes,
                              edge=edge_key(self.agent, receiver), detail="in-process")
-
-    async def load(self, ctx: CallContext) -> None:
-        await self.inner.load(ctx)
 
     async def reading(self, req: ReadRequest, ctx: CallContext) -> KVCache | None:
         cache = await self.inner.reading(req, ctx)

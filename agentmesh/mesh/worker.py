@@ -38,7 +38,6 @@ from agentmesh.errors import AgentMeshError, ConfigError, TransportError
 from agentmesh.runtime.endpoint import CallContext, ReadRequest, ShareFn, ShareRequest, TextRequest
 from agentmesh.runtime.local import LocalEndpoint
 from agentmesh.runtime.plan import build_plan
-from agentmesh.runtime.prompts import Messages
 from agentmesh.runtime.trace import Trace
 from agentmesh.graph import Graph
 from agentmesh.mesh.auth import Rejected, make_guard
@@ -46,6 +45,7 @@ from agentmesh.mesh.envelope import CALL_OPS, Envelope, error_body, inbox_channe
 from agentmesh.mesh.settings import allowed_callers, context_ref, graph_digest
 from agentmesh.models.pool import ModelPool, default_pool
 from agentmesh.transport.link import Link, LinkClosed, LinkMessage, LinkTimeout, validate_channel
+from agentmesh.types import Messages
 from agentmesh.units import human_bytes
 
 log = logging.getLogger(__name__)

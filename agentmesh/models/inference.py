@@ -14,6 +14,7 @@ import torch
 from agentmesh.cache.hf import forward_with_cache, from_hf, new_hf, to_hf
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import ConfigError
+from agentmesh.models.protocol import LanguageModel
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,23 @@ class GenerationConfig:
 
     def replace(self, **changes: Any) -> "GenerationConfig":
         return replace(self, **changes)
+
+    @classmethod
+    def for_model(cls, lm: LanguageModel, *, eos_token_id: int | Sequence[int] | None = None,
+                  stop: str | Sequence[str] | None = None, **settings: Any) -> "GenerationConfig":
+        """`settings` (None keeps a default) ending at the model's EOS tokens, or at `eos_token_id`."""
+        if eos_token_id is None:
+            eos_ids = tuple(lm.eos_token_ids)
+        else:
+            eos_ids = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return cls(eos_token_ids=eos_ids, stop=stops, **{k: v for k, v in settings.items() if v is not None})
+
+    def trim(self, text: str) -> str:
+        """Generated `text` as a user reads it: cut before the first stop string, stripped."""
+        for s in self.stop:
+            text = text.split(s, 1)[0]
+        return text.strip()
 
 
 class Streamer(Protocol):
@@ -114,7 +132,7 @@ class RunningCache:
     hook: TokenHook | None = None
 
     @classmethod
-    def start(cls, lm: Any, past: KVCache | None, batch: int, hook: TokenHook | None = None) -> "RunningCache":
+    def start(cls, lm: LanguageModel, past: KVCache | None, batch: int, hook: TokenHook | None = None) -> "RunningCache":
         rewrite = hook.rewrite if hook is not None else None
         if past is None:
             empty = torch.zeros(batch, 0, dtype=torch.long)
@@ -131,7 +149,7 @@ class RunningCache:
     def seq_len(self) -> int:
         return self.mask.shape[1]
 
-    def step(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def step(self, lm: LanguageModel, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Read `input_ids` (B, k) with their `mask`; return the last position's logits (B, V)."""
         return self.last_logits(lm, input_ids, mask, 1)[:, -1].float()
 
@@ -160,7 +178,7 @@ class RunningCache:
         self.positions = torch.cat([self.positions, positions.cpu()], dim=1)
         return out
 
-    def cache(self, lm: Any) -> KVCache:
+    def cache(self, lm: LanguageModel) -> KVCache:
         return from_hf(self.hf, signature=lm.signature, token_ids=self.token_ids,
                        positions=self.positions, attention_mask=self.mask)
 
@@ -181,7 +199,7 @@ def check_context(lm: Any, tokens: int, new_tokens: int = 0) -> None:
 
 
 @torch.no_grad()
-def prefill(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def prefill(lm: LanguageModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
             past: KVCache | None = None, *, hook: TokenHook | None = None) -> KVCache:
     """The cache of `input_ids` (B, N) read after `past` (if any); no token is generated.
 
@@ -199,7 +217,7 @@ def prefill(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
 
 
 @torch.no_grad()
-def next_token_logits(lm: Any, past: KVCache | None, input_ids: torch.Tensor,
+def next_token_logits(lm: LanguageModel, past: KVCache | None, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, *, hook: TokenHook | None = None) -> torch.Tensor:
     """Logits (B, V) for the token after `input_ids` (B, k) read after `past`."""
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
@@ -236,7 +254,7 @@ def next_tokens(logits: torch.Tensor, gen: GenerationConfig, seen: torch.Tensor 
 
 # ---- decoding ----------------------------------------------------------------------------------
 @torch.no_grad()
-def decode(lm: Any, cache: KVCache | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def decode(lm: LanguageModel, cache: KVCache | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
            gen: GenerationConfig | Sequence[GenerationConfig], *, pad_token_id: int = 0,
            streamer: Streamer | None = None,
            on_token: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
@@ -323,7 +341,7 @@ class _RowConfigs:
     def is_eos(self, tok: torch.Tensor) -> torch.Tensor:
         return ((tok[:, None] == self.eos[None]) & self.eos_of_row).any(-1)
 
-    def hit_stop(self, lm: Any, tokens: torch.Tensor) -> torch.Tensor:
+    def hit_stop(self, lm: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) whether each row's text so far contains one of its stop strings (only the recent
         tail is decoded)."""
         tails = lm.tokenizer.batch_decode(tokens[:, -16:], skip_special_tokens=True)

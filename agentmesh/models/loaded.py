@@ -23,6 +23,12 @@ def plain_chat_text(messages: Sequence[Mapping[str, Any]], *, add_generation_pro
     return text + "assistant:" if add_generation_prompt else text
 
 
+def pad_token_id(tokenizer: Any, default: int | None = 0) -> int | None:
+    """The id a batch is padded with: the tokenizer's pad token, else its eos token, else `default`."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad) if pad is not None else default
+
+
 def _check_messages(messages: Any) -> list[dict[str, Any]]:
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]
@@ -61,6 +67,10 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(pad_token_id(self.tokenizer) or 0)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Literal
 import torch
 
 from agentmesh.cache.kv import ModelSignature
-from agentmesh.errors import ConfigError, ModelLoadError
+from agentmesh.errors import ConfigError, ModelLoadError, error_line
 from agentmesh.models.builtin import DEFAULT_MODEL, builtin_gguf_path, builtin_names, is_builtin
 from agentmesh.models.loaded import LoadedModel
 
@@ -277,11 +277,6 @@ def finish_loaded(model: Any, tokenizer: Any, *, name: str, source: str,
                        signature=ModelSignature.from_config(model.config, name), source=source)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
 def _check_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist; expected a folder with {_FOLDER_EXPECTED}")
@@ -304,11 +299,11 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises many kinds for unreadable tokenizers
-        raise ModelLoadError(f"could not load the tokenizer in {folder}: {_first_line(e)}") from e
+        raise ModelLoadError(f"could not load the tokenizer in {folder}: {error_line(e)}") from e
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except Exception as e:
-        raise ModelLoadError(f"could not load the model in {folder}: {_first_line(e)}") from e
+        raise ModelLoadError(f"could not load the model in {folder}: {error_line(e)}") from e
     return model, tokenizer
 
 
@@ -325,7 +320,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except Exception as e:
-        raise ModelLoadError(f"could not load the GGUF file {path}: {_first_line(e)}") from e
+        raise ModelLoadError(f"could not load the GGUF file {path}: {error_line(e)}") from e
     head = model.get_output_embeddings()
     if getattr(model.config, "tie_word_embeddings", False) and head is not None and head.weight.is_meta:
         # A GGUF file stores the tied embedding matrix once; after some earlier loads in the same
@@ -377,6 +372,6 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
                      "or pass a local folder") from e
         raise ModelLoadError(
             f"model {repo_id!r} (revision {revision or 'main'}) could not be fetched from the Hugging Face Hub "
-            f"and is not in the cache {cache} (no network?): {_first_line(e)}",
+            f"and is not in the cache {cache} (no network?): {error_line(e)}",
             hint="check the network and the repo id, or pass a local folder") from e
     return Path(folder)

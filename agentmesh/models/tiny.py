@@ -22,9 +22,9 @@ from typing import Any, Iterable
 
 import torch
 
-from agentmesh.errors import ConfigError, ModelLoadError
+from agentmesh.errors import ConfigError, ModelLoadError, error_line
 from agentmesh.models.builtin import DEFAULT_MODEL, builtin_gguf_path
-from agentmesh.models.loaded import LoadedModel
+from agentmesh.models.loaded import LoadedModel, pad_token_id
 from agentmesh.models.loading import finish_loaded, progress_bars
 
 TINY_ARCHS = ("qwen3", "qwen2", "llama", "gemma3")
@@ -122,7 +122,7 @@ def build_tiny_model(arch: str, tokenizer: Any, *, seed: int = 0, name: str | No
     config = tiny_config(
         arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=pad_token_id(tokenizer, default=None),
         **cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -176,7 +176,7 @@ def smollm2_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:
-        raise ModelLoadError(f"could not read the tokenizer of {gguf}: {type(e).__name__}: {e}") from e
+        raise ModelLoadError(f"could not read the tokenizer of {gguf}: {error_line(e)}") from e
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=root))
     tokenizer.save_pretrained(tmp)
     # Kept for the record (how long a cold test session pays); not part of the freshness check.

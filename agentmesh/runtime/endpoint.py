@@ -33,8 +33,8 @@ import torch
 from agentmesh.cache.kv import KVCache
 from agentmesh.models.loaded import LoadedModel
 from agentmesh.runtime.plan import FuseInput
-from agentmesh.runtime.prompts import Messages
 from agentmesh.runtime.trace import Trace
+from agentmesh.types import Messages
 
 T = TypeVar("T")
 
@@ -135,6 +135,30 @@ class Endpoint(Protocol):
     async def reading(self, req: ReadRequest, ctx: CallContext) -> KVCache | None: ...
     async def share(self, req: ShareRequest, ctx: CallContext) -> KVCache: ...
     async def text(self, req: TextRequest, ctx: CallContext, share: Sequence[ShareFn] = ()) -> TextOutput: ...
+
+
+class ForwardingEndpoint:
+    """Another endpoint, `inner`, with something added to how its caches travel: the model, fuser
+    checks, kept caches and loading stay inner's. It records the transfers of what it hands on."""
+
+    records_transfers = True
+
+    def __init__(self, inner: Endpoint):
+        self.inner = inner
+        self.agent = inner.agent
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self.inner.model
+
+    def check_fuser(self, ref: str) -> None:
+        self.inner.check_fuser(ref)
+
+    def forget(self) -> None:
+        self.inner.forget()
+
+    async def load(self, ctx: CallContext) -> None:
+        await self.inner.load(ctx)
 
 
 async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:

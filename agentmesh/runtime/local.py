@@ -8,7 +8,7 @@ in a chat session each turn prefills only what the last turn did not already rea
 from __future__ import annotations
 
 import threading
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 
@@ -24,19 +24,6 @@ from agentmesh.runtime.endpoint import (CallContext, ReadRequest, RunCancelled, 
                                         TextRequest, gather_or_cancel)
 from agentmesh.runtime.prompts import cache_ids, common_prefix, extend_ids
 from agentmesh.runtime.trace import edge_key
-
-
-def generation_config(lm: LoadedModel, generation: Mapping[str, Any]) -> GenerationConfig:
-    """The agent's generation settings with the model's EOS tokens."""
-    kw = {k: v for k, v in generation.items() if v is not None}
-    stop = kw.pop("stop", ()) or ()
-    return GenerationConfig(eos_token_ids=tuple(lm.eos_token_ids), stop=tuple(stop), **kw)
-
-
-def pad_id(lm: LoadedModel) -> int:
-    tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return int(pad if pad is not None else 0)
 
 
 def _row(ids: Sequence[int]) -> torch.Tensor:
@@ -56,7 +43,7 @@ class LocalEndpoint:
         self.dtype = dtype
         self.device = device
         self.pool = pool
-        self._lm: LoadedModel = None
+        self._lm: LoadedModel | None = None
         self._lock = threading.Lock()          # guards the caches below; never held during compute
         self._load_lock = threading.Lock()
         self._store: dict[str, KVCache] = {}   # unfused caches by slot, reusable by token prefix
@@ -256,7 +243,7 @@ class LocalEndpoint:
     def _decode(self, lm: LoadedModel, cache: KVCache | None, ids: list[int], req: TextRequest, ctx: CallContext,
                 computed: int, keep: bool) -> TextOutput:
         ctx.check()
-        gen = generation_config(lm, req.generation)
+        gen = GenerationConfig.for_model(lm, **req.generation)
         eos = set(gen.eos_token_ids)
         stream = TextDecoder(lm.tokenizer)
         first: list[float] = []
@@ -275,7 +262,7 @@ class LocalEndpoint:
 
         last = _row(ids[-1:])
         with ctx.trace.span(self.agent, "decode") as sp:
-            out = decode(lm, cache, last, torch.ones_like(last), gen, pad_token_id=pad_id(lm), on_token=on_token,
+            out = decode(lm, cache, last, torch.ones_like(last), gen, pad_token_id=lm.pad_token_id, on_token=on_token,
                          prompt_ids=_row(ids), return_cache=keep)
             sp.tokens = int(out.tokens.shape[1])
         if keep:
@@ -284,11 +271,9 @@ class LocalEndpoint:
         generated = [int(t) for t in out.tokens[0]]
         cut = next((i for i, t in enumerate(generated) if t in eos), len(generated))
         token_ids = tuple(generated[:cut])
-        text = lm.decode(list(token_ids), skip_special_tokens=True)
-        for s in gen.stop:
-            text = text.split(s, 1)[0]
+        text = gen.trim(lm.decode(list(token_ids), skip_special_tokens=True))
         finished = bool(out.finished[0]) if out.finished is not None else cut < len(generated)
-        return TextOutput(text=text.strip(), token_ids=token_ids, prompt_tokens=len(ids),
+        return TextOutput(text=text, token_ids=token_ids, prompt_tokens=len(ids),
                           prefilled_tokens=computed + 1, first_token_s=first[0] if first else None,
                           finished=finished)
 

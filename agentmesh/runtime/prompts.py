@@ -14,26 +14,26 @@ receiver of a prefix edge reads exactly `sender tokens + its own tokens` (S + R)
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
-Message = Mapping[str, str]
-Messages = tuple[dict[str, str], ...]
+from agentmesh.models.protocol import LanguageModel
+from agentmesh.types import Message
 
 
 def message(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
-def render(lm: Any, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
+def render(lm: LanguageModel, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
     """The model's chat rendering of `messages` ("" for none: an empty conversation renders nothing)."""
     if not messages:
         return ""
     return lm.chat_text([dict(m) for m in messages], add_generation_prompt=add_generation_prompt)
 
 
-def extend_ids(lm: Any, messages: Sequence[Message], *, add_generation_prompt: bool,
+def extend_ids(lm: LanguageModel, messages: Sequence[Message], *, add_generation_prompt: bool,
                base_messages: Sequence[Message] = (), base_ids: Sequence[int] = ()) -> list[int]:
     """Token ids of `messages`, reusing `base_ids`, the ids of their first `len(base_messages)` messages.
 

@@ -23,7 +23,9 @@ from typing import Any
 
 from agentmesh.c2c.alignment import same_vocabulary
 from agentmesh.cache.kv import KVCache
-from agentmesh.errors import AgentMeshError, ConfigError, RunError
+from agentmesh.errors import AgentMeshError, ConfigError, RunError, error_line
+from agentmesh.graph import Graph
+from agentmesh.models.pool import ModelPool, default_pool
 from agentmesh.runtime.endpoint import (CallContext, Endpoint, ReadRequest, RunCancelled, ShareFn, ShareRequest,
                                         TextRequest, gather_or_cancel)
 from agentmesh.runtime.events import (AgentFailed, AgentFinished, AgentStarted, Event, PhaseStarted, RunFinished,
@@ -31,9 +33,10 @@ from agentmesh.runtime.events import (AgentFailed, AgentFinished, AgentStarted, 
 from agentmesh.runtime.local import LocalEndpoint
 from agentmesh.runtime.plan import RunPlan, build_plan
 from agentmesh.models.reading import reading_messages
-from agentmesh.runtime.prompts import Messages, message
+from agentmesh.runtime.prompts import message
 from agentmesh.runtime.result import AgentResult, RunResult
 from agentmesh.runtime.trace import Trace, edge_key
+from agentmesh.types import Messages
 
 History = Mapping[str, Sequence[tuple[str, str]]]  # agent -> earlier (user prompt, its answer) turns
 EventCallback = Callable[[Event], Any]
@@ -59,7 +62,7 @@ class _Reading:
     past_messages: Messages = ()
 
 
-def make_endpoints(plan: RunPlan, pool: Any) -> dict[str, Endpoint]:
+def make_endpoints(plan: RunPlan, pool: ModelPool) -> dict[str, Endpoint]:
     """One `LocalEndpoint` per agent (models come from `pool`, so a shared model loads once)."""
     return {n: LocalEndpoint(n, a.model_ref, pool=pool, dtype=a.dtype, device=a.device, adapter=a.adapter)
             for n, a in plan.agents.items()}
@@ -68,14 +71,13 @@ def make_endpoints(plan: RunPlan, pool: Any) -> dict[str, Endpoint]:
 def _describe(error: BaseException) -> str:
     if isinstance(error, AgentMeshError):
         return error.message  # the hint travels separately, on the RunError
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    return error_line(error)
 
 
 class _Run:
     """The state of one run: one memoised task per (work, agent), the results so far."""
 
-    def __init__(self, graph: Any, plan: RunPlan, endpoints: Mapping[str, Endpoint], inputs: Mapping[str, str],
+    def __init__(self, graph: Graph, plan: RunPlan, endpoints: Mapping[str, Endpoint], inputs: Mapping[str, str],
                  history: History, trace: Trace, emit: Callable[[Event], None]):
         self.graph = graph
         self.plan = plan
@@ -342,7 +344,7 @@ def _emitter(on_event: EventCallback | None) -> Callable[[Event], None]:
     return emit
 
 
-async def arun_graph(graph: Any, inputs: str | Mapping[str, str] | None = None, *, pool: Any = None,
+async def arun_graph(graph: Graph, inputs: str | Mapping[str, str] | None = None, *, pool: ModelPool | None = None,
                      trace: bool = True, on_event: EventCallback | None = None, timeout: float | None = None,
                      endpoints: Mapping[str, Endpoint] | None = None, history: History | None = None,
                      validate: bool = True) -> RunResult:
@@ -357,8 +359,6 @@ async def arun_graph(graph: Any, inputs: str | Mapping[str, str] | None = None, 
     values = graph.resolve_inputs(inputs)
     if endpoints is None:
         if pool is None:
-            from agentmesh.models.pool import default_pool
-
             pool = default_pool()
         endpoints = make_endpoints(plan, pool)
     missing = [n for n in plan.agents if n not in endpoints]
@@ -407,12 +407,12 @@ def run_sync(make: Callable[[], Any]) -> Any:
         return pool.submit(lambda: asyncio.run(make())).result()
 
 
-def run_graph(graph: Any, inputs: str | Mapping[str, str] | None = None, **opts: Any) -> RunResult:
+def run_graph(graph: Graph, inputs: str | Mapping[str, str] | None = None, **opts: Any) -> RunResult:
     """`arun_graph` for synchronous code; works inside a running event loop too (via a thread)."""
     return run_sync(lambda: arun_graph(graph, inputs, **opts))
 
 
-async def stream_graph(graph: Any, inputs: str | Mapping[str, str] | None = None,
+async def stream_graph(graph: Graph, inputs: str | Mapping[str, str] | None = None,
                        **opts: Any) -> AsyncIterator[Event]:
     """Run `graph` and yield its events as they come; the last one is `RunFinished(result)`."""
     queue: asyncio.Queue[Event] = asyncio.Queue()

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from agentmesh.graph import Graph
+from agentmesh.models.pool import ModelPool, default_pool
 from agentmesh.runtime.endpoint import Endpoint
 from agentmesh.runtime.events import Event, RunFinished
 from agentmesh.runtime.plan import build_plan
@@ -22,14 +24,12 @@ from agentmesh.runtime.scheduler import EventCallback, arun_graph, make_endpoint
 class ChatSession:
     """`session.send("hi")` -> `RunResult`; the next `send` continues the same conversation."""
 
-    def __init__(self, graph: Any, *, pool: Any = None, inputs: Mapping[str, str] | None = None,
+    def __init__(self, graph: Graph, *, pool: ModelPool | None = None, inputs: Mapping[str, str] | None = None,
                  timeout: float | None = None, endpoints: Mapping[str, Endpoint] | None = None):
         self.graph = graph
         self.plan = build_plan(graph)
         if endpoints is None:
             if pool is None:
-                from agentmesh.models.pool import default_pool
-
                 pool = default_pool()
             endpoints = make_endpoints(self.plan, pool)
         self.endpoints = dict(endpoints)

@@ -12,11 +12,11 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agentmesh.errors import ConfigError
+from agentmesh.errors import ConfigError, error_line
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 Shape = Literal["auto", "mmlu_redux", "arc", "openbookqa", "gsm8k", "context"]
@@ -180,11 +180,11 @@ def parse_rows(rows: Iterable[dict[str, Any]], *, shape: str = "auto", source: s
 
 
 # ---- sources -----------------------------------------------------------------------------------
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def iter_jsonl(path: str | Path, what: str = "dataset file") -> Iterator[tuple[str, dict[str, Any]]]:
+    """("FILE:LINE", record) for every non-blank line of a JSONL file; each record must be an object."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"dataset file {path} does not exist; give a JSONL file with one record per line")
-    rows = []
+        raise ConfigError(f"{what} {path} does not exist; give a JSONL file with one record per line")
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -195,8 +195,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 raise ConfigError(f"{path}:{n} is not valid JSON ({e.msg}); expected one JSON object per line") from None
             if not isinstance(row, dict):
                 raise ConfigError(f"{path}:{n} is a {type(row).__name__}; expected a JSON object")
-            rows.append(row)
-    return rows
+            yield f"{path}:{n}", row
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [row for _, row in iter_jsonl(path)]
 
 
 def load_jsonl(path: str | Path, *, shape: str = "auto") -> list[Item]:
@@ -229,10 +232,9 @@ def load_hf(name: str, config: str | Sequence[str] | None = None, *, split: str 
         try:
             rows = hf_datasets.load_dataset(name, cfg, **kwargs)
         except Exception as e:  # datasets raises many unrelated types; name the dataset in one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if _hub_offline() else ""
             raise ConfigError(f"cannot load Hugging Face dataset {name!r} config {cfg!r} split {split!r}"
-                              f"{offline}: {first}") from None
+                              f"{offline}: {error_line(e)}") from None
         label = f"{name}/{cfg}" if cfg else name
         items.extend(parse_rows((dict(r) for r in rows), shape=shape, source=label, subject=cfg or ""))
     return items

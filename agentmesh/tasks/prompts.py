@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from agentmesh.tasks.datasets import LETTERS, Item
+from agentmesh.types import Messages
 
-Messages = list[dict[str, str]]
 
 # spec §8, one user turn; for 4 choices "{letters}" is "A/B/C/D" as published.
 MC_TEMPLATE = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import accumulate
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -16,7 +17,7 @@ from agentmesh.c2c.fuser import Fuser, FuserConfig
 from agentmesh.c2c.projector import dtype_name, parse_dtype
 from agentmesh.c2c.registry import build_projector
 from agentmesh.cache.kv import ModelSignature
-from agentmesh.errors import CheckpointError, ConfigError
+from agentmesh.errors import CheckpointError, ConfigError, error_line
 
 FuserRef = str | Path
 
@@ -24,19 +25,13 @@ DEFAULT_ALIGNMENT: str = FuserConfig.__dataclass_fields__["alignment"].default
 ALIGNMENTS = ("last", "first", "longest")  # how a sharer's tokens are gathered onto the receiver's
 # A fuser's JSON files are kilobytes and no transformer has a thousand layers: a file that claims
 # more is damaged or hostile, and is refused before it can make anything allocate.
-MAX_JSON_BYTES = 16 * 1024 * 1024
+MAX_JSON_BYTES = 1024 * 1024
+MAX_JSON_DEPTH = 32
 MAX_LAYERS = 1024
 PROJECTOR_DIMS = ("source_dim", "source_num_heads", "target_dim", "target_num_heads")
 # Elements a projector may hold beyond its stored weights (non-persistent buffers).
 _UNSTORED_ELEMENTS = 1 << 20
 _SHOW = 4  # how many keys an error lists before "..."
-
-
-def first_line(error: BaseException) -> str:
-    """The error's first sentence, short enough for a one-line message."""
-    lines = str(error).strip().splitlines()
-    text = lines[0].split(". ")[0] if lines else ""
-    return f"{type(error).__name__}: {text if len(text) <= 160 else text[:157] + '...'}"
 
 
 def list_keys(keys: Sequence[str]) -> str:
@@ -74,6 +69,17 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _depth(text: str) -> int:
+    """How deeply `text`'s arrays and objects nest (strings ignored), found without recursing:
+    a parser recursing into a hostile file would exhaust the interpreter's stack."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(1 if c in "[{" else -1 for c in brackets), default=0)
+
+
 def read_json(path: Path, what: str) -> Any:
     """The parsed JSON file; every problem (size, duplicate keys, nesting, syntax) is one line."""
     if not path.is_file():
@@ -82,15 +88,15 @@ def read_json(path: Path, what: str) -> Any:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
             raise CheckpointError(f"{path} is {size:,} bytes; expected {what}, at most {MAX_JSON_BYTES:,} bytes")
-        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys,
-                          parse_constant=_no_constant)
+        text = path.read_text(encoding="utf-8")
+        if _depth(text) > MAX_JSON_DEPTH:
+            raise CheckpointError(f"{path} nests more than {MAX_JSON_DEPTH} levels deep; expected {what}")
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except _DuplicateKey as e:
         raise CheckpointError(f"{path}: key {e.args[0]!r} appears twice in one object; expected {what} with "
                               "each key once") from None
-    except RecursionError:
-        raise CheckpointError(f"{path} nests too deeply to be {what}") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({first_line(e)}); expected {what}") from None
+        raise CheckpointError(f"{path} is not valid JSON ({error_line(e)}); expected {what}") from None
 
 
 def count(value: Any, what: str, where: str, *, low: int = 1, high: int | None = None) -> int:
@@ -117,7 +123,7 @@ def signature_from_json(data: Any, where: str) -> ModelSignature:
     try:
         return ModelSignature.from_dict(data)
     except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{where}: rotary is malformed ({first_line(e)})") from None
+        raise CheckpointError(f"{where}: rotary is malformed ({error_line(e)})") from None
 
 
 def describe(sig: ModelSignature) -> str:
@@ -197,7 +203,7 @@ def meta_projector(name: str, args: dict[str, Any], where: str, *, stored: Mappi
         raise CheckpointError(f"{where}: {e.message}") from None
     except Exception as e:  # a projector class rejecting its arguments in its own way
         raise CheckpointError(f"{where}: projector {name!r} could not be built from its init_args "
-                              f"({first_line(e)})") from None
+                              f"({error_line(e)})") from None
     if stored is not None:
         check_shapes({k: tuple(t.shape) for k, t in module.state_dict().items()}, stored, file, prefix,
                      type(module).__name__)
@@ -218,7 +224,7 @@ def materialise(module: nn.Module, name: str, args: dict[str, Any], where: str) 
         return module.to_empty(device="cpu")
     except Exception as e:  # a projector class failing in its own way
         raise CheckpointError(f"{where}: projector {name!r} could not be built from its init_args "
-                              f"({first_line(e)})") from None
+                              f"({error_line(e)})") from None
 
 
 def check_shapes(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]], file: str,
@@ -248,7 +254,7 @@ def load_strict(module: nn.Module, state: Any, file: str, prefix: str = "") -> N
     try:
         module.load_state_dict(dict(state), strict=True)
     except Exception as e:
-        raise CheckpointError(f"{file}: the weights could not be loaded ({first_line(e)})") from None
+        raise CheckpointError(f"{file}: the weights could not be loaded ({error_line(e)})") from None
 
 
 def check_projector_dims(args: dict[str, Any], receiver: ModelSignature, sharer: ModelSignature,

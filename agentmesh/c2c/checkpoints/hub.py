@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agentmesh.c2c.checkpoints.common import FuserRef, first_line
+from agentmesh.c2c.checkpoints.common import FuserRef
 from agentmesh.c2c.checkpoints.published import DEFAULT_SUBFOLDER, PUBLISHED_PAIRS, PUBLISHED_REPO
-from agentmesh.errors import CheckpointError
+from agentmesh.errors import CheckpointError, error_line
 
 
 def parse_hub_ref(ref: str) -> tuple[str, str, str | None]:
@@ -46,7 +46,7 @@ def download_pair(repo_id: str, pair: str, *, revision: str | None = None, subfo
                 "be downloaded", hint="download it once with network access (agentmesh fuser pull), point "
                 "HF_HOME/HF_HUB_CACHE at a cache that has it, or pass a local pair folder") from None
         raise CheckpointError(f"fuser {where} could not be downloaded and is not in the cache {cache} "
-                              f"({first_line(e)})", hint="check the network and the pair name") from None
+                              f"({error_line(e)})", hint="check the network and the pair name") from None
     folder = Path(root) / pair
     if not (folder / "config.json").is_file():
         known = "" if pair in PUBLISHED_PAIRS else f"; known pairs: {', '.join(PUBLISHED_PAIRS)}"

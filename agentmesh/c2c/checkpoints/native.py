@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from agentmesh.c2c.checkpoints.common import (ALIGNMENTS, MAX_LAYERS, FuserRef, check_projector_dims, check_signatures,
-                                              count, first_line, fuser_model_ids, load_strict, make_fuser, materialise,
+                                              count, fuser_model_ids, load_strict, make_fuser, materialise,
                                               meta_projector, normalise_args, ranges, read_json, short,
                                               signature_from_json)
 from agentmesh.c2c.fuser import Fuser, FuserConfig, Route
@@ -27,7 +27,7 @@ from agentmesh.c2c.layer_map import LAYER_MAPS
 from agentmesh.c2c.projector import dtype_name
 from agentmesh.c2c.registry import projector_name
 from agentmesh.cache.kv import ModelSignature
-from agentmesh.errors import AgentMeshError, CheckpointError, ConfigError
+from agentmesh.errors import AgentMeshError, CheckpointError, ConfigError, error_line
 
 FORMAT_NAME = "agentmesh-fuser"
 # 2: `layout` records the fusion mode and where the sharer's keys are rotated to (version-1 files
@@ -162,7 +162,7 @@ def save_fuser(fuser: Fuser, folder: FuserRef, *, provenance: Mapping[str, Any] 
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"cannot create fuser folder {folder}: {first_line(e)}") from None
+        raise CheckpointError(f"cannot create fuser folder {folder}: {error_line(e)}") from None
     cfg = fuser.config
     receiver_id, sharer_id = fuser_model_ids(fuser)
     prov = dict(cfg.provenance)
@@ -212,7 +212,7 @@ def save_fuser(fuser: Fuser, folder: FuserRef, *, provenance: Mapping[str, Any] 
     except Exception as e:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write the fuser to {folder}: {first_line(e)}") from None
+        raise CheckpointError(f"could not write the fuser to {folder}: {error_line(e)}") from None
     return folder
 
 
@@ -265,7 +265,7 @@ def _stored_tensors(weights_path: Path, n: int) -> dict[int, dict[str, tuple[tup
                     size *= d
                 grouped[int(m[1])][m[2]] = (shape, size)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({first_line(e)})") from None
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({error_line(e)})") from None
     return grouped
 
 
@@ -331,7 +331,7 @@ def load_fuser(folder: FuserRef, *, receiver_signature: ModelSignature | None = 
     try:
         tensors = load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({first_line(e)})") from None
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({error_line(e)})") from None
     grouped: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(len(projectors))}
     for key, t in tensors.items():
         index, _, name = key.removeprefix("projectors.").partition(".")

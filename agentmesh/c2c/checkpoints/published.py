@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from agentmesh.c2c.checkpoints.common import (DEFAULT_ALIGNMENT, MAX_LAYERS, PROJECTOR_DIMS, FuserRef,
-                                              check_projector_dims, count, describe, first_line, inferred_signature,
+                                              check_projector_dims, count, describe, inferred_signature,
                                               load_strict, local_signature, make_fuser, materialise, meta_projector, normalise_args,
                                               ranges, read_json, short)
 from agentmesh.c2c.fuser import Fuser, FuserConfig, Route
 from agentmesh.c2c.layer_map import LAYER_MAPS
 from agentmesh.c2c.registry import projector_class, projector_name
 from agentmesh.cache.kv import ModelSignature
-from agentmesh.errors import CheckpointError, ConfigError
+from agentmesh.errors import CheckpointError, ConfigError, error_line
 
 PUBLISHED_REPO = "nics-efc/C2C_Fuser"
 DEFAULT_SUBFOLDER = "final"
@@ -265,7 +265,7 @@ def load_published(folder: FuserRef, *, receiver_signature: ModelSignature | Non
         try:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as e:  # zip/pickle/EOF errors of a truncated or foreign file
-            raise CheckpointError(f"{weights_path} is not a torch-saved state dict ({first_line(e)}); expected "
+            raise CheckpointError(f"{weights_path} is not a torch-saved state dict ({error_line(e)}); expected "
                                   f"the weights of projector {i} saved with torch.save(state_dict)") from None
         load_strict(module, state, str(weights_path))
         projectors.append(module.eval())

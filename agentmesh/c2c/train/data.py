@@ -3,6 +3,7 @@ tokens of each chat; batches; and the seeded order in which a run reads them."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ import torch
 from agentmesh.c2c.model import C2CModel, SharerInput
 from agentmesh.models.reading import reading_ids
 from agentmesh.c2c.train.recipe import DataRecipe
-from agentmesh.errors import ConfigError
+from agentmesh.errors import ConfigError, error_line
 from agentmesh.models.inference import pad_sequences
+from agentmesh.tasks.datasets import iter_jsonl
 
 IGNORE_INDEX = -100
 # OpenHermes-2.5 speaker names -> chat roles.
@@ -70,20 +72,7 @@ def chat_row(raw: Any, where: str = "row") -> ChatRow | None:
 
 
 def _read_jsonl(path: Path, limit: int | None) -> list[tuple[str, Any]]:
-    if not path.is_file():
-        raise ConfigError(f"data file {path} does not exist")
-    rows = []
-    with path.open("rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}:{n}", orjson.loads(line)))
-            except orjson.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e})") from None
-            if limit is not None and len(rows) >= limit:
-                break
-    return rows
+    return list(itertools.islice(iter_jsonl(path, "data file"), limit))
 
 
 def _read_hf(data: DataRecipe) -> list[tuple[str, Any]]:
@@ -97,7 +86,7 @@ def _read_hf(data: DataRecipe) -> list[tuple[str, Any]]:
         ds = datasets.load_dataset(data.dataset, data.dataset_config, split=split)
     except Exception as e:  # the datasets library raises many types; report one line
         raise ConfigError(f"could not load data.dataset {data.dataset!r} split {split!r}: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                          f"{error_line(e)}") from None
     return [(f"{data.dataset}[{i}]", row) for i, row in enumerate(ds)]
 
 
@@ -182,11 +171,6 @@ def prepend_context(given: SharerInput, context_ids: Sequence[Sequence[int]], pa
     return SharerInput(ids, mask, gather)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad if pad is not None else 0)
-
-
 def answer_token_ids(lm: Any, prompt: Sequence[Mapping[str, str]], answer: str,
                      prompt_ids: Sequence[int]) -> list[int]:
     """The receiver's tokens of `answer` as its chat template writes the final turn, through the
@@ -222,7 +206,7 @@ def tokenize_rows(rows: Sequence[ChatRow], receiver: Any, sharer: Any, *, sharer
 
 def collate(examples: Sequence[Example], c2c: C2CModel, *, sharer_context: bool) -> Batch:
     receiver, sharer = c2c.receiver, c2c.sharers[0]
-    r_pad = _pad_id(receiver.tokenizer)
+    r_pad = receiver.pad_token_id
     if c2c.shares_vocab[0]:
         ids, mask = pad_sequences([e.prompt_ids for e in examples], r_pad)      # (B, P)
         given = SharerInput(ids[:, :-1], mask[:, :-1]) if sharer_context else None
@@ -230,7 +214,7 @@ def collate(examples: Sequence[Example], c2c: C2CModel, *, sharer_context: bool)
         ids, mask, inputs = c2c.encode_chat([list(e.row.prompt) for e in examples])
         given = inputs[0] if inputs else None
     if sharer_context:
-        given = prepend_context(given, [e.context_ids for e in examples], _pad_id(sharer.tokenizer))
+        given = prepend_context(given, [e.context_ids for e in examples], sharer.pad_token_id)
     width = max(len(e.answer_ids) for e in examples)
     answer = torch.full((len(examples), width), r_pad, dtype=torch.long)         # (B, A)
     answer_mask = torch.zeros_like(answer)

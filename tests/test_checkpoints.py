@@ -38,7 +38,7 @@ def _dims(cfg: dict[str, Any]) -> tuple[int, int, int]:
 
 def write_published(folder: Path, receiver: Path, sharer: Path, rcfg: dict[str, Any], scfg: dict[str, Any], *,
                     seed: int = 0, alignment: bool = False) -> Path:
-    """A pair folder byte-for-byte in the published layout (spec §6), bf16 projectors of width 32."""
+    """A pair folder byte-for-byte in the published layout, bf16 projectors of width 32."""
     (lt, ht, dt), (ls, hs, ds) = _dims(rcfg), _dims(scfg)
     final = folder / "final"
     final.mkdir(parents=True)

@@ -325,26 +325,43 @@ def test_payload_from_another_model_is_rejected():
         decode_cache(payload, expected=shallow)
 
 
-def test_failed_decode_leaves_the_receivers_cache_untouched():
-    receiver = make_cache(torch.bfloat16, seed=1)
-    snapshot = receiver.clone()
-    incoming = bytearray(encode_cache(make_cache(torch.bfloat16, seed=2), dtype="bf16"))
-    incoming[-1] ^= 0xFF
+def test_a_cache_damaged_on_the_link_never_reaches_the_receiver():
+    # A LinkedEndpoint decodes what crossed the link, checked against the signature, before any
+    # receiver sees it: a flipped byte is a CodecError, and the sender's own cache is unchanged.
+    import asyncio
 
-    def accept(current: KVCache, payload: bytes) -> KVCache:
-        """What a receiver does: replace its span with the incoming cache, or keep its own."""
-        try:
-            other = decode_cache(payload, expected=SIG)
-        except CodecError:
-            return current
-        return current.replace(keys=other.keys, values=other.values)
+    from agentmesh.mesh.linked import LinkedEndpoint
+    from agentmesh.runtime.endpoint import CallContext, ReadRequest, ShareRequest
+    from agentmesh.runtime.trace import Trace
+    from agentmesh.transport.link import InProcessLink
 
-    kept = accept(receiver, bytes(incoming))
-    assert kept is receiver
-    assert_same(receiver, snapshot)
-    changed = accept(receiver, encode_cache(make_cache(torch.bfloat16, seed=2), dtype="bf16"))
-    assert not torch.equal(changed.keys[0], snapshot.keys[0])
-    assert_same(receiver, snapshot)
+    class FlippingLink(InProcessLink):
+        async def send(self, channel, payload, **kw):
+            data = bytearray(payload)
+            data[-1] ^= 0xFF
+            return await super().send(channel, bytes(data), **kw)
+
+    class Sharer:  # the parts of an endpoint LinkedEndpoint.share uses
+        agent = "sharer"
+        cache = make_cache(torch.bfloat16, batch=1, seed=2)
+
+        async def share(self, req, ctx):
+            return self.cache
+
+    snapshot = Sharer.cache.clone()
+    span = torch.ones(1, 7, dtype=torch.long)
+    req = ShareRequest(receiver="receiver", reading=ReadRequest(), span_ids=span, span_mask=span, keep_last=7)
+
+    async def share(link_type):
+        async with link_type(default_timeout=10) as link:
+            return await LinkedEndpoint(Sharer(), link).share(req, CallContext("sharer", Trace()))
+
+    with pytest.raises(CodecError, match="corrupted"):
+        asyncio.run(share(FlippingLink))
+    assert_same(Sharer.cache, snapshot)
+    arrived = asyncio.run(share(InProcessLink))
+    assert arrived is not Sharer.cache
+    assert_same(arrived, snapshot)
 
 
 def test_bad_encode_arguments_are_codec_errors():

@@ -135,7 +135,12 @@ def test_sampling_is_seeded(models, prompts):
     ids, mask = prompts
     model = C2CModel(receiver, [qwen2], [make_fuser(receiver, qwen2, gate=1.0)])
     kw = dict(max_new_tokens=NEW, do_sample=True, temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.2)
-    assert torch.equal(model.generate(ids, mask, seed=7, **kw), model.generate(ids, mask, seed=7, **kw))
+    first = model.generate(ids, mask, seed=7, **kw)
+    assert torch.equal(first, model.generate(ids, mask, seed=7, **kw))
+    # Sampling is really on: other seeds draw other tokens, and the draws leave the greedy path.
+    draws = {tuple(model.generate(ids, mask, seed=seed, **kw).flatten().tolist()) for seed in range(8)}
+    greedy = tuple(model.generate(ids, mask, max_new_tokens=NEW).flatten().tolist())
+    assert len(draws) > 1 and draws != {greedy}
 
 
 def test_gemma3_receiver_and_chat(tiny_model_factory):

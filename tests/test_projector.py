@@ -1,4 +1,4 @@
-"""C2CProjector (spec §2), the projector registry and layer maps (spec §3)."""
+"""C2CProjector, the projector registry and layer maps."""
 from __future__ import annotations
 
 import io

@@ -1,7 +1,7 @@
 """Benchmark 3: fused generation throughput at batch `batch` against batch 1.
 
 `C2CModel.generate` with one sharer and its fuser (the standard layout: the sharer prefills the
-same prompt span, spec §4) on context-task questions, left-padded into one batch; every row
+same prompt span) on context-task questions, left-padded into one batch; every row
 writes exactly `new_tokens` tokens (EOS ignored). Reported per batch size:
     end to end: new tokens / wall time of `generate` (fused prefill + decoding), the target;
     decoding:   new tokens / wall time of decoding alone, from an already fused cache.

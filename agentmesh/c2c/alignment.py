@@ -48,7 +48,6 @@ _EMPTY = (0, 0)
 _PLACEHOLDER = "\ue000{}\ue001"
 
 
-# ---- rendering -------------------------------------------------------------------------------
 def _is_model(obj: Any) -> bool:
     """A `LoadedModel` (or look-alike): it renders its own chat text."""
     return hasattr(obj, "chat_text") and hasattr(obj, "tokenizer")
@@ -101,7 +100,6 @@ def _check_messages(conversation: Messages) -> list[dict[str, Any]]:
     return out
 
 
-# ---- locating message contents in a rendering -------------------------------------------------
 @dataclass(frozen=True)
 class ContentSpan:
     """Where one message's content sits in a rendered text.
@@ -205,7 +203,6 @@ def locate_contents(render: Callable[[Messages], str], messages: Messages,
     return text, spans if spans is not None else _locate_by_search(msgs, text)
 
 
-# ---- tokenization with offsets ---------------------------------------------------------------
 @dataclass(frozen=True)
 class _Tokenized:
     text: str
@@ -294,7 +291,6 @@ def _message_of_overlap(tok: _Tokenized, t: int) -> int:
     return -1
 
 
-# ---- the alignment ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TokenAlignment:
     """One conversation tokenized by a receiver and a sharer, position by position (batch of one).
@@ -356,7 +352,7 @@ class TokenAlignment:
 
 
 def same_vocabulary(tok_a: Any, tok_b: Any, *, allow_extension: bool = False) -> bool:
-    """Whether the two tokenizers give every token id the same meaning (spec §5).
+    """Whether the two tokenizers give every token id the same meaning.
 
     Strict: identical vocabularies and identical special tokens (id and text). With
     `allow_extension`, one may also add tokens the other lacks (Qwen3 adds ``<think>`` and a few
@@ -529,7 +525,6 @@ def align(receiver: Any, sharer: Any, conversation: Messages | str, *, add_gener
     return _reference_alignment(r, s, r_tok, s_tok, method)
 
 
-# ---- the reference's 1-to-1 re-encoding ------------------------------------------------------
 def _decode_one(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
@@ -587,7 +582,6 @@ def reference_map(receiver_tokenizer: Any, sharer_tokenizer: Any, receiver_ids: 
     return out
 
 
-# ---- batches ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AlignedBatch:
     """Several alignments padded into tensors, ready for a sharer prefill and a K/V gather.

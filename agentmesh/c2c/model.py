@@ -25,7 +25,6 @@ from agentmesh.models.protocol import LanguageModel
 from agentmesh.types import FusionMode, Messages, check_fusion_mode
 
 
-
 @dataclass(frozen=True)
 class SharerInput:
     """What one sharer reads for a batch, already in its own token ids.
@@ -71,7 +70,7 @@ class C2CModel:
             raise ConfigError(f"C2CModel got fusers of fusions {kinds}; all fusers of one receiver must fuse the "
                               "same tokens ('prompt' or 'prompt+response')")
         self.fusion: Fusion = kinds[0] if kinds else "prompt"  # type: ignore[assignment]
-        # Whether each sharer can read the receiver's token ids as they are (spec §5).
+        # Whether each sharer can read the receiver's token ids as they are.
         # A sharer whose vocabulary only lacks some of the receiver's added tokens (Qwen2.5 against
         # Qwen3's <think> tokens) still reads the receiver's ids, as the published fusers were trained.
         self.shares_vocab = tuple(same_vocabulary(receiver.tokenizer, s.tokenizer, allow_extension=True)
@@ -98,7 +97,6 @@ class C2CModel:
     def tokenizer(self) -> Any:
         return self.receiver.tokenizer
 
-    # ---- the three steps -----------------------------------------------------------------------
     def sharer_span(self, index: int, span_ids: torch.Tensor, span_mask: torch.Tensor,
                     given: SharerInput | None = None) -> SharerSpan:
         """Prefill sharer `index` and return its cache aligned to the receiver span (B, N)."""
@@ -163,7 +161,6 @@ class C2CModel:
         cache, rest, rest_mask, hook = self.start(ids, mask, sharer_inputs)
         return next_token_logits(self.receiver, cache, rest, rest_mask, hook=hook)
 
-    # ---- generation ----------------------------------------------------------------------------
     def generation_config(self, **overrides: Any) -> GenerationConfig:
         """Defaults for this receiver (its EOS tokens), with `overrides` applied."""
         return GenerationConfig.for_model(self.receiver, **overrides)

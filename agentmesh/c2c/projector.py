@@ -1,4 +1,4 @@
-"""`C2CProjector`: projects one sharer layer's K/V into one receiver layer's space (spec §2).
+"""`C2CProjector`: projects one sharer layer's K/V into one receiver layer's space.
 
 Parameter names and shapes match the published `projector_i.pt` files, so those load with
 `strict=True`. Keys and values have separate, identical branches named `key_*` and `value_*`.

@@ -116,7 +116,6 @@ class KVCache:
                     f"KVCache layer {self.layer_ids[i]}: keys {tuple(k.shape)} and values "
                     f"{tuple(v.shape)} must both be (batch, heads, tokens, head_dim)")
 
-    # ---- shape facts -------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
         return len(self.keys)
@@ -156,7 +155,6 @@ class KVCache:
             raise CacheError(f"KVCache holds layers {list(self.layer_ids)}, not layer {layer_id}") from None
         return self.keys[i], self.values[i]
 
-    # ---- derived caches ----------------------------------------------------------------------
     def replace(self, **changes: Any) -> "KVCache":
         return replace(self, **changes)
 

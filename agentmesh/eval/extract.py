@@ -1,6 +1,6 @@
 """Answer extraction from generated text, and grading against an item's gold answer.
 
-Letters follow spec §8: an "answer is X" pattern first, then a lone letter. Numbers: an
+Letters follow the published evaluation: an "answer is X" pattern first, then a lone letter. Numbers: an
 "answer is N" pattern first, then the last number in the text. Short answers: the normalized gold
 span must occur, as whole words, in the normalized text.
 """

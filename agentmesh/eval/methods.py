@@ -114,7 +114,7 @@ class SharerOnly:
 
 @dataclass
 class TextToText:
-    """Spec §8 T2T: the sharer writes background (<= `background_tokens`), the receiver answers
+    """Text-to-text, as the C2C paper evaluates it: the sharer writes background (<= `background_tokens`), the receiver answers
     with it. Bytes exchanged are the UTF-8 bytes of the background text."""
 
     sharer: Generator

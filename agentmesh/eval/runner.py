@@ -93,7 +93,6 @@ def load_config(path: str | Path) -> EvalConfig:
     return parse_config(read_yaml(path, "eval config"), source=str(path))
 
 
-# ---- building the methods over real models ------------------------------------------------------
 def load_fuser(ref: str, receiver: Any, sharer: Any) -> Any:
     """The trained fuser at `ref`, checked against (receiver, sharer)."""
     from agentmesh.c2c.checkpoints import load_any
@@ -143,7 +142,6 @@ def build_methods(config: EvalConfig, pool: Any = None) -> list[Method]:
     return methods
 
 
-# ---- running ------------------------------------------------------------------------------------
 def run_item(method: Method, item: Item) -> ItemResult:
     """One method on one item, graded; never raises for the method's own failures."""
     out = run_safely(method, item)

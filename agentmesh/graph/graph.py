@@ -39,10 +39,6 @@ CacheMode = Literal["fuse", "prefix"]
 MAX_CONTEXT_BYTES = 8_000_000
 
 
-# ----------------------------------------------------------------------------------------------
-# Plain data
-
-
 @dataclass
 class Agent:
     """One agent. `model` is a model alias of the graph or a model ref; None = the embedded default.
@@ -155,10 +151,6 @@ class FuserRef:
     decl: FuserDecl | None = None
 
 
-# ----------------------------------------------------------------------------------------------
-# Graph
-
-
 def _looks_like_path(ref: str) -> bool:
     return ref.startswith(("./", "../", "/", "~", "hf://")) or "/" in ref or "\\" in ref or ref.endswith(".gguf")
 
@@ -184,8 +176,6 @@ class Graph:
         self.outputs: list[str] | None = None
         # Set when the graph came from a file, so that errors can name file and line.
         self.source: SourceMap | None = None
-
-    # -- building ------------------------------------------------------------------------------
 
     def agent(self, name: str, *, model: str | None = None, role: str | None = None, context: str | None = None,
               context_file: str | Path | None = None, prompt: str | None = None, max_new_tokens: int = 128,
@@ -290,8 +280,6 @@ class Graph:
         self.edges.append(edge)
         return edge
 
-    # -- structure -----------------------------------------------------------------------------
-
     @property
     def nx(self) -> nx.DiGraph:
         """A fresh networkx view: nodes are agent names (attr `agent`), edges carry attr `edge`.
@@ -373,8 +361,6 @@ class Graph:
         if name not in self.agents:
             raise GraphError(f"graph {self.name!r} has no agent {name!r}", hint=choices_hint(name, self.agents, "agents"))
         return name
-
-    # -- resolution (what the scheduler asks) ----------------------------------------------------
 
     @property
     def root(self) -> Path:
@@ -487,8 +473,6 @@ class Graph:
                                      hint="pass it to run(), or give it a default under inputs:")
         return values
 
-    # -- validation and conversion ---------------------------------------------------------------
-
     def to_spec(self) -> GraphSpec:
         """The pipeline-file form of this graph (checked by the schema)."""
         return spec_from_data(self._to_data(), self.source or self._label)
@@ -550,8 +534,6 @@ class Graph:
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
         return text
-
-    # -- misc ------------------------------------------------------------------------------------
 
     @property
     def _label(self) -> str:

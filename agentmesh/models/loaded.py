@@ -55,7 +55,6 @@ class LoadedModel:
     signature: ModelSignature
     source: str
 
-    # ---- facts -------------------------------------------------------------------------------
     @property
     def config(self) -> Any:
         return self.model.config
@@ -105,7 +104,6 @@ class LoadedModel:
             return None
         return tid if self.tokenizer.convert_ids_to_tokens(tid) == token else None
 
-    # ---- text <-> ids ------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without special tokens (no bos/eos added)."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -115,7 +113,6 @@ class LoadedModel:
             ids = ids.reshape(-1).tolist()
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    # ---- chat --------------------------------------------------------------------------------
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))

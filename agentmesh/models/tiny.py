@@ -69,7 +69,6 @@ _DEFAULT_CORPUS = (
 )
 
 
-# ---- configs and models --------------------------------------------------------------------------
 def tiny_config(
     arch: str,
     *,
@@ -143,7 +142,6 @@ def save_tiny_model(path: str | Path, arch: str, tokenizer: Any, *, seed: int = 
     return path
 
 
-# ---- tokenizers ----------------------------------------------------------------------------------
 def default_tokenizer_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "agentmesh" / "tokenizers"
 

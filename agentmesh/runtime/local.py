@@ -50,7 +50,6 @@ class LocalEndpoint:
         self._fused: KVCache | None = None     # this agent's fused prompt span (receivers of fuse edges)
         self._fusers: dict[str, Fuser] = {}
 
-    # ---- model ------------------------------------------------------------------------------------
     @property
     def model(self) -> LoadedModel | None:
         """The loaded model (None before `load`)."""
@@ -81,7 +80,6 @@ class LocalEndpoint:
         if not ref.startswith("hf://"):  # a hub ref may need a download: `text` fetches it
             locate(ref)
 
-    # ---- caches ----------------------------------------------------------------------------------
     def forget(self) -> None:
         """Drop every kept cache (a chat session calls this on reset)."""
         with self._lock:
@@ -126,7 +124,6 @@ class LocalEndpoint:
         self._put(slot, cache)
         return cache, len(ids) - n
 
-    # ---- token ids --------------------------------------------------------------------------------
     @staticmethod
     def _reading_ids(lm: LoadedModel, req: ReadRequest) -> list[int]:
         return extend_ids(lm, req.messages, add_generation_prompt=False, base_messages=req.past_messages,
@@ -137,7 +134,6 @@ class LocalEndpoint:
         return extend_ids(lm, req.messages, add_generation_prompt=True, base_messages=req.past_messages,
                           base_ids=cache_ids(req.past))
 
-    # ---- reading and sharing ----------------------------------------------------------------------
     async def reading(self, req: ReadRequest, ctx: CallContext) -> KVCache | None:
         lm = await self._model(ctx)
 
@@ -168,7 +164,6 @@ class LocalEndpoint:
 
         return await ctx.in_thread(work)
 
-    # ---- generating ---------------------------------------------------------------------------------
     def _fuser(self, lm: LoadedModel, ref: str) -> Fuser:
         with self._lock:
             if ref in self._fusers:
@@ -199,7 +194,7 @@ class LocalEndpoint:
 
     async def _fused_prefill(self, lm: LoadedModel, span: list[int], req: TextRequest, ctx: CallContext,
                              share: Sequence[ShareFn]) -> tuple[KVCache | None, int]:
-        """Spec §4: the receiver prefills its span from its own unfused context while every sharer
+        """The receiver prefills its span from its own unfused context while every sharer
         prefills the same span; the fusers then rewrite the span's K/V. Tokens already fused in an
         earlier turn keep their fused K/V, so only the new tokens are fused (`fuse(..., start=)`)."""
         if not span:

@@ -73,7 +73,6 @@ class RunResult(Mapping[str, AgentResult]):
         """The run's time without model loading: what a run with its models already loaded takes."""
         return max(self.latency_s - self.load_s, 0.0)
 
-    # ---- mapping --------------------------------------------------------------------------------
     def __getitem__(self, agent: str) -> AgentResult:
         try:
             return self.agents[agent]
@@ -87,7 +86,6 @@ class RunResult(Mapping[str, AgentResult]):
     def __len__(self) -> int:
         return len(self.agents)
 
-    # ---- facts ----------------------------------------------------------------------------------
     @property
     def ok(self) -> bool:
         return self.error is None

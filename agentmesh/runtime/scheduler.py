@@ -99,7 +99,6 @@ class _Run:
         self._readers: dict[str, dict[str, Any]] = {}
         self._vocab_checked: set[tuple[str, str]] = set()
 
-    # ---- plumbing ---------------------------------------------------------------------------------
     def _threadsafe(self, event: Event) -> None:
         try:
             self.loop.call_soon_threadsafe(self.emit, event)
@@ -147,7 +146,6 @@ class _Run:
             self.trace.record(sender, "transfer", now, now, tokens=tokens, bytes=cache.nbytes, edge=key,
                               detail="in-process")
 
-    # ---- what each agent reads --------------------------------------------------------------------
     def reading(self, name: str) -> asyncio.Future[_Reading]:
         return self._task("read", name, lambda: self._read(name))
 
@@ -203,7 +201,6 @@ class _Run:
         stats["prompt"] = max(stats["prompt"], prompt_tokens)
         stats["end"] = self.trace.now()
 
-    # ---- sharing --------------------------------------------------------------------------------
     def _share_fn(self, receiver: str, sharer: str) -> ShareFn:
         async def share(span_ids: Any, span_mask: Any, keep_last: int) -> KVCache:
             try:
@@ -243,7 +240,6 @@ class _Run:
                     "vocabulary", hint="use a sharer with the receiver's tokenizer, or a text edge")
         self._vocab_checked.add(pair)
 
-    # ---- generating -------------------------------------------------------------------------------
     async def _text(self, name: str) -> str:
         a = self.plan[name]
         upstream, past = await gather_or_cancel(self._upstream(name), self._past(name))
@@ -273,7 +269,6 @@ class _Run:
         self.emit(AgentFinished(name, out.text, result))
         return out.text
 
-    # ---- the run ------------------------------------------------------------------------------------
     def check_fusers(self) -> None:
         """Fail before any model loads when a fuse edge's fuser is missing or unreadable where its
         receiver runs."""

@@ -94,7 +94,6 @@ class Trace:
         self.on_begin = on_begin
         self.on_span = on_span
 
-    # ---- recording ----------------------------------------------------------------------------
     def now(self) -> float:
         return time.perf_counter() - self._t0
 
@@ -123,7 +122,6 @@ class Trace:
             self.record(agent, kind, open_.start_s, tokens=open_.tokens, bytes=open_.bytes, edge=open_.edge,
                         detail=open_.detail)
 
-    # ---- reading ------------------------------------------------------------------------------
     @property
     def spans(self) -> list[Span]:
         with self._lock:

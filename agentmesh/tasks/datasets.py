@@ -22,7 +22,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 Shape = Literal["auto", "mmlu_redux", "arc", "openbookqa", "gsm8k", "context"]
 Kind = Literal["mc", "numeric", "short"]
 SHAPES: tuple[str, ...] = ("mmlu_redux", "arc", "openbookqa", "gsm8k", "context")
-# MMLU-Redux items whose annotators found no correct choice, or that need expert knowledge (spec §8).
+# MMLU-Redux items whose annotators found no correct choice, or that need expert knowledge: the published evaluation leaves them out.
 MMLU_REDUX_SKIP = frozenset({"no_correct_answer", "expert"})
 
 
@@ -69,7 +69,6 @@ def _is_number(text: str) -> bool:
     return re.fullmatch(r"-?\d[\d,]*(\.\d+)?|-?\.\d+", text.strip()) is not None
 
 
-# ---- shape detection and row parsing -------------------------------------------------------------
 def detect_shape(row: dict[str, Any]) -> str:
     """The shape of one record, from its keys; ConfigError when no known shape fits."""
     choices = row.get("choices")
@@ -179,7 +178,6 @@ def parse_rows(rows: Iterable[dict[str, Any]], *, shape: str = "auto", source: s
     return items
 
 
-# ---- sources -----------------------------------------------------------------------------------
 def iter_jsonl(path: str | Path, what: str = "dataset file") -> Iterator[tuple[str, dict[str, Any]]]:
     """("FILE:LINE", record) for every non-blank line of a JSONL file; each record must be an object."""
     path = Path(path)

@@ -1,7 +1,7 @@
 """Prompts of every evaluation method, as chat messages.
 
 The multiple-choice prompt and the text-to-text background prompt are the published ones
-(spec §8), word for word; the others (numeric, short answer, passages) are ours. Training data
+(those of the C2C paper's evaluation), word for word; the others (numeric, short answer, passages) are ours. Training data
 for the context task (`training_messages`) uses the same receiver prompts, so a fuser is trained
 on exactly what it is evaluated on.
 """
@@ -13,7 +13,7 @@ from agentmesh.tasks.datasets import LETTERS, Item
 from agentmesh.types import Messages
 
 
-# spec §8, one user turn; for 4 choices "{letters}" is "A/B/C/D" as published.
+# The published multiple-choice prompt, one user turn; for 4 choices "{letters}" is "A/B/C/D" as published.
 MC_TEMPLATE = (
     "Accurately answer the following question:\n\n{question}\n\nChoices:\n{choices}\n\n"
     "Instructions:\n"
@@ -23,7 +23,7 @@ MC_TEMPLATE = (
     "- Do not include any explanations, additional text, or punctuation besides the answer.\n\n"
     "The correct answer is"
 )
-# spec §8: what the sharer is asked in the text-to-text baseline.
+# What the sharer is asked in the published text-to-text baseline.
 BACKGROUND_TEMPLATE = (
     "In one clear sentence, describe the most essential background knowledge needed to answer "
     "the question:\n\n{question}\n\nDo NOT directly solve or give answer to the question."
@@ -51,7 +51,7 @@ def format_choices(choices: Sequence[str]) -> str:
 
 
 def mc_prompt(question: str, choices: Sequence[str]) -> str:
-    """The spec §8 multiple-choice prompt."""
+    """The published multiple-choice prompt."""
     return MC_TEMPLATE.format(question=question, choices=format_choices(choices),
                               letters="/".join(LETTERS[:len(choices)]))
 
@@ -89,7 +89,7 @@ def with_passage(item: Item) -> str:
 
 
 def background_prompt(item: Item) -> str:
-    """What the sharer is asked in text-to-text: the spec §8 prompt, or its passage variant."""
+    """What the sharer is asked in text-to-text: the published prompt, or its passage variant."""
     if item.context:
         return PASSAGE_BACKGROUND_TEMPLATE.format(preamble=passage_preamble(item.context), question=item.question)
     return BACKGROUND_TEMPLATE.format(question=item.question)

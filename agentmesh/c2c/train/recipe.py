@@ -39,7 +39,7 @@ class _Strict(BaseModel):
 
 
 class ProjectorRecipe(_Strict):
-    """The projector class and its constructor arguments (spec §2 names)."""
+    """The projector class and its constructor arguments (the published checkpoints' names)."""
 
     type: str = "C2CProjector"
     hidden_dim: int = Field(1024, ge=1)

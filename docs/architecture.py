@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_architecture import LAYERS, imports_of, layer_of, modules  # noqa: E402
 
 JOBS = {
-    "cli": "the typer app", "bench": "agentmesh bench", "benchmarks": "benchmark runs",
+    "cli": "the typer app", "bench": "agentmesh bench and its benchmarks",
     "serve": "OpenAI-style server", "mesh": "runs across hosts", "eval": "methods, metrics, reports",
     "runtime": "plan, scheduler, endpoints", "graph": "agents, edges, YAML", "c2c": "fusers, C2CModel, training",
     "tasks": "datasets, prompts", "models": "loading, prefill, decode", "cache": "KVCache, codec",

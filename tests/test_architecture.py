@@ -17,7 +17,6 @@ PACKAGE = ROOT / "agentmesh"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__", "__main__", "cli"),
     ("bench",),
-    ("benchmarks",),
     ("serve",),
     ("mesh",),
     ("eval",),

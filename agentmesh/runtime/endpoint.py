@@ -10,14 +10,9 @@ An endpoint serves one agent and offers three async calls:
 * `text(TextRequest, share=[...]) -> TextOutput` — prefill its prompt (fusing its sharers' caches,
   whose prefills it starts concurrently with its own), then decode.
 
-`LocalEndpoint` runs the model in worker threads (the run's executor) so the event loop stays free.
-A remote endpoint (over `agentmesh.transport` links) implements the same calls; it sets
-`is_local = False` and records a "transfer" span (with the wire bytes) for every cache it sends;
-`LinkedEndpoint` (mesh/linked.py) shows how.
-
-Every endpoint keeps the unfused caches it computed and reuses the longest matching token prefix
-of any of them, so an agent never prefills the same tokens twice: its own reading is reused by its
-turn, and in a chat session each turn prefills only what the last turn did not already read.
+`LocalEndpoint` (runtime/local.py) runs the model in this process. An endpoint that moves caches
+over a link (agentmesh.mesh) implements the same calls; it sets `records_transfers = True` and
+records a "transfer" span (with the wire bytes) for every cache it sends.
 """
 from __future__ import annotations
 

@@ -190,7 +190,7 @@ def test_plan_says_who_decodes_reads_and_shares(fuser_dir: Path) -> None:
     g.cache("helper", "note", mode="fuse", fuser=str(fuser_dir))
     g.text("note", "out")
     plan = build_plan(g)
-    assert plan["ctx"].read and not plan["ctx"].decode
+    assert plan["ctx"].prefix_sender and not plan["ctx"].decode
     assert plan["helper"].shares_with == ("note",) and not plan["helper"].decode
     assert plan["note"].decode and plan["note"].fuse[0].sharer == "helper"
     assert plan["out"].prefix == "ctx" and plan["out"].text_inputs == ("note",)

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import networkx as nx
 from pydantic import ValidationError
@@ -26,14 +26,13 @@ from agentmesh.errors import GraphError
 from agentmesh.files import FileProblem, read_text_limited
 from agentmesh.graph import template
 from agentmesh.graph.source import KeyPath, SourceMap, choices_hint, graph_error
-from agentmesh.graph.spec import DEFAULT_MODEL, IDENT_HINT, IDENT_RE, AgentSpec, AuthSpec, GraphSpec
+from agentmesh.graph.spec import (DEFAULT_MODEL, IDENT_HINT, IDENT_RE, AgentSpec, AuthSpec, CacheMode, EdgeType,
+                                  GraphSpec)
 from agentmesh.graph.yaml_io import dump_spec, spec_from_data
 from agentmesh.transport.config import BrokerConfig, TLSConfig
 from agentmesh.types import FusionMode
 
 S = TypeVar("S")
-EdgeType = Literal["text", "cache"]
-CacheMode = Literal["fuse", "prefix"]
 
 # A context file is read into a prompt: far past any model's context length is a wrong path.
 MAX_CONTEXT_BYTES = 8_000_000

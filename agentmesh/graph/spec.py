@@ -43,7 +43,7 @@ IDENT_HINT = "names start with a letter or _, then letters, digits, _ or -"
 DEVICE_RE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 
 Name = Annotated[str, StringConstraints(pattern=IDENT_PATTERN)]
-TextEdgeType = Literal["text", "cache"]
+EdgeType = Literal["text", "cache"]
 CacheMode = Literal["fuse", "prefix"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -128,7 +128,7 @@ class EdgeSpec(_Spec):
 
     sender: Name = Field(alias="from")
     receiver: Name = Field(alias="to")
-    type: TextEdgeType = "text"
+    type: EdgeType = "text"
     mode: CacheMode | None = Field(default=None, description="cache edges only; default fuse")
     fuser: str | None = Field(default=None, min_length=1, description="fuse edges only: fuser alias or path/hf:// ref")
 

@@ -5,7 +5,7 @@ Per agent:
 * `prefix`: the one agent (same model) whose reading it continues from;
 * `fuse`: its sharers, each with the fuser that projects that sharer's cache into its own;
 * `decode`: whether it generates text (an output, a sink, or a sender of text edges);
-* `read`: whether some receiver continues from its reading (it is a prefix sender);
+* `prefix_sender`: whether some receiver continues from its reading (a prefix edge leaves it);
 * `shares_with`: receivers it shares its cache with (it is a fuse sharer).
 """
 from __future__ import annotations
@@ -39,16 +39,11 @@ class AgentPlan:
     fuse: tuple[FuseInput, ...] = ()
     fusion: str = "parallel"
     decode: bool = True
-    read: bool = False
+    prefix_sender: bool = False
     shares_with: tuple[str, ...] = ()
     has_prompt: bool = False    # the agent declares its own prompt template
     host: str | None = None
     adapter: str | None = None  # PEFT adapter folder merged into the model
-
-    @property
-    def reader_only(self) -> bool:
-        """It only prefills (its cache is what it contributes); it never generates."""
-        return not self.decode
 
 
 @dataclass(frozen=True)
@@ -64,18 +59,6 @@ class RunPlan:
 
     def __getitem__(self, name: str) -> AgentPlan:
         return self.agents[name]
-
-    def decoders(self) -> list[str]:
-        return [n for n, a in self.agents.items() if a.decode]
-
-    def prefix_chain(self, name: str) -> list[str]:
-        """`name`'s prefix senders, farthest first (a continues b continues c -> [c, b])."""
-        chain: list[str] = []
-        cur = self.agents[name].prefix
-        while cur is not None:
-            chain.insert(0, cur)
-            cur = self.agents[cur].prefix
-        return chain
 
 
 def build_plan(graph: Graph, *, validate: bool = True) -> RunPlan:
@@ -96,7 +79,7 @@ def build_plan(graph: Graph, *, validate: bool = True) -> RunPlan:
             role=agent.role, context=graph.context_of(name), generation=agent.generation(),
             text_inputs=tuple(a.name for a in graph.text_inputs_of(name)),
             prefix=None if prefix is None else prefix.name, fuse=fuse, fusion=agent.fusion, decode=decode,
-            read=any(e.is_prefix for e in out_edges), shares_with=tuple(e.receiver for e in out_edges if e.is_fuse),
+            prefix_sender=any(e.is_prefix for e in out_edges), shares_with=tuple(e.receiver for e in out_edges if e.is_fuse),
             has_prompt=agent.prompt is not None, host=agent.host, adapter=model.adapter)
     edges = tuple(EdgeInfo(sender=e.sender, receiver=e.receiver, type=e.type, mode=e.mode) for e in graph.edges)
     return RunPlan(graph=graph.name, agents=agents, outputs=outputs, edges=edges)

@@ -243,7 +243,7 @@ class _Run:
     async def _text(self, name: str) -> str:
         a = self.plan[name]
         upstream, past = await gather_or_cancel(self._upstream(name), self._past(name))
-        if a.read or a.shares_with:
+        if a.prefix_sender or a.shares_with:
             # It also hands its reading on: read it once, so its own turn continues from that cache.
             await self.reading(name)
         prompt = self.graph.render_prompt(name, self.inputs, upstream)
@@ -288,7 +288,7 @@ class _Run:
         for name, a in self.plan.agents.items():
             if a.decode:
                 roots.append(self.text(name))
-            elif a.read or (a.shares_with and (a.role or a.context)):
+            elif a.prefix_sender or (a.shares_with and (a.role or a.context)):
                 # Readers start at once: their context prefill overlaps the upstream agents' work.
                 roots.append(self.reading(name))
         await gather_or_cancel(*roots)

@@ -142,7 +142,7 @@ class ResolvedModel:
 
 
 @dataclass(frozen=True)
-class FuserRef:
+class ResolvedFuser:
     """The fuser a `fuse` edge uses: `ref` is an absolute path or an hf:// ref."""
 
     ref: str
@@ -404,7 +404,7 @@ class Graph:
                 out.append(alias)
         return out
 
-    def fuser_for(self, edge: Edge) -> FuserRef:
+    def fuser_for(self, edge: Edge) -> ResolvedFuser:
         """The fuser of a `fuse` edge: the edge's own (alias or path), else the one fuser-table entry
         declared for its models."""
         path = ("edges", self._edge_index(edge), "fuser")
@@ -413,15 +413,15 @@ class Graph:
         if edge.fuser is not None:
             decl = self.fusers.get(edge.fuser)
             if decl is not None:
-                return FuserRef(ref=self.resolve_fuser_ref(decl.path), alias=edge.fuser, decl=decl)
+                return ResolvedFuser(ref=self.resolve_fuser_ref(decl.path), alias=edge.fuser, decl=decl)
             if not _looks_like_path(edge.fuser):
                 raise self._error(path, f"unknown fuser {edge.fuser!r}",
                                   choices_hint(edge.fuser, self.fusers, "fusers") + "; a path needs a '/'")
-            return FuserRef(ref=self.resolve_fuser_ref(edge.fuser))
+            return ResolvedFuser(ref=self.resolve_fuser_ref(edge.fuser))
         found = self.fuser_candidates(edge)
         if len(found) == 1:
             decl = self.fusers[found[0]]
-            return FuserRef(ref=self.resolve_fuser_ref(decl.path), alias=found[0], decl=decl)
+            return ResolvedFuser(ref=self.resolve_fuser_ref(decl.path), alias=found[0], decl=decl)
         if not found:
             raise self._error(path[:2], f"fuse edge {edge.sender} -> {edge.receiver} has no fuser",
                               "add fuser: <alias or path> to the edge, declare one under fusers: with matching "

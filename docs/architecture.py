@@ -22,7 +22,7 @@ JOBS = {
     "runtime": "plan, scheduler, endpoints", "graph": "agents, edges, YAML", "c2c": "fusers, C2CModel, training",
     "tasks": "datasets, prompts", "models": "loading, prefill, decode", "cache": "KVCache, codec",
     "transport": "links, MQTT", "types": "shared types", "units": "units", "yaml_file": "YAML settings",
-    "errors": "typed errors",
+    "errors": "typed errors", "files": "bounded file reads", "progress": "progress lines",
 }
 # A run's data, step by step: (what happens, the package doing it).
 DATA_PATH = [

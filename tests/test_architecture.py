@@ -13,11 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "agentmesh"
 
 # Top to bottom; a package imports only packages on lower rows. Names on one row may not import
-# each other. `__init__` is agentmesh/__init__.py (lazy top-level names).
+# each other. `__init__` is agentmesh/__init__.py (its top-level names are imported lazily).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("__init__", "__main__", "cli"),
-    ("bench",),
+    ("__main__",),
+    ("cli",),
+    ("__init__",),
     ("serve",),
+    ("bench",),
     ("mesh",),
     ("eval",),
     ("runtime",),
@@ -26,7 +28,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tasks",),
     ("models",),
     ("cache",),
-    ("transport", "types", "units", "yaml_file"),
+    ("files", "progress", "transport", "types", "yaml_file"),
+    ("units",),
     ("errors",),
 )
 RANK = {name: len(LAYERS) - i for i, row in enumerate(LAYERS) for name in row}

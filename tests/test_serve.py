@@ -96,7 +96,7 @@ def client(server):
 
 def solo(model: C2CModel, question: str, max_tokens: int, **kw) -> tuple[str, int]:
     """(text, tokens) that `model` writes for `question` alone, greedily, stopping at EOS."""
-    ids, mask = pad_sequences([model.receiver.chat_ids([{"role": "user", "content": question}])], model._pad_id())
+    ids, mask = pad_sequences([model.receiver.chat_ids([{"role": "user", "content": question}])], model.receiver.pad_token_id)
     out = model.generate(ids, mask, max_new_tokens=max_tokens, **kw)[0].tolist()
     eos = set(model.receiver.eos_token_ids)
     kept = out[:next((i for i, t in enumerate(out) if t in eos), len(out))]

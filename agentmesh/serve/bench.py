@@ -43,7 +43,7 @@ class Config:
 
 def _questions(n: int, seed: int) -> list[list[dict[str, str]]]:
     from agentmesh.bench.c2c_vs_t2t import load_items
-    from agentmesh.eval.prompts import receiver_messages
+    from agentmesh.tasks.prompts import receiver_messages
 
     return [list(receiver_messages(item)) for item in load_items(n, seed)]
 

@@ -21,14 +21,14 @@ def build_engine(name: str, entry: ServedModel, cfg: ServeConfig, *, pool: Any =
 
     pool = pool if pool is not None else default_pool()
     if entry.pipeline is not None:
-        from agentmesh.graph.yaml_io import load_graph
+        from agentmesh.graph import load_graph
 
         return PipelineEngine(name, load_graph(entry.pipeline), output=entry.output, pool=pool,
                               max_queue=cfg.limits.max_queue)
-    from agentmesh.c2c.pretrained import build_c2c_model
+    from agentmesh.c2c.model import C2CModel
 
-    model = build_c2c_model(entry.model, sharers=entry.sharers, fusers=entry.fusers, mode=entry.mode,
-                            dtype=entry.dtype, device=entry.device, pool=pool)
+    model = C2CModel.build(entry.model, sharers=entry.sharers, fusers=entry.fusers, mode=entry.mode,
+                           dtype=entry.dtype, device=entry.device, pool=pool)
     return BatchEngine(name, model, max_batch_size=cfg.batching.max_batch_size,
                        window_s=cfg.batching.window_ms / 1000, rejoin_s=cfg.batching.rejoin_ms / 1000,
                        max_queue=cfg.limits.max_queue,

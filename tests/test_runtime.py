@@ -61,14 +61,21 @@ class _Wrapped(nn.Module):
     `Meeting`, or raises."""
 
     def __init__(self, inner: nn.Module, *, delay: float = 0.0, fail: str | None = None,
-                 meeting: Meeting | None = None):
+                 meeting: Meeting | None = None, counts: dict[str, int] | None = None):
         super().__init__()
         self.inner = inner
         self.delay = delay
         self.fail = fail
         self.meeting = meeting
-        self.calls = 0
-        self.in_flight = 0
+        self.counts = counts if counts is not None else {"calls": 0, "in_flight": 0}  # shared with get_decoder()
+
+    @property
+    def calls(self) -> int:
+        return self.counts["calls"]
+
+    @property
+    def in_flight(self) -> int:
+        return self.counts["in_flight"]
 
     @property
     def config(self) -> Any:
@@ -80,20 +87,21 @@ class _Wrapped(nn.Module):
 
     def get_decoder(self) -> "_Wrapped":
         """The base model, wrapped alike: readings (prefill) run it without the LM head."""
-        return _Wrapped(self.inner.get_decoder(), delay=self.delay, fail=self.fail)
+        return _Wrapped(self.inner.get_decoder(), delay=self.delay, fail=self.fail, meeting=self.meeting,
+                        counts=self.counts)
 
     def forward(self, **kwargs: Any) -> Any:
-        self.calls += 1
+        self.counts["calls"] += 1
         if self.fail is not None:
             raise RuntimeError(self.fail)
-        self.in_flight += 1
+        self.counts["in_flight"] += 1
         if self.meeting is not None:
             self.meeting.enter()
         try:
             time.sleep(self.delay)
             return self.inner(**kwargs)
         finally:
-            self.in_flight -= 1
+            self.counts["in_flight"] -= 1
             if self.meeting is not None:
                 self.meeting.leave()
 

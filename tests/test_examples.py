@@ -90,10 +90,10 @@ def test_make_context_task_example_writes_both_splits(tmp_path: Path, capsys: py
 
 def test_edge_cloud_text_pipeline_on_one_host() -> None:
     """edge_cloud_text.yaml with both hosts' agents in this process (the MQTT runs are in test_workers)."""
-    from agentmesh.graph import Graph
+    from agentmesh.graph import load_graph
     from agentmesh.runtime import run_graph
 
-    g = Graph.from_yaml(ROOT / "graphs" / "edge_cloud_text.yaml")
+    g = load_graph(ROOT / "graphs" / "edge_cloud_text.yaml")
     for agent in g.agents.values():
         agent.max_new_tokens = min(agent.max_new_tokens, 24)
     r = run_graph(g)

@@ -48,7 +48,7 @@ from transformers import DynamicCache
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agentmesh.eval.context_task import ATTRIBUTES, generate_split, pools  # noqa: E402
+from agentmesh.tasks.context_task import ATTRIBUTES, generate_split, pools  # noqa: E402
 from agentmesh.eval.metrics import wilson_interval  # noqa: E402
 
 TRAIN_LEADS = ("The capital of {e} is", "{e}'s capital city is")

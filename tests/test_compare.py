@@ -41,7 +41,7 @@ def test_compare_cli_on_tiny_model(tmp_path: Path, tiny_tokenizer: Any) -> None:
 
 
 def test_compare_counts_right_answers(tiny_model_factory: Callable[..., Any]) -> None:
-    from agentmesh.eval.datasets import Item
+    from agentmesh.tasks.datasets import Item
     from agentmesh.eval.methods import MethodOutput
 
     class Echo:

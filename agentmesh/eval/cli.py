@@ -83,7 +83,7 @@ def compare_command(
     import time
 
     from agentmesh.eval import compare
-    from agentmesh.eval.datasets import load_jsonl
+    from agentmesh.tasks.datasets import load_jsonl
     from agentmesh.models.pool import default_pool
 
     try:

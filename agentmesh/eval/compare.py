@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from agentmesh.eval.datasets import Item
+from agentmesh.tasks.datasets import Item
 from agentmesh.eval.methods import Method
 from agentmesh.eval.metrics import ItemResult, Summary, summarize
 

@@ -123,3 +123,16 @@ def headless_chromium(webdriver):
         options.binary_location = shutil.which("chromium")
     service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
     return webdriver.Chrome(options=options, service=service)
+
+
+def test_adapters_in_the_demo_config_reach_every_method(tmp_path):
+    (tmp_path / "specialist").mkdir()
+    config = tmp_path / "demo.yaml"
+    config.write_text("receiver: smollm2-135m-instruct\nsharer: smollm2-135m-instruct\n"
+                      "fuser: ../fusers/smollm2_context\nsharer_adapter: specialist\n", encoding="utf-8")
+    cfg = load_demo_config(config)
+    assert cfg.sharer_adapter == str((tmp_path / "specialist").resolve()) and cfg.receiver_adapter is None
+    for method in ("t2t", "c2c"):
+        g = method_graph(cfg, method, NOTES)
+        assert g.model_of("sharer").adapter == cfg.sharer_adapter
+        assert g.model_of("receiver").adapter is None

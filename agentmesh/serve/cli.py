@@ -116,6 +116,8 @@ def demo_command(
     receiver: Optional[str] = typer.Option(None, "--receiver", "-m", help="The receiver model (overrides the YAML)."),
     sharer: Optional[str] = typer.Option(None, "--sharer", "-s", help="The sharer model."),
     fuser: Optional[str] = typer.Option(None, "--fuser", "-f", help="The fuser folder or hf:// ref."),
+    receiver_adapter: Optional[str] = typer.Option(None, "--receiver-adapter", help="A PEFT adapter folder for the receiver."),
+    sharer_adapter: Optional[str] = typer.Option(None, "--sharer-adapter", help="A PEFT adapter folder for the sharer."),
     dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16."),
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
     port: Optional[int] = typer.Option(None, help="Port (default: Gradio's 7860, or the next free one)."),
@@ -131,7 +133,8 @@ def demo_command(
 
     try:
         check_host(host, public)
-        cfg = load_demo_config(config or DEFAULT_CONFIG, receiver=receiver, sharer=sharer, fuser=fuser, dtype=dtype)
+        cfg = load_demo_config(config or DEFAULT_CONFIG, receiver=receiver, sharer=sharer, fuser=fuser,
+                               receiver_adapter=receiver_adapter, sharer_adapter=sharer_adapter, dtype=dtype)
         if threads is not None:
             torch.set_num_threads(threads)
         preload(cfg, echo=lambda line: typer.echo(line, err=True))

@@ -46,6 +46,8 @@ class DemoConfig(BaseModel):
     receiver: str
     sharer: str
     fuser: str
+    receiver_adapter: str | None = None   # a PEFT adapter folder merged into the receiver
+    sharer_adapter: str | None = None     # e.g. a specialist fine-tune of the sharer
     dtype: str = "auto"
     receiver_prompt: str = "{input}"
     sharer_prompt: str = "Write down what in your notes helps answer this question: {input}"
@@ -63,7 +65,7 @@ def load_demo_config(path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> Dem
     if not isinstance(data, dict):
         raise ConfigError(f"demo config {path}: expected a mapping (receiver:, sharer:, fuser:, ...)")
     base = path.resolve().parent
-    for key in ("receiver", "sharer", "fuser"):
+    for key in ("receiver", "sharer", "fuser", "receiver_adapter", "sharer_adapter"):
         if isinstance(data.get(key), str):
             data[key] = resolve_ref(base, data[key])
     data.update({k: v for k, v in overrides.items() if v is not None})
@@ -78,12 +80,12 @@ def method_graph(cfg: DemoConfig, method: str, notes: str) -> Any:
     from agentmesh.graph import Graph
 
     g = Graph(f"demo_{method}")
-    g.model("receiver_model", cfg.receiver, dtype=cfg.dtype)
+    g.model("receiver_model", cfg.receiver, dtype=cfg.dtype, adapter=cfg.receiver_adapter)
     context = notes.strip() or None
     if method == "alone":
         g.agent("receiver", model="receiver_model", prompt=cfg.receiver_prompt, max_new_tokens=cfg.max_new_tokens)
         return g
-    g.model("sharer_model", cfg.sharer, dtype=cfg.dtype)
+    g.model("sharer_model", cfg.sharer, dtype=cfg.dtype, adapter=cfg.sharer_adapter)
     if method == "t2t":
         g.agent("sharer", model="sharer_model", context=context, prompt=cfg.sharer_prompt,
                 max_new_tokens=cfg.sharer_max_new_tokens)
@@ -194,8 +196,8 @@ def preload(cfg: DemoConfig, *, pool: Any = None, echo: Any = print) -> None:
 
     pool = pool if pool is not None else default_pool()
     echo(f"loading {cfg.receiver} and {cfg.sharer} ...")
-    for ref in dict.fromkeys((cfg.receiver, cfg.sharer)):
-        pool.get(ref, dtype=cfg.dtype)
+    for ref, adapter in dict.fromkeys(((cfg.receiver, cfg.receiver_adapter), (cfg.sharer, cfg.sharer_adapter))):
+        pool.get(ref, dtype=cfg.dtype, adapter=adapter)
     probe = cfg.model_copy(update={"max_new_tokens": 1})
     result = run_graph(method_graph(probe, "c2c", cfg.notes), {"input": "?"}, pool=pool)
     if result.error is not None:

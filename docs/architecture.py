@@ -57,8 +57,8 @@ def main() -> None:
     rows = [[n for n in row if n in present and "__" not in n] for row in LAYERS]
     rows = [r for r in rows if r]
     edges = package_edges()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.62 * len(rows) + 1.4), dpi=120,
-                                      gridspec_kw={"width_ratios": [1.35, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(17, 0.62 * len(rows) + 1.4), dpi=120,
+                                      gridspec_kw={"width_ratios": [1.9, 1]})
     for ax in (left, right):
         ax.set_axis_off()
 
@@ -72,7 +72,7 @@ def main() -> None:
                   va="center")
         below = sorted({t for n in row for t in edges.get(n, ())})
         if below:
-            left.text(9.85, y + h * 0.5, "imports " + ", ".join(below), fontsize=7, color="#6c757d", ha="right",
+            left.text(9.85, y + h * 0.62, "imports " + ", ".join(below), fontsize=7, color="#6c757d", ha="right",
                       va="center", wrap=True)
     left.annotate("", xy=(-0.35, -(len(rows) - 1) * (h + gap)), xytext=(-0.35, h),
                   arrowprops=dict(arrowstyle="-|>", color="#2b2d42", lw=1.2))

@@ -22,6 +22,7 @@ from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.runtime import Token, run_graph
 from agentmesh.transport import InProcessLink, MqttLink
+from mesh_serving import serving, stop
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(120)]
 
@@ -95,22 +96,6 @@ def edge_cloud(url: str, *, auth: bool = True, mode: str = "prefix", doc_model: 
     if auth:
         g.set_auth(key_env=KEY_ENV)
     return g
-
-
-async def serving(graph: Graph, host: str, pool: ModelPool, **kw: Any) -> tuple[Worker, Any, MqttLink]:
-    link = MqttLink(broker_config(graph, host=host, reconnect_max_s=0.5), graph=graph.name)
-    await link.open()
-    worker = Worker(graph, host, link, pool=pool, **kw)
-    ready = asyncio.Event()
-    task = asyncio.create_task(worker.serve(ready=ready.set))
-    await asyncio.wait_for(ready.wait(), 10)
-    return worker, task, link
-
-
-async def stop(worker: Worker, task: Any, link: MqttLink) -> None:
-    worker.stop()
-    await asyncio.wait_for(task, 5)
-    await link.close()
 
 
 def test_forged_replayed_stale_and_unauthorised_requests_are_dropped_and_counted(broker: Any,

@@ -23,6 +23,7 @@ from agentmesh.graph import Graph, load_graph
 from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.runtime import Token, run_graph
+from mesh_serving import serving, stop
 from agentmesh.mesh.envelope import pack, unpack
 from agentmesh.mesh.remote import arun_remote
 from agentmesh.mesh.settings import broker_config
@@ -111,25 +112,6 @@ def edge_cloud(mode: str, url: str, *, doc_model: str = "tiny", timeout_s: float
     return g
 
 
-async def serving(graph: Graph, host: str, pool: ModelPool, log: list[ServedCall] | None = None,
-                  link: Any = None) -> tuple[Worker, Any, Any]:
-    """A worker for `host` serving in a task, on `link` or its own MQTT link; returns (worker, task, link)."""
-    if link is None:
-        link = MqttLink(broker_config(graph, host=host, reconnect_max_s=0.5), graph=graph.name)
-        await link.open()
-    worker = Worker(graph, host, link, pool=pool, on_served=None if log is None else log.append)
-    ready = asyncio.Event()
-    task = asyncio.create_task(worker.serve(ready=ready.set))
-    await asyncio.wait_for(ready.wait(), 10)
-    return worker, task, link
-
-
-async def stop(worker: Worker, task: Any, link: Any) -> None:
-    worker.stop()
-    await asyncio.wait_for(task, 5)
-    await link.close()
-
-
 # ---- across hosts over a real broker --------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["prefix", "text"])
 def test_two_host_run_gives_the_same_tokens_as_one_process(broker: Any, pool: ModelPool, mode: str) -> None:
@@ -139,7 +121,7 @@ def test_two_host_run_gives_the_same_tokens_as_one_process(broker: Any, pool: Mo
     served: list[ServedCall] = []
 
     async def go() -> Any:
-        worker, task, link = await serving(g, "cloud", pool, served)
+        worker, task, link = await serving(g, "cloud", pool, on_served=served.append)
         try:
             return await arun_remote(g, QUESTION, host="edge", pool=pool, timeout=30)
         finally:

@@ -61,7 +61,7 @@ def test_in_process_link_delivers_in_order_with_headers_and_bounded_waits():
             t = time.monotonic()
             with pytest.raises(TransportError, match="no message on channel 'run-1/writer->reader'.*0.2 s"):
                 await link.receive(ch, timeout=0.2)
-            assert time.monotonic() - t < 1.0
+            assert time.monotonic() - t < 2.0
             assert link.stats()[ch].messages_received == 2
             waiter = asyncio.create_task(link.receive(ch, timeout=5))
             await asyncio.sleep(0.05)
@@ -225,7 +225,7 @@ def test_mqtt_311_and_no_sender_timeout(broker):
             t = time.monotonic()
             with pytest.raises(TransportError, match=r"timed out after 0.3 s \(broker .* connected\)"):
                 await rx.receive(ch, timeout=0.3)
-            assert time.monotonic() - t < 1.5
+            assert time.monotonic() - t < 3.0
             waiting = asyncio.create_task(rx.receive(ch, timeout=5))
             await asyncio.sleep(0.05)
             await rx.close()

@@ -58,15 +58,19 @@ class Meeting:
 
 class _Wrapped(nn.Module):
     """A model that counts its forwards (`calls`, `in_flight`), and sleeps before each one, waits at a
-    `Meeting`, or raises."""
+    `Meeting`, waits for an event (`hold`: before anything, so a failure can be ordered after another
+    model's start), announces that it is in flight (`started`), or raises."""
 
     def __init__(self, inner: nn.Module, *, delay: float = 0.0, fail: str | None = None,
-                 meeting: Meeting | None = None, counts: dict[str, int] | None = None):
+                 meeting: Meeting | None = None, counts: dict[str, int] | None = None,
+                 hold: threading.Event | None = None, started: threading.Event | None = None):
         super().__init__()
         self.inner = inner
         self.delay = delay
         self.fail = fail
         self.meeting = meeting
+        self.hold = hold
+        self.started = started
         self.counts = counts if counts is not None else {"calls": 0, "in_flight": 0}  # shared with get_decoder()
 
     @property
@@ -88,16 +92,22 @@ class _Wrapped(nn.Module):
     def get_decoder(self) -> "_Wrapped":
         """The base model, wrapped alike: readings (prefill) run it without the LM head."""
         return _Wrapped(self.inner.get_decoder(), delay=self.delay, fail=self.fail, meeting=self.meeting,
-                        counts=self.counts)
+                        counts=self.counts, hold=self.hold, started=self.started)
 
     def forward(self, **kwargs: Any) -> Any:
         self.counts["calls"] += 1
-        if self.fail is not None:
+        if self.fail is not None and self.hold is None:
             raise RuntimeError(self.fail)
         self.counts["in_flight"] += 1
+        if self.started is not None:
+            self.started.set()
         if self.meeting is not None:
             self.meeting.enter()
         try:
+            if self.hold is not None and not self.hold.wait(timeout=60):
+                raise RuntimeError("test model: nobody released the hold within 60 s")
+            if self.fail is not None:
+                raise RuntimeError(self.fail)
             time.sleep(self.delay)
             return self.inner(**kwargs)
         finally:
@@ -379,14 +389,19 @@ def test_a_failing_agent_ends_the_run_cleanly(pool: ModelPool) -> None:
 
 
 def test_a_failure_does_not_wait_for_a_busy_thread(pool: ModelPool, tiny: LoadedModel) -> None:
-    sleepy = _wrap(tiny, "sleepy", delay=6.0)
-    pool.put("sleepy", sleepy)
+    started, release = threading.Event(), threading.Event()
+    stuck = _wrap(tiny, "stuck", hold=release, started=started)       # one forward pass that cannot be interrupted
+    pool.put("stuck", stuck)
+    pool.put("fails_later", _wrap(tiny, "fails_later", fail="boom: after a started", hold=started))
     g = Graph("busy")
-    g.agent("a", model="sleepy", max_new_tokens=3)   # one uninterruptible 6 s forward pass
-    g.agent("b", model="broken", max_new_tokens=3)
-    r = run_graph(g, "go", pool=pool)
-    assert sleepy.model.in_flight == 1  # the run ended while a's forward pass was still running
-    assert r.error is not None and r.error.agent == "b" and "a" not in r
+    g.agent("a", model="stuck", max_new_tokens=3)
+    g.agent("b", model="fails_later", max_new_tokens=3)
+    try:
+        r = run_graph(g, "go", pool=pool)
+        assert stuck.model.in_flight == 1  # the run ended while a's forward pass was still running
+        assert r.error is not None and r.error.agent == "b" and "a" not in r
+    finally:
+        release.set()
 
 
 def test_a_failing_sharer_is_named(pool: ModelPool, fuser_dir: Path) -> None:

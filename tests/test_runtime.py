@@ -353,17 +353,73 @@ def test_sharers_read_their_contexts_before_the_span_exists(pool: ModelPool, mee
     assert r["s1"].work == "share" and r["s1"].prompt_tokens == read1.tokens + span
 
 
-def test_cross_tokenizer_fuse_edge_fails_with_a_clear_error(tiny_model_factory: Any, fuser_dir: Path,
-                                                          pool: ModelPool) -> None:
-    other = tiny_model_factory("qwen3", "smol", seed=1)
-    pool.put("other", other)
-    g = Graph("xtok")
-    g.agent("helper", model="other")
-    g.agent("writer", model="tiny", max_new_tokens=3)
-    g.cache("helper", "writer", mode="fuse", fuser=str(fuser_dir))
-    r = run_graph(g, "x", pool=pool)
-    assert not r.ok and r.error.agent == "helper"
-    assert "different tokenizers" in str(r.error)
+@pytest.fixture(scope="module")
+def cross_pair(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> dict[str, Path]:
+    """A receiver and a sharer saved to disk with different tokenizers (the tiny BPE and one
+    trained on other text), and an open-gate fuser between them."""
+    from agentmesh.c2c.checkpoints import save_fuser
+    from agentmesh.models.loading import load_model
+    from agentmesh.models.tiny import save_tiny_model, train_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("cross")
+    other = train_tiny_tokenizer(300, ["Cache to cache: the writer reads the helper's keys and values.",
+                                       "Fill the intro paragraph of the landing page, in one sentence."])
+    receiver = save_tiny_model(root / "receiver", "qwen3", tiny_tokenizer, seed=0)
+    sharer = save_tiny_model(root / "sharer", "llama", other, seed=3)
+    r, s = load_model(str(receiver)), load_model(str(sharer))
+    assert r.tokenizer.get_vocab() != s.tokenizer.get_vocab()
+    torch.manual_seed(0)
+    fuser = Fuser.build(r.signature, s.signature, hidden_dim=16, intermediate_dim=16, dropout=0.0)
+    with torch.no_grad():
+        for p in fuser.projectors:
+            p.key_gate_logit.fill_(3.0)
+            p.value_gate_logit.fill_(3.0)
+    return {"receiver": receiver, "sharer": sharer, "fuser": save_fuser(fuser, root / "fuser")}
+
+
+def _until_eos(tokens: list[int], eos: Any) -> list[int]:
+    return tokens[: next((i for i, t in enumerate(tokens) if t in set(eos)), len(tokens))]
+
+
+def test_cross_tokenizer_fuse_edge_in_a_pipeline_matches_c2c_model_chat(tmp_path: Path,
+                                                                        cross_pair: dict[str, Path]) -> None:
+    from agentmesh.c2c.checkpoints import load_any
+    from agentmesh.graph.load import load_graph
+
+    f = tmp_path / "xtok.yaml"
+    f.write_text(f"""version: 1
+name: xtok
+models:
+  r: {{ref: {cross_pair['receiver']}}}
+  s: {{ref: {cross_pair['sharer']}}}
+agents:
+  helper: {{model: s}}
+  writer: {{model: r, role: You write., max_new_tokens: 8}}
+edges:
+  - {{from: helper, to: writer, type: cache, mode: fuse, fuser: {cross_pair['fuser']}}}
+inputs: {{input: Fill the intro paragraph.}}
+""")
+    pool = ModelPool()
+    r = run_graph(load_graph(f), pool=pool)
+    assert r.ok, r.error
+    receiver, sharer = pool.get(str(cross_pair["receiver"])), pool.get(str(cross_pair["sharer"]))
+    model = C2CModel(receiver, [sharer], [load_any(cross_pair["fuser"])])
+    assert model.shares_vocab == (False,)
+    messages = [*reading_messages("You write.", None), {"role": "user", "content": "Fill the intro paragraph."}]
+    ids, mask, sharer_inputs = model.encode_chat([messages])
+    want = model.generate(ids, mask, sharer_inputs=sharer_inputs, max_new_tokens=8)[0].tolist()
+    assert list(r["writer"].token_ids) == _until_eos(want, receiver.eos_token_ids)
+    assert r["writer"].text == model.chat(messages, max_new_tokens=8)
+    alone = _greedy(receiver, ids[0].tolist(), 8)
+    assert list(r["writer"].token_ids) != alone  # the fuser changed the answer: the sharer was read
+    # The sharer read its own tokens, up to the last one a fused position reads; only those were sent.
+    gather = sharer_inputs[0].gather_index[0]
+    used = gather[gather >= 0]
+    share = r.trace.of("helper", "share")[0]
+    assert share.tokens == int(used.max()) + 1
+    sig = sharer.signature
+    moved = r.bytes_by_edge()["helper->writer"]
+    assert moved == 2 * sig.num_layers * sig.num_kv_heads * (int(used.max()) - int(used.min()) + 1) * sig.head_dim * 4
 
 
 # ---- failures -----------------------------------------------------------------------------------------

@@ -8,38 +8,20 @@ stored on the model between calls, so one `C2CModel` serves any number of thread
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from agentmesh.c2c.alignment import align_batch, same_vocabulary
-from agentmesh.c2c.fuser import Fuser, Fusion, SharerSpan, fuse
+from agentmesh.c2c.fuser import Fuser, Fusion, SharerSpan
 from agentmesh.c2c.pretrained import build_parts, load_pretrained
 from agentmesh.c2c.response import ResponseFusion, SharerReading
+from agentmesh.c2c.sharing import SharedCache, SharerInput, align_sharer, fuse_span, reads_receiver_ids, sharer_span
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import CheckpointError, ConfigError
 from agentmesh.models.inference import (
     GenerationConfig, Streamer, decode, left_pad, next_token_logits, pad_sequences, prefill)
 from agentmesh.models.protocol import LanguageModel
 from agentmesh.types import FusionMode, Messages, check_fusion_mode
-
-
-@dataclass(frozen=True)
-class SharerInput:
-    """What one sharer reads for a batch, already in its own token ids.
-
-    `input_ids`/`attention_mask` (B, M) are left-padded; `gather_index` (B, N) gives, for each
-    position of the receiver's fused span, the sharer position whose K/V it is fused with
-    (-1: not fused). Without `gather_index`, the last N sharer positions line up with the span.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    gather_index: torch.Tensor | None = None
-
-
-
 
 
 class C2CModel:
@@ -70,11 +52,7 @@ class C2CModel:
             raise ConfigError(f"C2CModel got fusers of fusions {kinds}; all fusers of one receiver must fuse the "
                               "same tokens ('prompt' or 'prompt+response')")
         self.fusion: Fusion = kinds[0] if kinds else "prompt"  # type: ignore[assignment]
-        # Whether each sharer can read the receiver's token ids as they are.
-        # A sharer whose vocabulary only lacks some of the receiver's added tokens (Qwen2.5 against
-        # Qwen3's <think> tokens) still reads the receiver's ids, as the published fusers were trained.
-        self.shares_vocab = tuple(same_vocabulary(receiver.tokenizer, s.tokenizer, allow_extension=True)
-                                  for s in self.sharers)
+        self.shares_vocab = tuple(reads_receiver_ids(receiver, s) for s in self.sharers)
         if self.fusion == "prompt+response" and not all(self.shares_vocab):
             raise ConfigError("prompt+response fusion needs sharers that read the receiver's token ids (the same "
                               "vocabulary); a sharer with another tokenizer can only use a 'prompt' fuser")
@@ -100,19 +78,20 @@ class C2CModel:
     def sharer_span(self, index: int, span_ids: torch.Tensor, span_mask: torch.Tensor,
                     given: SharerInput | None = None) -> SharerSpan:
         """Prefill sharer `index` and return its cache aligned to the receiver span (B, N)."""
-        sharer, fuser = self.sharers[index], self.fusers[index]
-        n = span_ids.shape[1]
+        return sharer_span(self._shared(index, span_ids, span_mask, given), span_ids.shape[1])
+
+    def _shared(self, index: int, span_ids: torch.Tensor, span_mask: torch.Tensor,
+                given: SharerInput | None) -> SharedCache:
+        """Sharer `index`'s prefill of what it reads for the span (the span itself unless `given`)."""
+        sharer = self.sharers[index]
         if given is None:
             if not self.shares_vocab[index]:
                 raise ConfigError(
                     f"sharer {sharer.name!r} has a different tokenizer from receiver {self.receiver.name!r}; "
                     "use C2CModel.chat(messages) so the text can be aligned, or pass sharer_inputs")
             given = SharerInput(span_ids, span_mask)
-        cache = prefill(sharer, given.input_ids, given.attention_mask)
-        if given.gather_index is None:
-            return SharerSpan(fuser, cache.slice_tokens(cache.seq_len - n, None))
-        index_bn = given.gather_index
-        return SharerSpan(fuser, cache.take_tokens(index_bn.clamp(min=0)), mask=index_bn >= 0)
+        return SharedCache(self.fusers[index], prefill(sharer, given.input_ids, given.attention_mask),
+                           given.gather_index)
 
     def prefill_fused(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       sharer_inputs: Sequence[SharerInput | None] | None = None) -> KVCache | None:
@@ -124,9 +103,8 @@ class C2CModel:
         if not self.sharers:
             return cache
         given = list(sharer_inputs) if sharer_inputs is not None else [None] * len(self.sharers)
-        spans = [self.sharer_span(i, span_ids, span_mask, given[i]) for i in range(len(self.sharers))]
-        with torch.no_grad():
-            return fuse(cache, spans, self.mode)
+        return fuse_span(cache, [self._shared(i, span_ids, span_mask, given[i]) for i in range(len(self.sharers))],
+                         self.mode)
 
     def start(self, ids: torch.Tensor, mask: torch.Tensor, sharer_inputs: Sequence[SharerInput | None] | None = None
               ) -> tuple[KVCache | None, torch.Tensor, torch.Tensor, ResponseFusion | None]:
@@ -201,8 +179,11 @@ class C2CModel:
             return ids, mask, None
         inputs: list[SharerInput | None] = []
         for sharer, fuser, same in zip(self.sharers, self.fusers, self.shares_vocab):
-            inputs.append(None if same else align_batch(
-                self.receiver, sharer, conversations, strategy=fuser.config.alignment, span=ids.shape[1] - 1))
+            if same:
+                inputs.append(None)
+                continue
+            aligned = align_sharer(self.receiver, sharer, fuser, conversations, ids.shape[1] - 1)
+            inputs.append(SharerInput(aligned.input_ids, aligned.attention_mask, aligned.gather_index))
         return ids, mask, inputs
 
     def chat(self, messages: str | Messages | Sequence[Messages], **generate_kwargs: Any) -> str | list[str]:

@@ -6,7 +6,7 @@ An endpoint serves one agent and offers three async calls:
 * `reading(ReadRequest) -> KVCache | None` — prefill the agent's reading (role + private context,
   after its prefix sender's reading); the cache a prefix edge hands on;
 * `share(ShareRequest) -> KVCache` — as a fuse sharer: read its reading, then the receiver's prompt
-  span (same vocabulary), and return the cache of the span's last `keep_last` positions;
+  span in its own token ids, and return the cache of the span's last `keep_last` positions;
 * `text(TextRequest, share=[...]) -> TextOutput` — prefill its prompt (fusing its sharers' caches,
   whose prefills it starts concurrently with its own), then decode.
 
@@ -27,13 +27,15 @@ import torch
 
 from agentmesh.cache.kv import KVCache
 from agentmesh.models.loaded import LoadedModel
+from agentmesh.models.protocol import LanguageModel
 from agentmesh.runtime.plan import FuseInput
 from agentmesh.runtime.trace import Trace
 from agentmesh.types import Messages
 
 T = TypeVar("T")
 
-# (span_ids (1, N), span_mask (1, N), keep_last) -> the sharer's cache of the span's last keep_last positions
+# (span_ids (1, N) in the sharer's vocabulary, span_mask (1, N), keep_last) -> the sharer's cache of the
+# span's last keep_last positions
 ShareFn = Callable[[torch.Tensor, torch.Tensor, int], Awaitable[KVCache]]
 
 
@@ -74,6 +76,9 @@ class TextRequest:
     past_messages: Messages = ()
     fuse: tuple[FuseInput, ...] = ()
     fusion: str = "parallel"
+    # Per fuse input, the sharer's model when it has another tokenizer: the receiver then aligns the
+    # conversation to it as `C2CModel.chat` does. None (or no entry): it reads the receiver's ids.
+    sharer_models: tuple[LanguageModel | None, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,21 @@ in a chat session each turn prefills only what the last turn did not already rea
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Sequence
 
 import torch
 
 from agentmesh.c2c.checkpoints import bind_models, check_models, load_any, locate
-from agentmesh.c2c.fuser import Fuser, SharerSpan, fuse
+from agentmesh.c2c.fuser import Fuser
+from agentmesh.c2c.sharing import SharedCache, align_sharer, fuse_span
 from agentmesh.cache.kv import KVCache
-from agentmesh.errors import AgentMeshError, CacheError
+from agentmesh.errors import AgentMeshError, CacheError, ConfigError
 from agentmesh.models.inference import GenerationConfig, decode, prefill
 from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.pool import ModelPool
+from agentmesh.models.protocol import LanguageModel
 from agentmesh.models.streaming import TextDecoder
 from agentmesh.runtime.endpoint import (CallContext, ReadRequest, RunCancelled, ShareFn, ShareRequest, TextOutput,
                                         TextRequest, gather_or_cancel)
@@ -189,14 +192,16 @@ class LocalEndpoint:
         if not req.fuse:
             cache, computed = await ctx.in_thread(self._prefill, lm, span, req.past, "text", ctx, "prefill")
             return await ctx.in_thread(self._decode, lm, cache, ids, req, ctx, computed, True)
-        cache, computed = await self._fused_prefill(lm, span, req, ctx, share)
+        cache, computed = await self._fused_prefill(lm, ids, req, ctx, share)
         return await ctx.in_thread(self._decode, lm, cache, ids, req, ctx, computed, False)
 
-    async def _fused_prefill(self, lm: LoadedModel, span: list[int], req: TextRequest, ctx: CallContext,
+    async def _fused_prefill(self, lm: LoadedModel, ids: list[int], req: TextRequest, ctx: CallContext,
                              share: Sequence[ShareFn]) -> tuple[KVCache | None, int]:
-        """The receiver prefills its span from its own unfused context while every sharer
-        prefills the same span; the fusers then rewrite the span's K/V. Tokens already fused in an
-        earlier turn keep their fused K/V, so only the new tokens are fused (`fuse(..., start=)`)."""
+        """The receiver prefills its span (the prompt but its last token) from its own unfused
+        context while every sharer prefills its reading of the same span; `fuse_span`, the function
+        `C2CModel` fuses with, then rewrites the span's K/V. Tokens already fused in an earlier turn
+        keep their fused K/V, so only the new tokens are fused."""
+        span = ids[:-1]
         if not span:
             return None, 0
         with self._lock:
@@ -206,34 +211,63 @@ class LocalEndpoint:
         if new == 0:
             assert old is not None
             return old.slice_tokens(0, start), 0
-        span_ids = _row(span)
-        span_mask = torch.ones_like(span_ids)
         own = ctx.in_thread(self._prefill, lm, span, req.past, "raw", ctx, "prefill")
-        fusers = ctx.in_thread(self._load_fusers, lm, [f.fuser for f in req.fuse], ctx)
-        shared = [fn(span_ids, span_mask, new) for fn in share]
-        (raw, computed), loaded, *caches = await gather_or_cancel(own, fusers, *shared)
+        fusers = asyncio.ensure_future(ctx.in_thread(self._load_fusers, lm, [f.fuser for f in req.fuse], ctx))
+        models = list(req.sharer_models) + [None] * (len(req.fuse) - len(req.sharer_models))
+        shared = [self._shared(lm, i, fn, models[i], ids, req, ctx, fusers, start) for i, fn in enumerate(share)]
+        (raw, computed), loaded, *got = await gather_or_cancel(own, fusers, *shared)
         ctx.check()
 
         def work() -> KVCache:
-            spans = []
-            for f, fuser, cache in zip(req.fuse, loaded, caches):
-                if cache.seq_len != new:
-                    raise CacheError(f"sharer {f.sharer} sent {cache.seq_len} positions for a {new}-token span")
+            caches = []
+            for f, fuser, (cache, index, keep) in zip(req.fuse, loaded, got):
+                if cache.seq_len != keep:
+                    raise CacheError(f"sharer {f.sharer} sent {cache.seq_len} positions; {keep} were asked for")
                 if cache.signature is not None:
                     check_models(fuser, lm.signature, cache.signature)
                     fuser = bind_models(fuser, lm.signature, cache.signature)
-                spans.append(SharerSpan(fuser, cache.to(device=raw.device)))
+                caches.append(SharedCache(fuser, cache, index))
             base = raw if old is None or start == 0 else KVCache.concat([old.slice_tokens(0, start),
                                                                          raw.slice_tokens(start, None)])
-            with ctx.trace.span(self.agent, "fuse") as sp, torch.no_grad():
-                fused = fuse(base, spans, req.fusion, start=start)  # type: ignore[arg-type]
+            with ctx.trace.span(self.agent, "fuse") as sp:
+                fused = fuse_span(base, caches, req.fusion, start=start)  # type: ignore[arg-type]
                 sp.tokens = new
-                sp.detail = f"{len(spans)} sharer(s), {req.fusion}" + (f", from token {start}" if start else "")
+                sp.detail = f"{len(caches)} sharer(s), {req.fusion}" + (f", from token {start}" if start else "")
             with self._lock:
                 self._fused = fused
             return fused
 
         return await ctx.in_thread(work), computed
+
+    async def _shared(self, lm: LoadedModel, i: int, share: ShareFn, sharer: LanguageModel | None, ids: list[int],
+                      req: TextRequest, ctx: CallContext, fusers: asyncio.Future[list[Fuser]], start: int
+                      ) -> tuple[KVCache, torch.Tensor | None, int]:
+        """Sharer `i`'s cache of the span's tokens from `start` on, the gather index that lines it up
+        with them (None: position for position) and how many positions it holds."""
+        if sharer is None:  # it reads the receiver's own ids
+            row = _row(ids[:-1])
+            return await share(row, torch.ones_like(row), len(ids) - 1 - start), None, len(ids) - 1 - start
+        fuser = (await asyncio.shield(fusers))[i]
+        sharer_ids, index, keep = await ctx.in_thread(self._aligned_span, lm, sharer, fuser, ids, req, i, start)
+        return await share(sharer_ids, torch.ones_like(sharer_ids), keep), index, keep
+
+    def _aligned_span(self, lm: LoadedModel, sharer: LanguageModel, fuser: Fuser, ids: list[int], req: TextRequest,
+                      i: int, start: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """For a sharer with another tokenizer: its own tokens of the conversation up to the last one
+        the span's tokens from `start` on read (1, M), their gather index into the last `keep` of
+        them (1, N) (-1: not fused), and `keep`."""
+        aligned = align_sharer(lm, sharer, fuser, [req.messages], len(ids) - 1)
+        if aligned.receiver_ids[0].tolist() != list(ids):
+            raise ConfigError(
+                f"{self.agent}: its prompt cannot be aligned with the tokenizer of sharer {req.fuse[i].sharer}: it "
+                "continues from a cache whose tokens differ from its conversation tokenized whole",
+                hint="give the sharer the receiver's tokenizer, or drop the receiver's prefix edge")
+        gather = aligned.gather_index[0, start:]   # (N,)
+        read = gather[gather >= 0]
+        end = int(read.max()) + 1 if read.numel() else 1
+        first = int(read.min()) if read.numel() else end - 1
+        index = torch.where(gather >= 0, gather - first, -1)[None]   # (1, N), into the last `keep` positions
+        return aligned.input_ids[:, :end], index, end - first
 
     def _decode(self, lm: LoadedModel, cache: KVCache | None, ids: list[int], req: TextRequest, ctx: CallContext,
                 computed: int, keep: bool) -> TextOutput:

@@ -21,11 +21,12 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agentmesh.c2c.alignment import same_vocabulary
+from agentmesh.c2c.sharing import reads_receiver_ids
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import AgentMeshError, ConfigError, RunError, error_line
 from agentmesh.graph import Graph
 from agentmesh.models.pool import ModelPool, default_pool
+from agentmesh.models.protocol import LanguageModel
 from agentmesh.runtime.endpoint import (CallContext, Endpoint, ReadRequest, RunCancelled, ShareFn, ShareRequest,
                                         TextRequest, gather_or_cancel)
 from agentmesh.runtime.events import (AgentFailed, AgentFinished, AgentStarted, Event, PhaseStarted, RunFinished,
@@ -97,7 +98,6 @@ class _Run:
         self._started: dict[str, float] = {}
         self._moved: set[str] = set()
         self._readers: dict[str, dict[str, Any]] = {}
-        self._vocab_checked: set[tuple[str, str]] = set()
 
     def _threadsafe(self, event: Event) -> None:
         try:
@@ -205,7 +205,6 @@ class _Run:
         async def share(span_ids: Any, span_mask: Any, keep_last: int) -> KVCache:
             try:
                 rd = await self.reading(sharer)
-                await self._check_vocabulary(receiver, sharer)
                 self._start(sharer)
                 start = self.trace.now()
                 req = ShareRequest(receiver=receiver, reading=ReadRequest(rd.messages, rd.past, rd.past_messages),
@@ -224,21 +223,22 @@ class _Run:
 
         return share
 
-    async def _check_vocabulary(self, receiver: str, sharer: str) -> None:
-        """Sharers read the receiver's token ids, so both models must share one vocabulary."""
-        pair = (receiver, sharer)
-        r, s = self.endpoints[receiver], self.endpoints[sharer]
-        if pair in self._vocab_checked or r.records_transfers or s.records_transfers:
-            return  # a model on another host: its worker checks what it reads
-        await gather_or_cancel(r.load(self.ctx(receiver)), s.load(self.ctx(sharer)))
-        rm, sm = r.model, s.model
-        if rm is not None and sm is not None and rm is not sm:
-            if not same_vocabulary(rm.tokenizer, sm.tokenizer):
-                raise ConfigError(
-                    f"fuse edge {sharer} -> {receiver}: {sm.name} and {rm.name} have different "
-                    "tokenizers; graph runs feed sharers the receiver's token ids, so both must share one "
-                    "vocabulary", hint="use a sharer with the receiver's tokenizer, or a text edge")
-        self._vocab_checked.add(pair)
+    def _load(self, name: str) -> asyncio.Future[None]:
+        return self._task("load", name, lambda: self.endpoints[name].load(self.ctx(name)))
+
+    async def _sharer_models(self, name: str) -> tuple[LanguageModel | None, ...]:
+        """Per sharer of `name`, its model when it has another tokenizer (the receiver then aligns
+        the conversation to it as `C2CModel.chat` does); None where it reads the receiver's ids. A
+        model on another host is None too: its worker reads the ids it is sent."""
+        fuse = self.plan[name].fuse
+        local = {f.sharer for f in fuse if not self.endpoints[f.sharer].records_transfers}
+        if self.endpoints[name].records_transfers or not local:
+            return ()
+        await gather_or_cancel(*(self._load(n) for n in (name, *sorted(local))))
+        rm = self.endpoints[name].model
+        models = [self.endpoints[f.sharer].model if f.sharer in local else None for f in fuse]
+        return tuple(sm if sm is not None and rm is not None and sm is not rm and not reads_receiver_ids(rm, sm)
+                     else None for sm in models)
 
     async def _text(self, name: str) -> str:
         a = self.plan[name]
@@ -254,7 +254,7 @@ class _Run:
         turns.append(message("user", prompt))
         messages = past.messages + reading_messages(a.role, a.context) + tuple(turns)
         req = TextRequest(messages=messages, generation=a.generation, past=past.cache, past_messages=past.messages,
-                          fuse=a.fuse, fusion=a.fusion)
+                          fuse=a.fuse, fusion=a.fusion, sharer_models=await self._sharer_models(name))
         share = [self._share_fn(name, f.sharer) for f in a.fuse]
         self._start(name)
         start = self.trace.now()
@@ -283,8 +283,8 @@ class _Run:
         if not any(ep.records_transfers for ep in self.endpoints.values()):
             self.check_fusers()
         roots: list[Any] = []
-        for name, ep in self.endpoints.items():
-            roots.append(self._task("load", name, lambda ep=ep, name=name: ep.load(self.ctx(name))))
+        for name in self.endpoints:
+            roots.append(self._load(name))
         for name, a in self.plan.agents.items():
             if a.decode:
                 roots.append(self.text(name))

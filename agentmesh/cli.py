@@ -197,8 +197,9 @@ def _mount() -> None:
     app.add_typer(train_app, name="train")
     app.add_typer(eval_app)  # `eval` and `make-context-task`
     app.add_typer(bench_app, name="bench", help="Run the benchmarks (tables + JSON).")
-    from agentmesh.mesh.cli import worker_command
+    from agentmesh.mesh.cli import keygen_command, worker_command
     app.command("worker")(worker_command)
+    app.command("keygen")(keygen_command)
     from agentmesh.serve.cli import bench_serve_command, demo_command, serve_command
     app.command("serve")(serve_command)
     app.command("demo")(demo_command)

@@ -4,16 +4,19 @@ private context never crosses the broker."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
 import aiomqtt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
-from agentmesh.errors import ConfigError
+from agentmesh.errors import ConfigError, GraphError
 from agentmesh.graph import Graph
-from agentmesh.mesh.auth import Guard
+from agentmesh.mesh.auth import Guard, make_guard, private_key_text, public_key_text
 from agentmesh.mesh.envelope import inbox_channel, pack, unpack
 from agentmesh.mesh.remote import arun_remote
 from agentmesh.mesh.settings import broker_config, graph_digest
@@ -344,3 +347,135 @@ def test_a_lost_result_is_sent_again_until_the_caller_confirms_it(pool: ModelPoo
     assert result.ok, result.error
     assert worker.resent >= 1 and worker.served == 2
     assert result["ask"].token_ids == run_graph(g, QUESTION, pool=pool)["ask"].token_ids
+
+
+HOST_KEY_ENV = "AGENTMESH_TEST_EDGE_KEY"
+
+
+def host_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *names: str) -> dict[str, dict[str, str]]:
+    """A signing key for each host: the first in an environment variable, the others in key files
+    (mode 600); the `auth: hosts:` table naming them."""
+    table: dict[str, dict[str, str]] = {}
+    for i, name in enumerate(names):
+        key = Ed25519PrivateKey.generate()
+        if i == 0:
+            monkeypatch.setenv(HOST_KEY_ENV, private_key_text(key))
+            table[name] = {"key_env": HOST_KEY_ENV, "public_key": public_key_text(key)}
+        else:
+            path = tmp_path / f"{name}.key"
+            path.write_text(private_key_text(key) + "\n")
+            path.chmod(0o600)
+            table[name] = {"key_file": str(path), "public_key": public_key_text(key)}
+    return table
+
+
+def with_host_keys(g: Graph, table: dict[str, dict[str, str]], *, pipeline_key: bool = True) -> Graph:
+    g.host("lab")  # a third host of the pipeline, with its own key, that the cloud does not serve
+    g.set_auth(key_env=KEY_ENV if pipeline_key else None, hosts=table)
+    return g
+
+
+def test_a_host_with_its_own_key_cannot_be_impersonated_by_another_host(broker: Any, pool: ModelPool,
+                                                                         tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lab holds its own key and the pipeline key; whatever it seals claiming to be the edge
+    (with its key, the pipeline key, or its key under the edge's name) is dropped and counted;
+    a genuine run, signed by the edge and answered signed by the cloud, gives the local tokens."""
+    g = with_host_keys(edge_cloud(broker.url), host_keys(tmp_path, monkeypatch, "edge", "cloud", "lab"))
+    inbox = inbox_channel("cloud")
+    lab = make_guard(g, "lab")
+    assert lab.signer is not None and lab.key == KEY
+
+    def request(call: str) -> dict[str, Any]:
+        return {"op": "load", "call": call, "run": "r1", "agent": "doc", "reply": "r1/doc->edge",
+                "heartbeat_s": 5.0, "graph": graph_digest(g)}
+
+    def as_edge_signed_by_lab(body: dict[str, Any]) -> bytes:
+        # The lab's signature with the edge's name in the trailer and in the body.
+        impostor = Guard(None, "edge", g.name, signer=lab.signer, publics=lab.publics)
+        return pack(body, guard=impostor, channel=inbox)
+
+    async def go() -> tuple[Worker, Any]:
+        worker, task, link = await serving(g, "cloud", pool)
+        try:
+            async with MqttLink(broker_config(g), graph=g.name) as attacker:
+                forged = [
+                    pack(request("c-lab-key"), guard=Guard(KEY, "edge", g.name, publics=lab.publics),
+                         channel=inbox),  # the pipeline key
+                    pack({**request("c-lab-claims"), "x": 1}, guard=lab, channel=inbox),  # as itself: not allowed
+                    as_edge_signed_by_lab(request("c-lab-as-edge")),
+                ]
+                # The lab's own signature, the edge named only in the body.
+                body = pack(request("c-lab-body"), guard=Guard(None, "lab", g.name, signer=lab.signer,
+                                                               publics=lab.publics), channel=inbox)
+                forged.append(body.replace(b'"from":"lab"', b'"from":"edge"'))
+                for payload in forged:
+                    await attacker.send(inbox, payload)
+                await until(lambda: sum(worker.dropped.values()) == len(forged))
+            result = await arun_remote(g, QUESTION, host="edge", pool=pool, timeout=30)
+            return worker, result
+        finally:
+            await stop(worker, task, link)
+
+    worker, result = run(go())
+    assert result.ok, result.error
+    assert result["ask"].token_ids == run_graph(g, QUESTION, pool=pool)["ask"].token_ids
+    assert worker.served == 2  # the genuine run's load and reading; no forgery ran
+    assert worker.dropped == {"wrong_key": 1, "unauthorised": 1, "bad_seal": 2}
+
+
+def test_a_reply_from_a_host_with_its_own_key_must_carry_its_signature(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    g = with_host_keys(edge_cloud("mqtt://127.0.0.1:1"), host_keys(tmp_path, monkeypatch, "edge", "cloud"),
+                       pipeline_key=False)
+    edge, cloud = make_guard(g, "edge"), make_guard(g, "cloud")
+    assert edge.key is None and edge.seal_kind == "signed"
+    channel = "r1/doc->edge"
+    genuine = unpack(pack({"kind": "ack"}, guard=cloud, channel=channel), guard=edge, channel=channel)
+    assert genuine.sender == "cloud"
+    forged = Guard(None, "cloud", g.name, signer=edge.signer, publics=edge.publics)  # the edge's key, the cloud's name
+    with pytest.raises(Exception, match="wrong signature for 'cloud'"):
+        unpack(pack({"kind": "result"}, guard=forged, channel=channel), guard=edge, channel=channel)
+    with pytest.raises(ConfigError, match="host 'lab' has no key: the pipeline file gives keys to cloud, edge only"):
+        make_guard(g, "lab")
+    assert edge.dropped == {"bad_seal": 1}
+
+
+def test_host_keys_are_named_in_the_file_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    table = host_keys(tmp_path, monkeypatch, "edge", "cloud")
+    g = with_host_keys(edge_cloud("mqtt://127.0.0.1:1"), table)
+    (tmp_path / "cloud.key").chmod(0o644)
+    with pytest.raises(ConfigError, match=r"cloud.key can be read by other users \(mode 644\)"):
+        make_guard(g, "cloud")
+    (tmp_path / "cloud.key").chmod(0o600)
+    wrong = dict(table, cloud={**table["cloud"], "public_key": table["edge"]["public_key"]})
+    with pytest.raises(ConfigError, match="does not match the file's public_key"):
+        make_guard(with_host_keys(edge_cloud("mqtt://127.0.0.1:1"), wrong), "cloud")
+    secret = os.environ[HOST_KEY_ENV]
+    with pytest.raises(GraphError, match="auth.hosts.edge.key: a key must not be written in a pipeline file") as e:
+        g.set_auth(hosts={"edge": {"key": secret, "public_key": table["edge"]["public_key"]}})
+    assert secret not in str(e.value)
+    with pytest.raises(GraphError, match="is not an Ed25519 public key"):
+        g.set_auth(hosts={"edge": {"key_env": HOST_KEY_ENV, "public_key": "abc"}})
+    from agentmesh.graph import validate_graph
+    g.set_auth(key_env=KEY_ENV, hosts={"moon": table["edge"]})
+    with pytest.raises(GraphError, match="auth.hosts.moon: host 'moon' is not declared"):
+        validate_graph(g)
+
+
+def test_keygen_writes_a_private_key_file_and_prints_the_lines_for_the_file(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from agentmesh.mesh.auth import parse_private_key
+    from agentmesh.mesh.cli import app
+
+    path = tmp_path / "edge.key"
+    out = CliRunner().invoke(app, ["keygen", str(path), "--host", "edge"])
+    assert out.exit_code == 0, out.output
+    assert path.stat().st_mode & 0o777 == 0o600
+    key = parse_private_key(path.read_bytes().strip(), str(path))
+    assert f"edge: {{key_file: {path}, public_key: {public_key_text(key)}}}" in out.stdout
+    assert path.read_text().strip() not in out.output  # the secret is written to the file only
+    again = CliRunner().invoke(app, ["keygen", str(path)])
+    assert again.exit_code == 2 and "exists; keygen never overwrites a key" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1

@@ -238,10 +238,13 @@ class Graph:
         return self.broker
 
     def set_auth(self, *, key_env: str | None = None, key_file: str | Path | None = None,
+                 hosts: Mapping[str, Mapping[str, str]] | None = None, encrypt: bool = False,
                  window_s: float = 60.0) -> AuthSpec:
-        """Name where the key authenticating messages between hosts is (one of key_env, key_file)."""
-        self.auth = self._section("auth", lambda: AuthSpec(
-            key_env=key_env, key_file=None if key_file is None else str(key_file), window_s=window_s))
+        """Name where the keys authenticating messages between hosts are: the pipeline key (one of
+        key_env, key_file) and/or per-host keys (`hosts`: name -> {key_env|key_file, public_key})."""
+        self.auth = self._section("auth", lambda: AuthSpec.model_validate({
+            "key_env": key_env, "key_file": None if key_file is None else str(key_file), "hosts": dict(hosts or {}),
+            "encrypt": encrypt, "window_s": window_s}))
         return self.auth
 
     def _section(self, key: str, build: Callable[[], S]) -> S:

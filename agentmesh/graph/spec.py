@@ -18,6 +18,7 @@ A pipeline file, every key shown (most are optional):
     fusion:   {writer: parallel}
     hosts:    {edge: {broker: mqtt://10.0.0.2:1883}}
     broker:   {url: mqtt://localhost:1883, username: mesh, password_env: MQTT_PASSWORD}
+    auth:     {key_env: AGENTMESH_KEY, encrypt: false, hosts: {edge: {key_file: edge.key, public_key: "..."}}}
     inputs:   {input: "Write the intro"}
     outputs:  [writer]
 """
@@ -37,6 +38,7 @@ from agentmesh.types import FusionMode
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SPEC_VERSION = 1
 
+CLIENT_HOST = "client"  # the host name of a caller acting as no host (`agentmesh run` without --host)
 IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 IDENT_RE = re.compile(IDENT_PATTERN)
 IDENT_HINT = "names start with a letter or _, then letters, digits, _ or -"
@@ -160,15 +162,12 @@ class HostSpec(_Spec):
         return None if v is None else check_broker_url(v)
 
 
-class AuthSpec(_Spec):
-    """Where the key that authenticates messages between hosts is: an environment variable or a
-    file (never the key itself). Every host of the pipeline needs the same key."""
+class _KeySource(_Spec):
+    """Where a secret key is: an environment variable or a file (never the key itself)."""
 
     key_env: str | None = Field(default=None, description="environment variable holding the key")
     key_file: str | None = Field(default=None, description="file holding the key (mode 600), relative to this file")
     key: str | None = Field(default=None, exclude=True, description="rejected: use key_env or key_file")
-    window_s: float = Field(default=60.0, gt=0, le=3600, description="how old (or early) a message may be, "
-                            "seconds; clocks of the hosts must agree within it")
 
     @field_validator("key")
     @classmethod
@@ -187,10 +186,59 @@ class AuthSpec(_Spec):
                                "name the variable that holds the key, e.g. AGENTMESH_KEY")
         return v
 
+    @property
+    def has_source(self) -> bool:
+        return self.key_env is not None or self.key_file is not None
+
+
+PUBLIC_KEY_RE = re.compile(r"^[A-Za-z0-9+/]{43}=$")
+
+
+class HostKeySpec(_KeySource):
+    """A host's own signing key (Ed25519): its private key stays on that host (key_env or key_file,
+    read only there); its public key, which is no secret, is written here for the other hosts."""
+
+    public_key: str = Field(description="the host's Ed25519 public key, base64 (`agentmesh keygen` prints it)")
+
+    @field_validator("public_key")
+    @classmethod
+    def _public(cls, v: str) -> str:
+        if not PUBLIC_KEY_RE.match(v):
+            raise custom_error(f"{v[:60]!r} is not an Ed25519 public key (44 characters of base64)",
+                               "paste the `public_key:` line `agentmesh keygen FILE` printed")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HostKeySpec:
+        if self.key_env is not None and self.key_file is not None or not self.has_source:
+            raise custom_error("a host key needs exactly one of key_env and key_file")
+        return self
+
+
+class AuthSpec(_KeySource):
+    """How messages between hosts are authenticated: a pipeline key every host holds (HMAC), and/or
+    a key per host (`hosts:`, Ed25519 signatures), so that a host can only speak as itself.
+    `encrypt: true` also encrypts every message (AES-256-GCM under a key derived from the pipeline key)."""
+
+    hosts: dict[Name, HostKeySpec] = Field(default_factory=dict, description="per-host signing keys")
+    encrypt: bool = Field(default=False, description="encrypt messages between hosts (needs the pipeline key)")
+    window_s: float = Field(default=60.0, gt=0, le=3600, description="how old (or early) a message may be, "
+                            "seconds; clocks of the hosts must agree within it")
+
+    @field_validator("hosts", mode="before")
+    @classmethod
+    def _null_hosts(cls, v: Any) -> Any:
+        return {} if v is None else v
+
     @model_validator(mode="after")
     def _one_source(self) -> AuthSpec:
-        if (self.key_env is None) == (self.key_file is None):
-            raise custom_error("auth needs exactly one of key_env and key_file")
+        if self.key_env is not None and self.key_file is not None:
+            raise custom_error("auth needs at most one of key_env and key_file")
+        if not self.has_source and not self.hosts:
+            raise custom_error("auth needs a pipeline key (key_env or key_file) or per-host keys (hosts:)")
+        if self.encrypt and not self.has_source:
+            raise custom_error("auth.encrypt needs the pipeline key (key_env or key_file), which every host shares",
+                               "add key_env: or key_file: next to encrypt:")
         return self
 
 

@@ -15,6 +15,7 @@ from agentmesh.errors import AgentMeshError, GraphError
 from agentmesh.graph import template
 from agentmesh.graph.graph import Graph
 from agentmesh.graph.source import KeyPath, choices_hint, graph_error
+from agentmesh.graph.spec import CLIENT_HOST
 
 FuserInfo = Callable[[str], "tuple[str, str] | None"]
 
@@ -43,6 +44,11 @@ def _check_tables(graph: Graph) -> None:
             if model is not None and model not in graph.models:
                 raise _err(graph, ("fusers", alias, key), f"unknown model alias {model!r}",
                            choices_hint(model, graph.models, "models"))
+    for host in graph.auth.hosts if graph.auth is not None else ():
+        if host not in graph.hosts and host != CLIENT_HOST:
+            raise _err(graph, ("auth", "hosts", host), f"host {host!r} is not declared",
+                       choices_hint(host, graph.hosts, "hosts") + f"; declare it under hosts: (or use {CLIENT_HOST} "
+                       "for a caller without --host)")
 
 
 def _check_agents(graph: Graph) -> None:

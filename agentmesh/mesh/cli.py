@@ -104,6 +104,33 @@ def worker_command(
         raise typer.Exit(130) from None
 
 
+def keygen_command(
+    file: Annotated[Path, typer.Argument(help="Where to write the new private key (mode 600); it must not exist.",
+                                         show_default=False)],
+    host: Annotated[str, typer.Option("--host", help="The host the key is for (printed in the YAML lines).")] = "HOST",
+) -> None:
+    """Make a host's own signing key (Ed25519) for `auth: hosts:` and print the lines for the pipeline file.
+    The private key stays on that host; the public key goes in the file every host reads."""
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agentmesh.mesh.auth import private_key_text, public_key_text
+
+    key = Ed25519PrivateKey.generate()
+    try:
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        _fail(f"{file} exists; keygen never overwrites a key (remove it first, or pick another name)")
+    except OSError as e:
+        _fail(f"cannot create {file}: {e.strerror or e}")
+    with os.fdopen(fd, "w") as f:
+        f.write(private_key_text(key) + "\n")
+    _say(f"wrote the private key of host {host} to {file} (mode 600); keep it on that host only. "
+         "In the pipeline file:")
+    _say(f"auth:\n  hosts:\n    {host}: {{key_file: {file}, public_key: {public_key_text(key)}}}")
+
+
 def warn_insecure(config: BrokerConfig) -> None:
     """One line on stderr: without a key, nothing stops another client of the broker."""
     where = "" if config.host in LOOPBACK else f" on {config.host}, which is not this machine"
@@ -121,6 +148,7 @@ def _group() -> None:
 
 
 app.command("worker")(worker_command)
+app.command("keygen")(keygen_command)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ Every message is an envelope: a small JSON body plus named binary blobs (encoded
 
     magic b"AMRP" | version u16 | flags u16 | JSON length u32 | blob count u32   (little-endian)
     JSON body (with "blobs": [[name, size], ...], "auth": {from, nonce, ts}) | blob bytes, in order
-    | HMAC-SHA256 seal (32 bytes, when flags has SEALED; see `agentmesh.mesh.auth`)
+    | the seal: HMAC-SHA256 (32 bytes, flag SEALED) or signer name | its length u8 | Ed25519
+      signature (64 bytes, flag SIGNED); see `agentmesh.mesh.auth`
+
+With flag ENCRYPTED the JSON body and blobs are replaced by a 12-byte nonce and their AES-256-GCM
+ciphertext and tag (the prefix, graph and channel are its associated data); the seal covers that.
 
 Caches inside are `encode_cache` payloads, checked by `decode_cache`; nothing is ever unpickled.
 Envelopes come from the network: `unpack` checks sizes and shapes before trusting anything.
@@ -29,13 +33,16 @@ import orjson
 
 from agentmesh import errors
 from agentmesh.errors import AgentMeshError, RunError, TransportError, error_line
-from agentmesh.mesh.auth import MAC_BYTES, Guard
+from agentmesh.mesh.auth import Guard, split_trailer
 from agentmesh.runtime.endpoint import RunCancelled
 from agentmesh.transport.link import edge_channel, validate_segment
 
 MAGIC = b"AMRP"
 VERSION = 2
-SEALED = 1  # prefix flag: a MAC_BYTES seal follows the blobs
+SEALED = 1  # prefix flags: an HMAC seal follows the blobs,
+SIGNED = 2  # or a signature,
+ENCRYPTED = 4  # and the body and blobs are encrypted
+_KINDS = {0: "", SEALED: "sealed", SIGNED: "signed"}
 PREFIX = struct.Struct("<4sHHII")
 MAX_JSON_BYTES = 16 << 20   # prompts and conversations travel in the JSON body
 MAX_BLOBS = 16
@@ -75,12 +82,18 @@ def pack(body: Mapping[str, Any], blobs: Mapping[str, bytes | bytearray | memory
     raw = orjson.dumps(head)
     if len(raw) > MAX_JSON_BYTES:
         raise TransportError(f"message body is {len(raw)} bytes of JSON; the limit is {MAX_JSON_BYTES}")
-    sealed = guard is not None and guard.secure
-    parts: list[bytes | memoryview] = [PREFIX.pack(MAGIC, VERSION, SEALED if sealed else 0, len(raw), len(blobs)),
-                                       raw, *(memoryview(b).cast("B") for b in blobs.values())]
-    if sealed:
+    kind = guard.seal_kind if guard is not None else ""
+    flags = {"": 0, "sealed": SEALED, "signed": SIGNED}[kind]
+    encrypt = guard is not None and guard.cipher is not None
+    prefix = PREFIX.pack(MAGIC, VERSION, flags | (ENCRYPTED if encrypt else 0), len(raw), len(blobs))
+    parts: list[bytes | memoryview] = [raw, *(memoryview(b).cast("B") for b in blobs.values())]
+    if encrypt:
         assert guard is not None
-        parts.append(guard.mac(channel, parts))
+        parts = list(guard.encrypt(channel, prefix, parts))
+    parts.insert(0, prefix)
+    if kind:
+        assert guard is not None
+        parts += guard.seal(channel, parts)[1]
     return b"".join(parts)
 
 
@@ -88,6 +101,7 @@ def unpack(data: bytes | bytearray | memoryview, *, guard: Guard | None = None, 
     """The envelope in `data` as it arrived on `channel`, or `TransportError` when anything about
     it is off (`Rejected` when `guard` refuses it: its seal is checked before anything is parsed)."""
     mv = memoryview(data).cast("B")
+    total = len(mv)
     if len(mv) < PREFIX.size:
         raise TransportError(f"message of {len(mv)} bytes is shorter than the {PREFIX.size}-byte envelope prefix")
     magic, version, flags, json_len, count = PREFIX.unpack_from(mv, 0)
@@ -96,17 +110,28 @@ def unpack(data: bytes | bytearray | memoryview, *, guard: Guard | None = None, 
     if version != VERSION:
         raise TransportError(f"envelope version {version} is not supported (this agentmesh speaks {VERSION}); "
                              "run the same agentmesh version on every host")
-    if flags & ~SEALED:
+    if flags & ~(SEALED | SIGNED | ENCRYPTED) or flags & SEALED and flags & SIGNED:
         raise TransportError(f"envelope has unknown flags {flags:#x}")
-    end = len(mv) - (MAC_BYTES if flags & SEALED else 0)
+    kind = _KINDS[flags & (SEALED | SIGNED)]
+    if guard is not None:
+        end, signer = guard.verify(channel, kind, mv)
+    else:
+        end, signer = split_trailer(channel, kind, mv)
     if end < PREFIX.size:
         raise TransportError(f"sealed message of {len(mv)} bytes is too short for its seal")
-    if guard is not None:
-        guard.verify(channel, mv[:end], mv[end:] if flags & SEALED else None)
-    if json_len > min(MAX_JSON_BYTES, end - PREFIX.size) or count > MAX_BLOBS:
-        raise TransportError(f"envelope claims {json_len} bytes of JSON and {count} blobs in a {len(mv)}-byte message")
+    start = PREFIX.size
+    if flags & ENCRYPTED:
+        if guard is None:
+            raise TransportError("the message is encrypted; reading it needs the pipeline key")
+        mv = guard.decrypt(channel, mv[:PREFIX.size], mv[PREFIX.size:end])
+        start, end = 0, len(mv)
+    elif guard is not None and guard.cipher is not None:
+        raise guard.refuse("plaintext", f"a message on {channel!r} is not encrypted, and this pipeline encrypts "
+                                        "(auth.encrypt)")
+    if json_len > min(MAX_JSON_BYTES, end - start) or count > MAX_BLOBS:
+        raise TransportError(f"envelope claims {json_len} bytes of JSON and {count} blobs in a {end - start}-byte body")
     try:
-        body = orjson.loads(mv[PREFIX.size:PREFIX.size + json_len])
+        body = orjson.loads(mv[start:start + json_len])
     except orjson.JSONDecodeError:
         raise TransportError("envelope body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -116,7 +141,7 @@ def unpack(data: bytes | bytearray | memoryview, *, guard: Guard | None = None, 
         listed = len(table) if isinstance(table, list) else "?"
         raise TransportError(f"envelope lists {listed} blobs, its prefix {count}")
     blobs: dict[str, memoryview] = {}
-    pos = PREFIX.size + json_len
+    pos = start + json_len
     for entry in table:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
                 and _BLOB_NAME.match(entry[0]) and isinstance(entry[1], int) and entry[1] >= 0):
@@ -129,8 +154,8 @@ def unpack(data: bytes | bytearray | memoryview, *, guard: Guard | None = None, 
     if pos != end:
         raise TransportError(f"envelope has {end - pos} trailing bytes after its blobs")
     auth = body.pop("auth", None)
-    sender = guard.admit(auth) if guard is not None else None
-    return Envelope(body, blobs, len(mv), sender)
+    sender = guard.admit(auth, signer) if guard is not None else None
+    return Envelope(body, blobs, total, sender)
 
 
 def inbox_channel(host: str) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 import agentmesh
 from agentmesh.c2c.fuser import Fuser
 from agentmesh.c2c.model import C2CModel, SharerInput
-from agentmesh.graph import Graph
+from agentmesh.graph import Graph, load_graph
 from agentmesh.models.inference import GenerationConfig, decode, prefill
 from agentmesh.models.loaded import LoadedModel
 from agentmesh.models.pool import ModelPool
@@ -506,6 +506,27 @@ def test_trace_exports_json_and_chrome(pool: ModelPool, tmp_path: Path) -> None:
     assert names == {"p", "w"}
     d = r.to_dict()
     assert json.loads(json.dumps(d))["outputs"] == {"w": r["w"].text} and d["ok"] is True
+
+
+def test_answer_start_is_read_after_the_generation_prompt_and_begins_the_answer(pool: ModelPool, tmp_path: Path,
+                                                                             tiny: LoadedModel) -> None:
+    g = Graph("started")
+    g.agent("w", model="tiny", answer_start='<p id="intro">Welcome to', max_new_tokens=6)
+
+    async def main() -> list[Any]:
+        return [e async for e in stream_graph(g, "Write the intro.", pool=pool)]
+
+    events = asyncio.run(main())
+    r = events[-1].result
+    assert r.ok, r.error
+    ids = tiny.chat_ids([{"role": "user", "content": "Write the intro."}]) + tiny.encode('<p id="intro">Welcome to')
+    assert r["w"].prompt_tokens == len(ids)
+    assert list(r["w"].token_ids) == _greedy(tiny, ids, 6)  # it continued the start it was given
+    assert r["w"].text == ('<p id="intro">Welcome to' + tiny.decode(list(r["w"].token_ids))).strip()
+    streamed = "".join(e.text for e in events if isinstance(e, Token))
+    assert streamed.strip() == r["w"].text  # the start is streamed first
+    g.to_yaml(tmp_path / "started.yaml")
+    assert load_graph(tmp_path / "started.yaml").agents["w"].answer_start == '<p id="intro">Welcome to'
 
 
 def test_stream_yields_tokens_then_run_finished(pool: ModelPool) -> None:

@@ -44,7 +44,9 @@ class Agent:
 
     `prompt` is a template with `{input}`, `{<input name>}` and `{<upstream text agent>}`
     placeholders; None = every upstream text output, then `{input}` (see `Graph.prompt_template_of`).
-    `temperature` 0 means greedy decoding.
+    `temperature` 0 means greedy decoding. `answer_start` is text the answer begins with: the agent
+    reads it right after the generation prompt and continues it, and it is part of the answer (a
+    small model follows an output format far more reliably when it is started for it).
     """
 
     name: str
@@ -53,6 +55,7 @@ class Agent:
     context: str | None = None
     context_file: str | None = None
     prompt: str | None = None
+    answer_start: str | None = None
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int | None = None
@@ -72,6 +75,8 @@ class Agent:
                 gen[key] = getattr(self, key)
         if self.stop:
             gen["stop"] = list(self.stop)
+        if self.answer_start:
+            gen["answer_start"] = self.answer_start
         return gen
 
 
@@ -177,7 +182,8 @@ class Graph:
         self.source: SourceMap | None = None
 
     def agent(self, name: str, *, model: str | None = None, role: str | None = None, context: str | None = None,
-              context_file: str | Path | None = None, prompt: str | None = None, max_new_tokens: int = 128,
+              context_file: str | Path | None = None, prompt: str | None = None, answer_start: str | None = None,
+              max_new_tokens: int = 128,
               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
               repetition_penalty: float | None = None, stop: str | Sequence[str] = (), host: str | None = None,
               fusion: FusionMode = "parallel") -> Agent:
@@ -189,7 +195,7 @@ class Graph:
         stops = (stop,) if isinstance(stop, str) else tuple(stop)
         agent = Agent(name=name, model=model, role=role, context=context,
                       context_file=None if context_file is None else str(context_file), prompt=prompt,
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      answer_start=answer_start, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       repetition_penalty=repetition_penalty, stop=stops, host=host, fusion=fusion)
         self.agents[name] = agent
         return agent

@@ -105,6 +105,8 @@ class AgentSpec(_Spec):
     context: str | None = Field(default=None, description="private text only this agent sees")
     context_file: str | None = Field(default=None, min_length=1, description="file with the private text, relative to the YAML file")
     prompt: str | None = Field(default=None, description="template with {input}, {<input name>} and {<upstream text agent>}")
+    answer_start: str | None = Field(default=None, min_length=1,
+                                     description="text the answer begins with (read after the generation prompt, part of the answer)")
     max_new_tokens: int = Field(default=128, ge=1, le=1_000_000)
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy decoding")
     top_k: int | None = Field(default=None, ge=1)

@@ -59,11 +59,12 @@ class GenerationConfig:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         return cls(eos_token_ids=eos_ids, stop=stops, **{k: v for k, v in settings.items() if v is not None})
 
-    def trim(self, text: str) -> str:
-        """Generated `text` as a user reads it: cut before the first stop string, stripped."""
+    def trim(self, text: str, *, answer_start: str = "") -> str:
+        """Generated `text` as a user reads it: cut before the first stop string, after the text
+        the answer was started with (if any), stripped. Stops are looked for in `text` only."""
         for s in self.stop:
             text = text.split(s, 1)[0]
-        return text.strip()
+        return (answer_start + text).strip()
 
 
 class Streamer(Protocol):

@@ -134,8 +134,11 @@ class LocalEndpoint:
 
     @staticmethod
     def prompt_ids(lm: LoadedModel, req: TextRequest) -> list[int]:
-        return extend_ids(lm, req.messages, add_generation_prompt=True, base_messages=req.past_messages,
-                          base_ids=cache_ids(req.past))
+        """The conversation with a generation prompt, then the agent's answer start, if it has one."""
+        ids = extend_ids(lm, req.messages, add_generation_prompt=True, base_messages=req.past_messages,
+                         base_ids=cache_ids(req.past))
+        start = req.generation.get("answer_start")
+        return ids + lm.encode(start) if start else ids
 
     async def reading(self, req: ReadRequest, ctx: CallContext) -> KVCache | None:
         lm = await self._model(ctx)
@@ -272,10 +275,14 @@ class LocalEndpoint:
     def _decode(self, lm: LoadedModel, cache: KVCache | None, ids: list[int], req: TextRequest, ctx: CallContext,
                 computed: int, keep: bool) -> TextOutput:
         ctx.check()
-        gen = GenerationConfig.for_model(lm, **req.generation)
+        settings = dict(req.generation)
+        answer_start = settings.pop("answer_start", "")
+        gen = GenerationConfig.for_model(lm, **settings)
         eos = set(gen.eos_token_ids)
         stream = TextDecoder(lm.tokenizer)
         first: list[float] = []
+        if answer_start and ctx.on_token is not None:
+            ctx.on_token(answer_start, ids[-1])  # the answer's first piece: the start it was given
 
         def on_token(step: int, tok: torch.Tensor) -> None:
             if ctx.cancel.is_set():
@@ -300,7 +307,7 @@ class LocalEndpoint:
         generated = [int(t) for t in out.tokens[0]]
         cut = next((i for i, t in enumerate(generated) if t in eos), len(generated))
         token_ids = tuple(generated[:cut])
-        text = gen.trim(lm.decode(list(token_ids), skip_special_tokens=True))
+        text = gen.trim(lm.decode(list(token_ids), skip_special_tokens=True), answer_start=answer_start)
         finished = bool(out.finished[0]) if out.finished is not None else cut < len(generated)
         return TextOutput(text=text, token_ids=token_ids, prompt_tokens=len(ids),
                           prefilled_tokens=computed + 1, first_token_s=first[0] if first else None,

@@ -141,3 +141,33 @@ def test_finetune_recipe_resumes_and_builds_a_loadable_adapter(base: Path, tmp_p
     with pytest.raises(ModelLoadError, match="was trained on base model"):
         load_model(other, adapter=adapter)
     assert FinetuneRecipe.parse(yaml.safe_load(yaml.safe_dump(recipe))).lora.target_modules()[0] == "gate_proj"
+
+
+def test_a_fuser_trains_against_a_specialist_sharer(base: Path, lora: Path, tmp_path: Path) -> None:
+    """`sharer_adapter` in a training recipe: the sharer is the base plus the adapter, and the
+    fuser's provenance names it; the knowledge task's files are what the recipe reads."""
+    from agentmesh.c2c.checkpoints import load_any
+    from agentmesh.c2c.train import train
+    from agentmesh.tasks.datasets import load_jsonl
+    from agentmesh.tasks.knowledge_task import HELD_OUT_PHRASINGS, write_knowledge_task
+
+    paths = write_knowledge_task(tmp_path / "task", n_per_split=3, n_capitals=4)
+    test_items = load_jsonl(paths["test"])
+    assert len(test_items) == 3 * len(HELD_OUT_PHRASINGS) and all(i.kind == "short" for i in test_items)
+    train_countries = {json.loads(line)["question"] for line in paths["train"].read_text().splitlines()}
+    assert not any(i.question in train_countries for i in test_items)  # facts B never in the fuser's data
+    assert write_knowledge_task(tmp_path / "again", n_per_split=3, n_capitals=4)["test"].read_text() == \
+        paths["test"].read_text()  # seeded
+
+    recipe = {"receiver": str(base), "sharer": str(base), "sharer_adapter": str(lora),
+              "projector": {"hidden_dim": 8, "intermediate_dim": 8}, "data": {"path": str(paths["train"]),
+                                                                           "eval_fraction": 0.2},
+              "steps": 2, "batch_size": 2, "eval_every": 0, "save_every": 0, "output": str(tmp_path / "run")}
+    result = train(recipe, progress=False)
+    assert result.fuser_dir is not None
+    fuser = load_any(str(result.fuser_dir))
+    sharer_source = fuser.config.provenance["sharer_source"]
+    assert sharer_source.endswith(f"+adapter:{lora.resolve()}") or f"adapter:{lora}" in sharer_source
+    with pytest.raises(Exception, match="adapter"):
+        train({**recipe, "sharer_adapter": str(tmp_path / "missing"), "output": str(tmp_path / "run2")},
+              progress=False)

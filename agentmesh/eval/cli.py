@@ -68,6 +68,25 @@ def make_context_task_command(
         typer.echo(f"{split}: {path}")
 
 
+@app.command("make-knowledge-task")
+def make_knowledge_task_command(
+    out_dir: Path = typer.Argument(..., help="folder for specialist.jsonl, train.jsonl and test.jsonl"),
+    seed: int = typer.Option(0, "--seed"),
+    per_split: int = typer.Option(50, "--per-split", min=1, help="countries in facts A and in facts B"),
+    capitals: int = typer.Option(20, "--capitals", min=2, help="size of the pool capitals are drawn from"),
+) -> None:
+    """Generate the specialist-knowledge task (invented facts, split A/B; seeded, no download)."""
+    from agentmesh.tasks.knowledge_task import write_knowledge_task
+
+    try:
+        paths = write_knowledge_task(out_dir, n_per_split=per_split, n_capitals=capitals, seed=seed)
+    except AgentMeshError as e:
+        _fail(e)
+        return
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
 @app.command("compare")
 def compare_command(
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="receiver (and sharer) model ref"),

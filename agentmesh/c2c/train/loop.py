@@ -118,8 +118,8 @@ def _load_models(recipe: TrainRecipe, pool: Any, device: torch.device) -> tuple[
         from agentmesh.models.pool import ModelPool
 
         pool = ModelPool()  # loads a shared receiver/sharer ref once
-    receiver = pool.get(recipe.receiver, dtype=recipe.dtype, device=str(device))
-    sharer = pool.get(recipe.sharer, dtype=recipe.dtype, device=str(device))
+    receiver = pool.get(recipe.receiver, dtype=recipe.dtype, device=str(device), adapter=recipe.receiver_adapter)
+    sharer = pool.get(recipe.sharer, dtype=recipe.dtype, device=str(device), adapter=recipe.sharer_adapter)
     for lm in (receiver, sharer):
         lm.model.eval()
         lm.model.requires_grad_(False)

@@ -102,6 +102,8 @@ class TrainRecipe(_Strict):
 
     receiver: str = DEFAULT_MODEL
     sharer: str = DEFAULT_MODEL
+    receiver_adapter: Path | None = None  # PEFT adapter folder merged into the frozen receiver
+    sharer_adapter: Path | None = None    # ... into the sharer: a specialist fine-tune (`kind: finetune`)
     projector: ProjectorRecipe = Field(default_factory=ProjectorRecipe)
     layer_map: Literal["last_aligned", "k_nearest"] = "last_aligned"
     alignment: Literal["last", "first", "longest"] = "last"  # cross-tokenizer gather strategy
@@ -170,6 +172,9 @@ class TrainRecipe(_Strict):
         data = self.model_dump(mode="json", exclude=free)
         if data.get("fusion") == "prompt":
             del data["fusion"]  # the default, as before the key existed: runs started then still resume
+        for key in ("receiver_adapter", "sharer_adapter"):
+            if data.get(key) is None:
+                data.pop(key, None)  # likewise
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 

@@ -84,7 +84,7 @@ def mesh_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def edge_cloud(url: str, *, auth: bool = True, mode: str = "prefix", doc_model: str = "tiny", tokens: int = 6,
-               **broker: Any) -> Graph:
+               encrypt: bool = False, **broker: Any) -> Graph:
     g = Graph(f"sec_{mode}")
     g.host("edge")
     g.host("cloud")
@@ -97,7 +97,7 @@ def edge_cloud(url: str, *, auth: bool = True, mode: str = "prefix", doc_model: 
         g.cache("doc", "ask", mode="prefix")
     g.set_broker(url, **{"timeout_s": 10, **broker})
     if auth:
-        g.set_auth(key_env=KEY_ENV)
+        g.set_auth(key_env=KEY_ENV, encrypt=encrypt)
     return g
 
 
@@ -369,9 +369,10 @@ def host_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *names: str) -> d
     return table
 
 
-def with_host_keys(g: Graph, table: dict[str, dict[str, str]], *, pipeline_key: bool = True) -> Graph:
+def with_host_keys(g: Graph, table: dict[str, dict[str, str]], *, pipeline_key: bool = True,
+                   encrypt: bool = False) -> Graph:
     g.host("lab")  # a third host of the pipeline, with its own key, that the cloud does not serve
-    g.set_auth(key_env=KEY_ENV if pipeline_key else None, hosts=table)
+    g.set_auth(key_env=KEY_ENV if pipeline_key else None, hosts=table, encrypt=encrypt)
     return g
 
 
@@ -479,3 +480,95 @@ def test_keygen_writes_a_private_key_file_and_prints_the_lines_for_the_file(tmp_
     again = CliRunner().invoke(app, ["keygen", str(path)])
     assert again.exit_code == 2 and "exists; keygen never overwrites a key" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
+
+
+def _eavesdropped_run(g: Graph, pool: ModelPool, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, bytes, list[bytes]]:
+    """Run `g` from the edge with the cloud's worker in this process, while a passive subscriber
+    to every topic records what crosses the broker; returns (result, the wire, the cache payloads
+    the worker encoded)."""
+    import agentmesh.mesh.worker as worker_module
+
+    encoded: list[bytes] = []
+    real = worker_module.encode_cache
+
+    def recording(*args: Any, **kw: Any) -> bytes:
+        encoded.append(real(*args, **kw))
+        return encoded[-1]
+
+    monkeypatch.setattr(worker_module, "encode_cache", recording)
+    seen: list[bytes] = []
+    broker_url = g.broker.url if g.broker is not None else ""
+    host, port = broker_url.removeprefix("mqtt://").split(":")
+
+    async def go() -> Any:
+        async with aiomqtt.Client(host, int(port), identifier="eavesdropper") as spy:
+            await spy.subscribe("agentmesh/#")
+
+            async def listen() -> None:
+                async for message in spy.messages:
+                    seen.append(bytes(message.payload))  # type: ignore[arg-type]
+
+            listening = asyncio.create_task(listen())
+            worker, task, link = await serving(g, "cloud", pool)
+            try:
+                return await arun_remote(g, QUESTION, host="edge", pool=pool, timeout=30)
+            finally:
+                await stop(worker, task, link)
+                await asyncio.sleep(0.2)
+                listening.cancel()
+
+    result = run(go())
+    return result, b"\n".join(seen), encoded
+
+
+def _pieces(data: bytes, size: int = 24, every: int = 997) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data) - size, every)]
+
+
+def test_encrypted_runs_show_a_subscriber_no_cache_bytes_prompt_or_answer(broker: Any, pool: ModelPool,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    """With `auth.encrypt` a subscriber to agentmesh/# finds no 24-byte piece of the cache the
+    cloud sent, nor the question, the context or the cloud's answer (the text run also signs with
+    per-host keys); without it the same check finds the cache (so the check can fail)."""
+    plain, wire, encoded = _eavesdropped_run(edge_cloud(broker.url), pool, monkeypatch)
+    assert plain.ok and len(encoded) == 1
+    pieces = _pieces(encoded[0])
+    assert sum(p in wire for p in pieces) > 0.9 * len(pieces)  # in clear, the cache is there to read
+
+    secret, wire, encoded = _eavesdropped_run(edge_cloud(broker.url, encrypt=True), pool, monkeypatch)
+    assert secret.ok, secret.error
+    assert secret["ask"].token_ids == plain["ask"].token_ids
+    assert len(encoded) == 1 and len(wire) > len(encoded[0])  # the cache did cross, encrypted
+    assert not [p for p in _pieces(encoded[0]) if p in wire]
+
+    g = with_host_keys(edge_cloud(broker.url, mode="text", tokens=12),
+                       host_keys(tmp_path, monkeypatch, "edge", "cloud"), encrypt=True)
+    text, wire, _ = _eavesdropped_run(g, pool, monkeypatch)
+    assert text.ok, text.error
+    answer = text["doc"].text.encode()
+    assert len(answer) > 12
+    for clear in (QUESTION.encode(), SECRET.encode(), answer, b"warranty facts"):
+        assert not [clear[i:i + 12] for i in range(len(clear) - 12) if clear[i:i + 12] in wire]
+
+
+def test_a_host_that_does_not_encrypt_is_refused_by_one_that_does(pool: ModelPool) -> None:
+    g = edge_cloud("mqtt://127.0.0.1:1", encrypt=True)
+    clear = Guard(KEY, "edge", g.name)  # the right key, no encryption
+    cloud = make_guard(g, "cloud")
+    inbox = inbox_channel("cloud")
+    with pytest.raises(Exception, match="is not encrypted, and this pipeline encrypts"):
+        unpack(pack({"op": "load"}, guard=clear, channel=inbox), guard=cloud, channel=inbox)
+    sealed = pack({"op": "load"}, guard=make_guard(g, "edge"), channel=inbox)
+    with pytest.raises(Exception, match="is encrypted, and this host has no auth.encrypt"):
+        unpack(sealed, guard=clear, channel=inbox)
+    tampered = bytearray(sealed)
+    tampered[40] ^= 1  # a ciphertext byte: the AES-GCM tag is this message's seal
+    with pytest.raises(Exception, match="does not decrypt"):
+        unpack(bytes(tampered), guard=cloud, channel=inbox)
+    with pytest.raises(Exception, match="does not decrypt"):  # moved to another topic
+        unpack(sealed, guard=make_guard(g, "cloud"), channel=inbox_channel("edge"))
+    assert unpack(sealed, guard=cloud, channel=inbox).body == {"op": "load"}
+    assert cloud.dropped == {"plaintext": 1, "bad_seal": 1} and clear.dropped == {"bad_seal": 1}
+    with pytest.raises(GraphError, match="auth.encrypt needs the pipeline key"):
+        g.set_auth(hosts={"edge": {"key_env": KEY_ENV, "public_key": "A" * 43 + "="}}, encrypt=True)

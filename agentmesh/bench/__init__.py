@@ -18,7 +18,7 @@ from agentmesh.errors import ConfigError
 
 DEFAULT_THREADS = 1
 BENCHMARKS: tuple[str, ...] = ("c2c_vs_t2t", "fusion_overhead", "batching", "codec", "mqtt", "scheduler", "decode",
-                               "response_fusion")
+                               "response_fusion", "edge_cloud")
 DESCRIPTIONS = {
     "c2c_vs_t2t": "End-to-end latency per question: text-to-text vs cache-to-cache vs prefix (target >= 2.5x).",
     "fusion_overhead": "C2C prefill over plain prefills at 256 tokens (target <= 1.15x); projector share per layer.",
@@ -28,6 +28,7 @@ DESCRIPTIONS = {
     "scheduler": "Per-agent scheduler overhead on a ten-agent graph, model time excluded (target <= 2 ms).",
     "decode": "Batch-1 decode ms/token per mode vs transformers' generate and the bandwidth roofline (target <= 0.6x).",
     "response_fusion": "Decode ms/token of prompt+response fusion (sharer reads every token) vs prompt fusion.",
+    "edge_cloud": "Envelope seal and AES-256-GCM cost on a multi-MB cache (one core); bytes on the wire per edge-cloud run.",
 }
 
 

@@ -19,6 +19,7 @@ _COLUMNS: dict[str, list[str]] = {
     "scheduler": ["graph", "endpoints", "wall_ms_per_agent", "cpu_ms_per_agent"],
     "decode": ["mode", "ms_per_token", "vs_generate", "greedy_agreement", "weight_MB_per_token", "roofline_ms",
                "roofline_fraction"],
+    "edge_cloud": ["seal", "payload_MB", "pack_ms", "unpack_ms", "MB_per_s", "best_MB_per_s"],
     "codec": ["source", "wire", "payload_MB", "encode_ms", "decode_ms", "GB_per_s", "cpu_GB_per_s", "best_GB_per_s",
               "memcpy_GB_per_s", "best_memcpy_GB_per_s", "vs_memcpy", "decode_bytes_ms", "wire_bytes_per_token"],
 }

@@ -13,7 +13,8 @@ sit in the pipeline file; `auth:` names where each host finds them (`key_env: NA
   enough to speak as it.
 * `auth.encrypt: true`: the body and blobs are encrypted with AES-256-GCM under a key derived
   from the pipeline key (so a broker operator, or anyone who may subscribe, reads nothing but the
-  envelope prefix and the sender's name); the seal covers the ciphertext.
+  envelope prefix and, for a signed message, the signer's name). A signature covers the
+  ciphertext; with the pipeline key alone the AES-GCM tag is the seal (one pass, no HMAC).
 
 A receiver accepts a sealed envelope once, only on the channel it was sealed for, only within
 `window_s` seconds of its timestamp, and only from a sender its caller lets in (the worker: hosts
@@ -174,9 +175,10 @@ def cipher_key(key: bytes, graph: str) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_CIPHER_INFO + graph.encode()).derive(key)
 
 
-def split_trailer(channel: str, kind: str, mv: memoryview) -> tuple[int, str | None]:
-    """Where a message's sealed part ends, and the signer its signature names (unchecked)."""
-    if kind == "":
+def split_trailer(channel: str, kind: str, mv: memoryview, encrypted: bool = False) -> tuple[int, str | None]:
+    """Where a message's sealed part ends, and the signer its signature names (unchecked). An
+    encrypted message sealed with the pipeline key has no trailer: its AES-GCM tag is the seal."""
+    if kind == "" or kind == "sealed" and encrypted:
         return len(mv), None
     if kind == "sealed":
         if len(mv) < MAC_BYTES:
@@ -252,15 +254,17 @@ class Guard:
             head = [name, bytes([len(name)])]
             return "signed", head + [self.signer.sign(self._digest(channel, [*parts, *head]))]
         if self.key is not None:
-            return "sealed", [self.mac(channel, parts)]
+            # Encrypted, the AES-GCM tag under the pipeline key's cipher key already seals it.
+            return "sealed", [] if self.cipher is not None else [self.mac(channel, parts)]
         return "", []
 
-    def verify(self, channel: str, kind: str, mv: memoryview) -> tuple[int, str | None]:
+    def verify(self, channel: str, kind: str, mv: memoryview, encrypted: bool = False) -> tuple[int, str | None]:
         """Check the seal of a whole message that arrived on `channel` (before anything in it is
         parsed); `kind` is what its flags say it carries. Returns where the sealed bytes end and,
-        for a signature, the host that signed."""
+        for a signature, the host that signed. (The tag of an encrypted message sealed with the
+        pipeline key is checked when `decrypt` opens it.)"""
         try:
-            end, signer = split_trailer(channel, kind, mv)
+            end, signer = split_trailer(channel, kind, mv, encrypted)
         except Rejected as e:
             raise self._reject(e.reason, e.message) from None
         if not self.secure:
@@ -271,6 +275,8 @@ class Guard:
             if self.key is None:
                 raise self._reject("bad_seal", f"a message on {channel!r} is sealed with a pipeline key, and this "
                                                "pipeline has none")
+            if encrypted:
+                return end, None
             if not hmac.compare_digest(self.mac(channel, [mv[:end]]), mv[end:]):
                 raise self._reject("bad_seal", f"a message on {channel!r} has a wrong seal")
             return end, None

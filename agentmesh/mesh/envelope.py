@@ -17,7 +17,8 @@ Every message is an envelope: a small JSON body plus named binary blobs (encoded
       signature (64 bytes, flag SIGNED); see `agentmesh.mesh.auth`
 
 With flag ENCRYPTED the JSON body and blobs are replaced by a 12-byte nonce and their AES-256-GCM
-ciphertext and tag (the prefix, graph and channel are its associated data); the seal covers that.
+ciphertext and tag (the prefix, graph and channel are its associated data); a signature covers
+that, and with SEALED the tag is the seal (no HMAC trailer).
 
 Caches inside are `encode_cache` payloads, checked by `decode_cache`; nothing is ever unpickled.
 Envelopes come from the network: `unpack` checks sizes and shapes before trusting anything.
@@ -113,14 +114,15 @@ def unpack(data: bytes | bytearray | memoryview, *, guard: Guard | None = None, 
     if flags & ~(SEALED | SIGNED | ENCRYPTED) or flags & SEALED and flags & SIGNED:
         raise TransportError(f"envelope has unknown flags {flags:#x}")
     kind = _KINDS[flags & (SEALED | SIGNED)]
+    encrypted = bool(flags & ENCRYPTED)
     if guard is not None:
-        end, signer = guard.verify(channel, kind, mv)
+        end, signer = guard.verify(channel, kind, mv, encrypted)
     else:
-        end, signer = split_trailer(channel, kind, mv)
+        end, signer = split_trailer(channel, kind, mv, encrypted)
     if end < PREFIX.size:
         raise TransportError(f"sealed message of {len(mv)} bytes is too short for its seal")
     start = PREFIX.size
-    if flags & ENCRYPTED:
+    if encrypted:
         if guard is None:
             raise TransportError("the message is encrypted; reading it needs the pipeline key")
         mv = guard.decrypt(channel, mv[:PREFIX.size], mv[PREFIX.size:end])

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from agentmesh import __version__
+from agentmesh.commands import Commands, show_error
 from agentmesh.errors import AgentMeshError, ConfigError
 from agentmesh.progress import Interrupted
 
@@ -31,9 +32,7 @@ class Services:
     run_remote: Callable[..., Any] = _run_remote
 
 
-app = typer.Typer(
-    name="agentmesh", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
-    context_settings={"obj": Services()})
+app = Commands(name="agentmesh", no_args_is_help=True, context_settings={"obj": Services()})
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -72,12 +71,6 @@ def _positive(name: str, *, at_most: float | None = None) -> Callable[[float], f
             raise typer.BadParameter(f"{value:g} is out of range; expected a number {where}", param_hint=name)
         return value
     return check
-
-
-def fail(error: AgentMeshError) -> None:
-    """Print `error` as one line and exit with status 2."""
-    err.print(f"[bold red]error:[/] {error}", markup=True)
-    raise typer.Exit(2)
 
 
 def read_text_arg(value: str | None, what: str) -> str:
@@ -123,42 +116,39 @@ def generate(
 
     text = read_text_arg(prompt, "prompt")
     steps = Steps(err)
-    try:
-        check_fusion_mode(mode, "--mode")
-        # Bad paths fail here, before anything is shown or loaded.
-        size = model_size(model or DEFAULT_MODEL) if model is not None or not fuser else None
-        for ref in fuser:
-            if not ref.startswith("hf:") and not Path(ref).expanduser().is_dir():
-                from agentmesh.c2c.checkpoints import locate
+    check_fusion_mode(mode, "--mode")
+    # Bad paths fail here, before anything is shown or loaded.
+    size = model_size(model or DEFAULT_MODEL) if model is not None or not fuser else None
+    for ref in fuser:
+        if not ref.startswith("hf:") and not Path(ref).expanduser().is_dir():
+            from agentmesh.c2c.checkpoints import locate
 
-                locate(ref)
-        what = (model or DEFAULT_MODEL) if not fuser else "the fuser's models"
-        with steps.step("load", f"loading {what}" + (f" ({human_bytes(size)})" if size else "")):
-            receiver, sharers = with_adapters(model, adapter, sharer, sharer_adapter, dtype=dtype)
-            c2c = C2CModel.build(receiver, sharers=sharers, fusers=fuser, mode=mode, dtype=dtype)
-        for ref, f in zip(fuser, c2c.fusers):
-            if f.config.warning:
-                err.print(f"[bold yellow]warning:[/] {ref}: {f.config.warning}", markup=True)
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        prompt_tokens = len(c2c.receiver.chat_ids(messages))
-        check_context(c2c.receiver, prompt_tokens, max_new_tokens)
-        eos = set(c2c.receiver.eos_token_ids)
-        decoder = TextDecoder(c2c.tokenizer) if stream else None
-        with steps.step("answer", f"reading the prompt ({prompt_tokens} tokens)") as show:
-            def on_token(step: int, tok: Any) -> None:
-                if decoder is not None:
-                    if step == 0 and steps.live:
-                        show("")  # the streamed text shows progress from here on
-                    if int(tok[0]) not in eos:
-                        print(decoder.push(int(tok[0])), end="", flush=True)
-                else:
-                    show(f"decoding ({step + 1} tokens)")
+            locate(ref)
+    what = (model or DEFAULT_MODEL) if not fuser else "the fuser's models"
+    with steps.step("load", f"loading {what}" + (f" ({human_bytes(size)})" if size else "")):
+        receiver, sharers = with_adapters(model, adapter, sharer, sharer_adapter, dtype=dtype)
+        c2c = C2CModel.build(receiver, sharers=sharers, fusers=fuser, mode=mode, dtype=dtype)
+    for ref, f in zip(fuser, c2c.fusers):
+        if f.config.warning:
+            err.print(f"[bold yellow]warning:[/] {ref}: {f.config.warning}", markup=True)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    prompt_tokens = len(c2c.receiver.chat_ids(messages))
+    check_context(c2c.receiver, prompt_tokens, max_new_tokens)
+    eos = set(c2c.receiver.eos_token_ids)
+    decoder = TextDecoder(c2c.tokenizer) if stream else None
+    with steps.step("answer", f"reading the prompt ({prompt_tokens} tokens)") as show:
+        def on_token(step: int, tok: Any) -> None:
+            if decoder is not None:
+                if step == 0 and steps.live:
+                    show("")  # the streamed text shows progress from here on
+                if int(tok[0]) not in eos:
+                    print(decoder.push(int(tok[0])), end="", flush=True)
+            else:
+                show(f"decoding ({step + 1} tokens)")
 
-            answer = c2c.chat(messages, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                              temperature=temperature if temperature > 0 else None, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, seed=seed, on_token=on_token)
-    except AgentMeshError as e:
-        fail(e)
+        answer = c2c.chat(messages, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                          temperature=temperature if temperature > 0 else None, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, seed=seed, on_token=on_token)
     print() if stream else print(answer)
     err.print(f"[dim]model loading {steps.times['load']:.1f} s, answer {steps.times['answer']:.1f} s "
               f"({prompt_tokens} prompt tokens)[/]", markup=True)
@@ -219,8 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         err.print(f"[bold red]error:[/] {e.format_message()}{where}", markup=True)
         code = getattr(e, "exit_code", 2)
-    except AgentMeshError as e:  # raised outside a command's own handler
-        err.print(f"[bold red]error:[/] {e}", markup=True)
+    except AgentMeshError as e:  # raised outside a command (in an option's callback, say)
+        show_error(e)
         code = 2
     except Interrupted as e:
         _exit_interrupted(str(e))

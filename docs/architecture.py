@@ -23,6 +23,7 @@ JOBS = {
     "tasks": "datasets, prompts", "models": "loading, prefill, decode", "cache": "KVCache, codec",
     "transport": "links, MQTT", "types": "shared types", "units": "units", "yaml_file": "YAML settings",
     "errors": "typed errors", "files": "bounded file reads", "progress": "progress lines",
+    "commands": "one-line command errors",
 }
 # A run's data, step by step: (what happens, the package doing it).
 DATA_PATH = [

@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tasks",),
     ("models",),
     ("cache",),
-    ("files", "progress", "transport", "types", "yaml_file"),
+    ("commands", "files", "progress", "transport", "types", "yaml_file"),
     ("units",),
     ("errors",),
 )

@@ -11,15 +11,10 @@ from typing import Callable, Optional
 import typer
 
 from agentmesh.bench import BENCHMARKS, DESCRIPTIONS
-from agentmesh.errors import AgentMeshError
+from agentmesh.commands import Commands
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Measure latency, overhead and throughput; each benchmark prints a table and writes JSON.")
-
-
-def _fail(error: AgentMeshError) -> None:
-    typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(2)
+app = Commands(no_args_is_help=True,
+               help="Measure latency, overhead and throughput; each benchmark prints a table and writes JSON.")
 
 
 def _command(name: str) -> Callable[..., None]:
@@ -33,10 +28,7 @@ def _command(name: str) -> Callable[..., None]:
     ) -> None:
         from agentmesh.bench import run_named
 
-        try:
-            run_named(name, quick=quick, json_path=json_path, device=device, threads=threads, overrides=overrides)
-        except AgentMeshError as e:
-            _fail(e)
+        run_named(name, quick=quick, json_path=json_path, device=device, threads=threads, overrides=overrides)
 
     command.__doc__ = DESCRIPTIONS[name]
     return command
@@ -58,12 +50,9 @@ def run_all(
     """Run every benchmark, one after another."""
     from agentmesh.bench import run_named
 
-    try:
-        for name in BENCHMARKS:
-            run_named(name, quick=quick, threads=threads,
-                      json_path=None if out_dir is None else out_dir / f"{name}.json")
-    except AgentMeshError as e:
-        _fail(e)
+    for name in BENCHMARKS:
+        run_named(name, quick=quick, threads=threads,
+                  json_path=None if out_dir is None else out_dir / f"{name}.json")
 
 
 @app.command("report")

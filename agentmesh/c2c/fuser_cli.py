@@ -4,31 +4,18 @@ Every error agentmesh raises on purpose is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from agentmesh.errors import AgentMeshError, CheckpointError
+from agentmesh.commands import Commands
+from agentmesh.errors import CheckpointError
 from agentmesh.units import human_bytes
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
-                  help="Inspect, convert and download C2C fusers.")
-
-
-def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except AgentMeshError as e:
-            Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {e}", markup=True)
-            raise typer.Exit(2) from None
-    return run
-
+app = Commands(no_args_is_help=True, help="Inspect, convert and download C2C fusers.")
 
 
 def _gates(projector: Any) -> dict[str, bool] | None:
@@ -38,7 +25,6 @@ def _gates(projector: Any) -> dict[str, bool] | None:
 
 
 @app.command()
-@_one_line_errors
 def inspect(
     path: str = typer.Argument(..., help="A fuser folder (either layout), a published pair name or hf:// ref."),
     subfolder: Optional[str] = typer.Option(None, help="Published layout: checkpoint-N instead of final."),
@@ -93,7 +79,6 @@ def inspect(
 
 
 @app.command()
-@_one_line_errors
 def convert(
     src: str = typer.Argument(..., help="A fuser folder (published layout or ours), pair name or hf:// ref."),
     dst: Path = typer.Argument(..., help="Folder to write fuser.json and model.safetensors into."),
@@ -114,7 +99,6 @@ def convert(
 
 
 @app.command()
-@_one_line_errors
 def pull(
     pair: str = typer.Argument(..., help="A published pair folder name, or hf://org/repo/<pair>[@revision]."),
     dest: Optional[Path] = typer.Option(None, "--dest", help="Download into this folder instead of the HF cache."),

@@ -10,14 +10,9 @@ from typing import Optional
 
 import typer
 
-from agentmesh.errors import AgentMeshError
+from agentmesh.commands import Commands
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate methods of agent communication.")
-
-
-def _fail(error: AgentMeshError) -> None:
-    typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(2)
+app = Commands(no_args_is_help=True, help="Evaluate methods of agent communication.")
 
 
 @app.command("eval")
@@ -31,16 +26,12 @@ def eval_command(
     from agentmesh.eval.report import format_table
     from agentmesh.eval.runner import evaluate, load_config
 
-    try:
-        cfg = load_config(config)
-        if limit is not None:
-            cfg = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"limit": limit})})
-        if out is not None:
-            cfg = cfg.model_copy(update={"output": out})
-        summary = evaluate(cfg, progress=progress)
-    except AgentMeshError as e:
-        _fail(e)
-        return
+    cfg = load_config(config)
+    if limit is not None:
+        cfg = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"limit": limit})})
+    if out is not None:
+        cfg = cfg.model_copy(update={"output": out})
+    summary = evaluate(cfg, progress=progress)
     typer.echo(format_table(summary))
     typer.echo(f"report written to {cfg.output}")
 
@@ -58,12 +49,8 @@ def make_context_task_command(
     """Generate the context-transfer task (seeded, no download)."""
     from agentmesh.tasks.context_task import write_context_task
 
-    try:
-        paths = write_context_task(out_dir, seed=seed, n_train=n_train, n_test=n_test, multiple_choice=mc,
-                                   min_facts=min_facts, max_facts=max_facts)
-    except AgentMeshError as e:
-        _fail(e)
-        return
+    paths = write_context_task(out_dir, seed=seed, n_train=n_train, n_test=n_test, multiple_choice=mc,
+                               min_facts=min_facts, max_facts=max_facts)
     for split, path in paths.items():
         typer.echo(f"{split}: {path}")
 
@@ -105,34 +92,30 @@ def compare_command(
     from agentmesh.tasks.datasets import load_jsonl
     from agentmesh.models.pool import default_pool
 
-    try:
-        items = list(load_jsonl(questions) if questions is not None else compare.NOTES)[:limit]
-        pool = default_pool()
-        started = time.perf_counter()
-        typer.echo(f"loading {model} ...")
-        receiver = pool.get(model)
-        sharer_lm = pool.get(sharer) if sharer else receiver
-        loaded_fuser = None
-        if fuser is not None:
-            from agentmesh.eval.runner import load_fuser
+    items = list(load_jsonl(questions) if questions is not None else compare.NOTES)[:limit]
+    pool = default_pool()
+    started = time.perf_counter()
+    typer.echo(f"loading {model} ...")
+    receiver = pool.get(model)
+    sharer_lm = pool.get(sharer) if sharer else receiver
+    loaded_fuser = None
+    if fuser is not None:
+        from agentmesh.eval.runner import load_fuser
 
-            loaded_fuser = load_fuser(fuser, receiver, sharer_lm)
-            if loaded_fuser.config.warning:
-                typer.echo(f"warning: {fuser}: {loaded_fuser.config.warning}", err=True)
-        methods = compare.build(receiver, fuser=loaded_fuser, sharer=sharer_lm, max_new_tokens=max_new_tokens)
-        typer.echo(f"loaded in {time.perf_counter() - started:.1f} s (not counted in the times below)")
-        typer.echo("Each question's facts are in a private note only the sharer reads. Times are wall "
-                   "seconds per answer, the sharer's work included.")
-        position = {item.id: i for i, item in enumerate(items, 1)}
+        loaded_fuser = load_fuser(fuser, receiver, sharer_lm)
+        if loaded_fuser.config.warning:
+            typer.echo(f"warning: {fuser}: {loaded_fuser.config.warning}", err=True)
+    methods = compare.build(receiver, fuser=loaded_fuser, sharer=sharer_lm, max_new_tokens=max_new_tokens)
+    typer.echo(f"loaded in {time.perf_counter() - started:.1f} s (not counted in the times below)")
+    typer.echo("Each question's facts are in a private note only the sharer reads. Times are wall "
+               "seconds per answer, the sharer's work included.")
+    position = {item.id: i for i, item in enumerate(items, 1)}
 
-        def show(row: compare.Row) -> None:
-            if row.result.method == methods[0].name:
-                typer.echo(compare.format_question(row.item, position[row.item.id], len(items)))
-            typer.echo(compare.format_row(row))
+    def show(row: compare.Row) -> None:
+        if row.result.method == methods[0].name:
+            typer.echo(compare.format_question(row.item, position[row.item.id], len(items)))
+        typer.echo(compare.format_row(row))
 
-        summary = compare.compare(items, methods, on_row=show)
-    except AgentMeshError as e:
-        _fail(e)
-        return
+    summary = compare.compare(items, methods, on_row=show)
     typer.echo(compare.format_summary(summary))
     typer.echo(compare.closing_note(summary, fused=loaded_fuser is not None))

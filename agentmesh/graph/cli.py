@@ -11,13 +11,13 @@ from typing import Annotated
 
 import typer
 
+from agentmesh.commands import Commands
 from agentmesh.errors import AgentMeshError, GraphError
 from agentmesh.graph.graph import Graph
 from agentmesh.graph.load import load_graph
 from agentmesh.graph.render import describe, mermaid
 
-app = typer.Typer(help="Check and show pipeline graphs (YAML).", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+app = Commands(help="Check and show pipeline graphs (YAML).", no_args_is_help=True)
 
 
 class Format(str, enum.Enum):
@@ -66,12 +66,7 @@ def _expand(paths: list[Path]) -> list[Path]:
 def check(files: Annotated[list[Path], typer.Argument(help="pipeline files (or folders of *.yaml) to check")]) -> None:
     """Check pipeline files: prints `ok FILE (N agents, M edges)` for each good one."""
     failed = False
-    try:
-        expanded = _expand(files)
-    except AgentMeshError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    for file in expanded:
+    for file in _expand(files):
         try:
             g = _load(file)
             _check_models(file, g)
@@ -89,11 +84,7 @@ def show(file: Annotated[Path, typer.Argument(help="pipeline file")],
          format: Annotated[Format, typer.Option("--format", "-f", help="text table or mermaid flowchart")]
          = Format.text) -> None:
     """Show a pipeline: agents, edges, run order (text) or a mermaid flowchart."""
-    try:
-        g = _load(file)
-    except AgentMeshError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+    g = _load(file)
     typer.echo(describe(g) if format is Format.text else mermaid(g), nl=False)
 
 

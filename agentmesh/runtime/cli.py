@@ -10,22 +10,18 @@ import contextlib
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, NoReturn, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import orjson
 import typer
 
-from agentmesh.errors import AgentMeshError, RunError
+from agentmesh.commands import Commands, fail, show_error
+from agentmesh.errors import RunError
 
 
 # A run that has not ended in this long is stuck (a worker that never answers, a prompt far past
 # what the machine can decode): stop it rather than wait for ever. `--timeout` changes it.
 DEFAULT_RUN_TIMEOUT_S = 1800.0
-
-
-def _fail(error: BaseException | str) -> NoReturn:
-    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
-    raise typer.Exit(2)
 
 
 def _load(file: Path) -> Any:
@@ -85,16 +81,13 @@ def run_command(
     runner = (functools.partial(_across_hosts(ctx), broker=broker, host=host, insecure=insecure)
               if (broker or host) else run_graph)
 
-    try:
-        graph = _load(file)
-        if broker and not any(a.host for a in graph.agents.values()):
-            raise typer.BadParameter(f"{file} places no agent on a host (no `host:` keys), so there is nothing to "
-                                     "run across hosts; drop --broker", param_hint="--broker")
-        plan = build_plan(graph, validate=False)
-        text = _read_input(input)
-        graph.resolve_inputs(text)  # a missing input fails here, before any model loads
-    except AgentMeshError as e:
-        _fail(e)
+    graph = _load(file)
+    if broker and not any(a.host for a in graph.agents.values()):
+        raise typer.BadParameter(f"{file} places no agent on a host (no `host:` keys), so there is nothing to "
+                                 "run across hosts; drop --broker", param_hint="--broker")
+    plan = build_plan(graph, validate=False)
+    text = _read_input(input)
+    graph.resolve_inputs(text)  # a missing input fails here, before any model loads
     terminal = _is_terminal() and not json_out
     live_view = stream if stream is not None else terminal
     log = PhaseLog(lambda line: (sys.stderr.write(line), sys.stderr.flush()))
@@ -118,15 +111,13 @@ def run_command(
             result = runner(graph, text, on_event=on_event, timeout=timeout, validate=False)
             if plain is not None:
                 plain.end()
-    except AgentMeshError as e:
-        _fail(e)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted while {view.describe()}") from None
     if trace is not None and result.trace is not None:
         try:
             result.trace.save_chrome(trace)
         except OSError as e:
-            _fail(f"cannot write the trace to {trace}: {e.strerror or e}")
+            fail(f"cannot write the trace to {trace}: {e.strerror or e}")
     if json_out:
         sys.stdout.write(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -135,7 +126,7 @@ def run_command(
         sys.stdout.write(footer(result) + "\n")
     sys.stdout.flush()
     if result.error is not None:
-        _fail(result.error)
+        fail(result.error)
 
 
 def chat_command(
@@ -153,11 +144,8 @@ def chat_command(
     from agentmesh.runtime.display import LiveView, PhaseLog, PlainStream
     from agentmesh.runtime.session import ChatSession
 
-    try:
-        graph = _load(file)
-        session = ChatSession(graph, timeout=timeout)
-    except AgentMeshError as e:
-        _fail(e)
+    graph = _load(file)
+    session = ChatSession(graph, timeout=timeout)
     interactive = bool(getattr(sys.stdin, "isatty", lambda: False)())
     live = stream if stream is not None else _is_terminal()
     outputs = session.plan.outputs
@@ -191,8 +179,6 @@ def chat_command(
                         plain.on_event(event)
 
                 result = session.send(text, on_event=on_event)
-        except AgentMeshError as e:
-            _fail(e)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted while {view.describe()}") from None
         if plain is not None:
@@ -204,13 +190,12 @@ def chat_command(
         sys.stdout.flush()
         if result.error is not None:
             failed = result.error
-            typer.echo(f"error: {' '.join(str(result.error).split())}", err=True)
+            show_error(result.error)
     if failed is not None:
         raise typer.Exit(2)
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Run pipelines and chat with them.")
+app = Commands(no_args_is_help=True, help="Run pipelines and chat with them.")
 app.command("run")(run_command)
 app.command("chat")(chat_command)
 

@@ -7,12 +7,8 @@ from typing import Optional
 
 import typer
 
+from agentmesh.commands import fail
 from agentmesh.errors import AgentMeshError
-
-
-def _fail(error: AgentMeshError) -> None:
-    typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(2)
 
 
 def _need(extra: str, *modules: str) -> None:
@@ -21,7 +17,7 @@ def _need(extra: str, *modules: str) -> None:
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        _fail(AgentMeshError(f"this command needs {', '.join(missing)}: pip install 'agentmesh[{extra}]'"))
+        fail(AgentMeshError(f"this command needs {', '.join(missing)}: pip install 'agentmesh[{extra}]'"))
 
 
 def _log_to_stderr() -> None:
@@ -62,26 +58,23 @@ def serve_command(
     from agentmesh.serve.config import config_from_flags, load_serve_config
     from agentmesh.serve.server import serve
 
-    try:
-        if config is not None:
-            if model or sharer or fuser or pipeline:
-                raise AgentMeshError("give either --config or --model/--sharer/--fuser/--pipeline, not both")
-            cfg = load_serve_config(config)
-        else:
-            cfg = config_from_flags(name=name, model=model, sharers=sharer, fusers=fuser,
-                                    pipeline=None if pipeline is None else str(pipeline), mode=mode, dtype=dtype)
-        changes = {k: v for k, v in {"host": host, "port": port, "api_keys_env": api_keys_env}.items() if v is not None}
-        batching = {k: v for k, v in {"max_batch_size": max_batch_size, "window_ms": batch_window_ms}.items()
-                    if v is not None}
-        cfg = cfg.model_copy(update={**changes, "batching": cfg.batching.model_copy(update=batching)})
-        if threads is not None:
-            torch.set_num_threads(threads)
-        _log_to_stderr()
-        serve(cfg, allow_public=public,
-              on_loaded=lambda n, e: typer.echo(f"loaded {n}: {e.description}", err=True),
-              on_ready=lambda url: typer.echo(f"ready: {url} (Ctrl-C stops)", err=True))
-    except AgentMeshError as e:
-        _fail(e)
+    if config is not None:
+        if model or sharer or fuser or pipeline:
+            raise AgentMeshError("give either --config or --model/--sharer/--fuser/--pipeline, not both")
+        cfg = load_serve_config(config)
+    else:
+        cfg = config_from_flags(name=name, model=model, sharers=sharer, fusers=fuser,
+                                pipeline=None if pipeline is None else str(pipeline), mode=mode, dtype=dtype)
+    changes = {k: v for k, v in {"host": host, "port": port, "api_keys_env": api_keys_env}.items() if v is not None}
+    batching = {k: v for k, v in {"max_batch_size": max_batch_size, "window_ms": batch_window_ms}.items()
+                if v is not None}
+    cfg = cfg.model_copy(update={**changes, "batching": cfg.batching.model_copy(update=batching)})
+    if threads is not None:
+        torch.set_num_threads(threads)
+    _log_to_stderr()
+    serve(cfg, allow_public=public,
+          on_loaded=lambda n, e: typer.echo(f"loaded {n}: {e.description}", err=True),
+          on_ready=lambda url: typer.echo(f"ready: {url} (Ctrl-C stops)", err=True))
 
 
 def bench_serve_command(
@@ -97,15 +90,12 @@ def bench_serve_command(
     from agentmesh.bench.common import print_result, set_threads, write_json
     from agentmesh.serve import bench
 
-    try:
-        changes = _parse_overrides(bench.Config, overrides)
-        if url is not None:
-            changes["url"] = url
-        cfg = bench.Config.quick(**changes) if quick else bench.Config(**changes)
-        set_threads(threads if threads is not None else DEFAULT_THREADS)
-        result = bench.run(cfg)
-    except AgentMeshError as e:
-        _fail(e)
+    changes = _parse_overrides(bench.Config, overrides)
+    if url is not None:
+        changes["url"] = url
+    cfg = bench.Config.quick(**changes) if quick else bench.Config(**changes)
+    set_threads(threads if threads is not None else DEFAULT_THREADS)
+    result = bench.run(cfg)
     result.config["quick"] = quick
     print_result(result)
     typer.echo(f"wrote {write_json(result, json_path)}")
@@ -131,13 +121,10 @@ def demo_command(
     from agentmesh.serve.demo import DEFAULT_CONFIG, build_demo, launch, load_demo_config, preload
     from agentmesh.serve.server import check_host
 
-    try:
-        check_host(host, public)
-        cfg = load_demo_config(config or DEFAULT_CONFIG, receiver=receiver, sharer=sharer, fuser=fuser,
-                               receiver_adapter=receiver_adapter, sharer_adapter=sharer_adapter, dtype=dtype)
-        if threads is not None:
-            torch.set_num_threads(threads)
-        preload(cfg, echo=lambda line: typer.echo(line, err=True))
-        launch(build_demo(cfg), host=host, port=port)
-    except AgentMeshError as e:
-        _fail(e)
+    check_host(host, public)
+    cfg = load_demo_config(config or DEFAULT_CONFIG, receiver=receiver, sharer=sharer, fuser=fuser,
+                           receiver_adapter=receiver_adapter, sharer_adapter=sharer_adapter, dtype=dtype)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    preload(cfg, echo=lambda line: typer.echo(line, err=True))
+    launch(build_demo(cfg), host=host, port=port)

@@ -108,7 +108,7 @@ def generate(
     from agentmesh.c2c.model import C2CModel
     from agentmesh.models.inference import check_context
     from agentmesh.models.builtin import DEFAULT_MODEL
-    from agentmesh.models.loading import model_size
+    from agentmesh.models.load import model_size
     from agentmesh.models.streaming import TextDecoder
     from agentmesh.progress import Steps
     from agentmesh.types import check_fusion_mode

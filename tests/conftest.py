@@ -27,7 +27,7 @@ from typing import Any, Callable
 import pytest
 
 from agentmesh.errors import ModelLoadError
-from agentmesh.models.loaded import LoadedModel
+from agentmesh.models.loaded_model import LoadedModel
 
 
 def _test_cache_dir() -> Path:

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from agentmesh.errors import ModelLoadError
-from agentmesh.models.loading import load_model
+from agentmesh.models.load import load_model
 from agentmesh.models.pool import ModelPool
 from agentmesh.models.tiny import save_tiny_model
 

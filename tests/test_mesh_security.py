@@ -21,7 +21,7 @@ from agentmesh.mesh.envelope import inbox_channel, pack, unpack
 from agentmesh.mesh.remote import arun_remote
 from agentmesh.mesh.settings import broker_config, graph_digest
 from agentmesh.mesh.worker import Worker
-from agentmesh.models.loaded import LoadedModel
+from agentmesh.models.loaded_model import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.runtime import Token, run_graph
 from agentmesh.transport import InProcessLink, MqttLink

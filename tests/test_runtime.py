@@ -18,7 +18,7 @@ from agentmesh.c2c.fuser import Fuser
 from agentmesh.c2c.model import C2CModel, SharerInput
 from agentmesh.graph import Graph, load_graph
 from agentmesh.models.inference import GenerationConfig, decode, prefill
-from agentmesh.models.loaded import LoadedModel
+from agentmesh.models.loaded_model import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.runtime import AgentFinished, ChatSession, RunFinished, Step, Token, build_plan, run_graph, stream_graph
 from agentmesh.models.reading import reading_messages
@@ -358,7 +358,7 @@ def cross_pair(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) ->
     """A receiver and a sharer saved to disk with different tokenizers (the tiny BPE and one
     trained on other text), and an open-gate fuser between them."""
     from agentmesh.c2c.checkpoints import save_fuser
-    from agentmesh.models.loading import load_model
+    from agentmesh.models.load import load_model
     from agentmesh.models.tiny import save_tiny_model, train_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("cross")

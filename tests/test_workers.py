@@ -20,7 +20,7 @@ from torch import nn
 
 from agentmesh.errors import ConfigError, TransportError
 from agentmesh.graph import Graph, load_graph
-from agentmesh.models.loaded import LoadedModel
+from agentmesh.models.loaded_model import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.runtime import Token, run_graph
 from mesh_serving import serving, stop

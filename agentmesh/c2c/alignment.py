@@ -34,7 +34,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import torch
 
 from agentmesh.errors import ConfigError
-from agentmesh.models.loaded import pad_token_id, plain_chat_text
+from agentmesh.models.loaded_model import pad_token_id, plain_chat_text
 from agentmesh.types import Messages
 
 GatherStrategy = Literal["last", "first", "longest"]

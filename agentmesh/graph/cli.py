@@ -39,7 +39,7 @@ def _load(file: Path) -> Graph:
 def _check_models(file: Path, graph: Graph) -> None:
     """Every agent's model names something that exists (checked without loading it): a misspelled
     built-in name or a missing folder fails here rather than after a run has started."""
-    from agentmesh.models.loading import resolve_ref
+    from agentmesh.models.load import resolve_ref
 
     for name in graph.agents:
         ref = graph.model_of(name).ref

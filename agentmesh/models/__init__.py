@@ -7,8 +7,8 @@ from agentmesh.models.builtin import (
     builtin_names,
     is_builtin,
 )
-from agentmesh.models.loaded import LoadedModel, plain_chat_text
-from agentmesh.models.loading import (
+from agentmesh.models.loaded_model import LoadedModel, plain_chat_text
+from agentmesh.models.load import (
     ModelRef,
     finish_loaded,
     hub_cache_dir,

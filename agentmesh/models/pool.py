@@ -10,8 +10,8 @@ import torch
 
 from agentmesh.errors import ConfigError
 from agentmesh.models.adapters import adapter_key
-from agentmesh.models.loaded import LoadedModel
-from agentmesh.models.loading import DTypeLike, load_model, resolve_device, resolve_dtype, resolve_ref
+from agentmesh.models.loaded_model import LoadedModel
+from agentmesh.models.load import DTypeLike, load_model, resolve_device, resolve_dtype, resolve_ref
 
 Loader = Callable[..., LoadedModel]  # loader(ref, *, dtype=..., device=...[, adapter=...]) -> LoadedModel
 _Key = tuple[str, str, torch.dtype, str]

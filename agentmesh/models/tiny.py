@@ -24,8 +24,8 @@ import torch
 
 from agentmesh.errors import ConfigError, ModelLoadError, error_line
 from agentmesh.models.builtin import DEFAULT_MODEL, builtin_gguf_path
-from agentmesh.models.loaded import LoadedModel, pad_token_id
-from agentmesh.models.loading import finish_loaded, progress_bars
+from agentmesh.models.loaded_model import LoadedModel, pad_token_id
+from agentmesh.models.load import finish_loaded, progress_bars
 
 TINY_ARCHS = ("qwen3", "qwen2", "llama", "gemma3")
 

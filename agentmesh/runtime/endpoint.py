@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVa
 import torch
 
 from agentmesh.cache.kv import KVCache
-from agentmesh.models.loaded import LoadedModel
+from agentmesh.models.loaded_model import LoadedModel
 from agentmesh.models.protocol import LanguageModel
 from agentmesh.runtime.plan import FuseInput
 from agentmesh.runtime.trace import Trace

@@ -19,7 +19,7 @@ from agentmesh.c2c.sharing import SharedCache, align_sharer, fuse_span
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import AgentMeshError, CacheError, ConfigError
 from agentmesh.models.inference import GenerationConfig, decode, prefill
-from agentmesh.models.loaded import LoadedModel
+from agentmesh.models.loaded_model import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.models.protocol import LanguageModel
 from agentmesh.models.streaming import TextDecoder

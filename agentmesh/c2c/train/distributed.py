@@ -20,7 +20,7 @@ from torch import nn
 from agentmesh.c2c.fuser import Fuser
 from agentmesh.c2c.model import C2CModel
 from agentmesh.errors import ConfigError
-from agentmesh.models.loading import resolve_device
+from agentmesh.models.load import resolve_device
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,7 @@ def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: Any = None, pr
     """
     from tqdm.auto import tqdm
 
-    from agentmesh.models.loading import load_model
+    from agentmesh.models.load import load_model
 
     if not isinstance(recipe, FinetuneRecipe):
         recipe = FinetuneRecipe.parse(recipe)

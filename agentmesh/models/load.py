@@ -28,7 +28,7 @@ import torch
 from agentmesh.cache.kv import ModelSignature
 from agentmesh.errors import ConfigError, ModelLoadError, error_line
 from agentmesh.models.builtin import DEFAULT_MODEL, builtin_gguf_path, builtin_names, is_builtin
-from agentmesh.models.loaded import LoadedModel
+from agentmesh.models.loaded_model import LoadedModel
 
 DTypeLike = str | torch.dtype
 

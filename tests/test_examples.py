@@ -40,7 +40,9 @@ def test_programmer_writer_pipeline_via_cli(tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
     assert data["ok"] and data["error"] is None
-    assert data["outputs"]["writer"].strip()
+    # It makes the example's point: the filled element, naming the business it only read in the cache.
+    assert data["outputs"]["writer"].startswith('<p id="intro">Welcome to')
+    assert "Brightbean Coffee" in data["outputs"]["writer"]
     writer, programmer = data["agents"]["writer"], data["agents"]["programmer"]
     assert programmer["work"] == "read" and programmer["prompt_tokens"] > 100  # the page skeleton
     # The writer continued from the programmer's cache: it never prefilled the page itself.

@@ -423,6 +423,21 @@ inputs: {{input: Fill the intro paragraph.}}
 
 
 # ---- failures -----------------------------------------------------------------------------------------
+def test_a_prompt_response_fuser_is_refused_by_graph_runs(pool: ModelPool, tiny: LoadedModel, tiny2: LoadedModel,
+                                                          tmp_path: Path) -> None:
+    from agentmesh.c2c.checkpoints import save_fuser
+
+    fuser = Fuser.build(tiny.signature, tiny2.signature, hidden_dim=8, intermediate_dim=8, fusion="prompt+response")
+    path = save_fuser(fuser, tmp_path / "response_fuser")
+    g = Graph("response")
+    g.agent("helper", model="tiny2")
+    g.agent("writer", model="tiny", max_new_tokens=3)
+    g.cache("helper", "writer", mode="fuse", fuser=str(path))
+    r = run_graph(g, "x", pool=pool)
+    assert r.error is not None and r.error.agent == "writer"
+    assert "fusion 'prompt+response'" in str(r.error) and "graph runs fuse the prompt only" in str(r.error)
+
+
 def test_a_failing_agent_ends_the_run_cleanly(pool: ModelPool) -> None:
     g = Graph("fails")
     g.agent("a", model="tiny", max_new_tokens=4)

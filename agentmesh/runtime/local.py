@@ -175,6 +175,11 @@ class LocalEndpoint:
             if ref in self._fusers:
                 return self._fusers[ref]
         fuser = load_any(ref, receiver_signature=lm.signature).eval()
+        if fuser.config.fusion != "prompt":
+            # Its answer tokens would need fusing as they are decoded; a graph run fuses the prompt once.
+            raise ConfigError(f"fuser {ref} was trained with fusion {fuser.config.fusion!r}; graph runs fuse the "
+                              "prompt only", hint="use C2CModel.generate or `agentmesh generate --fuser`, "
+                              "which fuse every response token too")
         with self._lock:
             return self._fusers.setdefault(ref, fuser)
 

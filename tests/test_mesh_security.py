@@ -30,6 +30,7 @@ from mesh_serving import serving, stop
 pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(120)]
 
 T = TypeVar("T")
+GRAPHS = Path(__file__).resolve().parents[1] / "graphs"
 KEY = b"the-shared-key-of-these-tests-0123456789"
 KEY_ENV = "AGENTMESH_TEST_SECURITY_KEY"
 QUESTION = "How long is the warranty? Answer briefly. "
@@ -572,3 +573,42 @@ def test_a_host_that_does_not_encrypt_is_refused_by_one_that_does(pool: ModelPoo
     assert cloud.dropped == {"plaintext": 1, "bad_seal": 1} and clear.dropped == {"bad_seal": 1}
     with pytest.raises(GraphError, match="auth.encrypt needs the pipeline key"):
         g.set_auth(hosts={"edge": {"key_env": KEY_ENV, "public_key": "A" * 43 + "="}}, encrypt=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-calls", "0"], "--max-calls '0' is not a whole number of at least 1"),
+    (["--max-calls", "many"], "--max-calls 'many' is not a whole number of at least 1"),
+    (["--max-request-bytes", "12XB"], "--max-request-bytes: '12XB' is not a size"),
+    (["--max-request-bytes", "0"], "--max-request-bytes '0' is 0 bytes; the least is 1 bytes"),
+    (["--max-queued-bytes", "1000"], "--max-queued-bytes '1000' is 1000 bytes; the least is 1048576 bytes"),
+])
+def test_worker_load_limit_options_are_checked(args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from agentmesh.mesh.cli import app
+
+    out = CliRunner().invoke(app, ["worker", str(GRAPHS / "edge_cloud.yaml"), "--host", "cloud", *args])
+    assert out.exit_code == 2 and out.stderr.startswith(f"error: {message}"), out.output
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_worker_load_limit_options_reach_the_worker_and_its_link(broker: Any, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import agentmesh.mesh.worker as worker_module
+    from agentmesh.mesh.cli import app
+
+    seen: dict[str, Any] = {}
+
+    class Recorded:
+        def __init__(self, graph: Any, host: str, link: Any, **kw: Any):
+            seen.update(kw, queued=link.config.max_buffered_bytes)
+            raise ConfigError("stopped by the test")
+
+    monkeypatch.setattr(worker_module, "Worker", Recorded)
+    monkeypatch.setenv("AGENTMESH_KEY", KEY.decode())
+    out = CliRunner().invoke(app, ["worker", str(GRAPHS / "edge_cloud.yaml"), "--host", "cloud", "--broker", broker.url, "--max-calls", "3",
+                                   "--max-request-bytes", "64MB", "--max-queued-bytes", "2MiB"])
+    assert out.exit_code == 2 and out.stderr.strip() == "error: stopped by the test", out.output
+    assert seen["max_calls"] == 3 and seen["max_request_bytes"] == 64_000_000 and seen["queued"] == 2 << 20

@@ -11,17 +11,22 @@ import asyncio
 import logging
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
 import typer
 
 from agentmesh.errors import AgentMeshError, ConfigError
+from agentmesh.mesh.settings import DEFAULT_MAX_CALLS, DEFAULT_MAX_REQUEST_BYTES
 from agentmesh.transport.config import BrokerConfig
+from agentmesh.units import parse_bytes
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 WIRE_DTYPES = ("fp32", "bf16", "fp16", "int8", "fp8")
+MIN_QUEUED_BYTES: int = next(m.ge for m in BrokerConfig.model_fields["max_buffered_bytes"].metadata
+                             if getattr(m, "ge", None) is not None)
 
 
 def _fail(error: BaseException | str) -> NoReturn:
@@ -49,6 +54,15 @@ def worker_command(
     insecure: Annotated[bool, typer.Option("--insecure", help="Serve without a key (the file has no auth:): "
                                            "anyone on the broker could drive this worker. Loopback "
                                            "development only.")] = False,
+    max_calls: Annotated[str, typer.Option("--max-calls", help="Calls served at once; more are refused with a "
+                                           "'busy' reply.")] = str(DEFAULT_MAX_CALLS),
+    max_request_bytes: Annotated[str, typer.Option("--max-request-bytes", help="Bytes the requests of the calls "
+                                                   "in flight may hold together (e.g. 512MiB); a request "
+                                                   "beyond is refused.")] = f"{DEFAULT_MAX_REQUEST_BYTES >> 20}MiB",
+    max_queued_bytes: Annotated[Optional[str], typer.Option("--max-queued-bytes", help="Bytes of messages not "
+                                                            "yet read that the link holds (at least 1MiB); chunks "
+                                                            "beyond are dropped (default: the file's "
+                                                            "broker.max_buffered_bytes, else 1GiB).")] = None,
 ) -> None:
     """Serve the agents FILE places on HOST: answer runs started on any host (`agentmesh run FILE
     --broker ...`) until Ctrl-C or SIGTERM."""
@@ -60,10 +74,13 @@ def worker_command(
 
     if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
         _fail(ConfigError(f"--wire-dtype {wire_dtype!r} is unknown; use one of {', '.join(WIRE_DTYPES)}"))
+    limits = worker_limits(max_calls, max_request_bytes, max_queued_bytes)
+    queued = {} if limits.queued_bytes is None else {"max_buffered_bytes": limits.queued_bytes}
     try:
         graph = load_graph(file)
         served_agents(graph, host)
-        config = broker_config(graph, url=broker, host=host, username=username, password_env=password_env)
+        config = broker_config(graph, url=broker, host=host, username=username, password_env=password_env,
+                               **queued)
         guard = make_guard(graph, host, insecure=insecure)
     except AgentMeshError as e:
         _fail(e)
@@ -81,7 +98,8 @@ def worker_command(
                 pass
         async with MqttLink(config, graph=graph.name) as link:
             worker = Worker(graph, host, link, wire_dtype=wire_dtype, on_served=lambda call: _say(call.line()),
-                            key=guard.key, insecure=insecure)
+                            key=guard.key, insecure=insecure, max_calls=limits.calls,
+                            max_request_bytes=limits.request_bytes)
             await worker.preload()
             models = ", ".join(f"{n} ({graph.model_of(n).alias or graph.model_of(n).ref})" for n in worker.agents)
             serving = asyncio.create_task(worker.serve(ready=lambda: _say(
@@ -102,6 +120,35 @@ def worker_command(
         _fail(e)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    calls: int
+    request_bytes: int
+    queued_bytes: int | None  # None: the file's broker.max_buffered_bytes
+
+
+def worker_limits(calls: str, request_bytes: str, queued_bytes: str | None) -> WorkerLimits:
+    """The load limits from the command line, or one line and exit 2 naming the option."""
+    def count(option: str, text: str) -> int:
+        if not text.strip().isdigit() or int(text) < 1:
+            _fail(ConfigError(f"{option} {text!r} is not a whole number of at least 1"))
+        return int(text)
+
+    def size(option: str, text: str, least: int) -> int:
+        try:
+            value = parse_bytes(text)
+        except ValueError as e:
+            _fail(ConfigError(f"{option}: {e}"))
+        if value < least:
+            _fail(ConfigError(f"{option} {text!r} is {value} bytes; the least is {least} bytes"))
+        return value
+
+    return WorkerLimits(calls=count("--max-calls", calls),
+                        request_bytes=size("--max-request-bytes", request_bytes, 1),
+                        queued_bytes=None if queued_bytes is None else size("--max-queued-bytes", queued_bytes,
+                                                                            MIN_QUEUED_BYTES))
 
 
 def keygen_command(

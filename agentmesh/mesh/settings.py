@@ -16,6 +16,10 @@ from agentmesh.mesh.auth import CLIENT
 from agentmesh.transport.config import BrokerConfig
 
 
+DEFAULT_MAX_CALLS = 8  # calls a worker serves at once
+DEFAULT_MAX_REQUEST_BYTES = 512 << 20  # bytes the requests of a worker's calls in flight hold together
+
+
 def graph_digest(graph: Graph) -> str:
     """A fingerprint of what caller and workers must agree on: agents, their hosts, and the edges.
     Models, prompts and paths may differ per machine (each resolves its own files)."""

@@ -42,7 +42,8 @@ from agentmesh.runtime.trace import Trace
 from agentmesh.graph import Graph
 from agentmesh.mesh.auth import Rejected, make_guard
 from agentmesh.mesh.envelope import CALL_OPS, Envelope, error_body, inbox_channel, pack, raise_remote, unpack
-from agentmesh.mesh.settings import allowed_callers, context_ref, graph_digest
+from agentmesh.mesh.settings import (DEFAULT_MAX_CALLS, DEFAULT_MAX_REQUEST_BYTES, allowed_callers, context_ref,
+                                     graph_digest)
 from agentmesh.models.pool import ModelPool, default_pool
 from agentmesh.transport.link import Link, LinkClosed, LinkMessage, LinkTimeout, validate_channel
 from agentmesh.types import Messages
@@ -140,7 +141,8 @@ class Worker:
 
     def __init__(self, graph: Graph, host: str, link: Link, *, pool: ModelPool | None = None, wire_dtype: str | None = None,
                  max_runs: int = 8, on_served: Callable[[ServedCall], None] | None = None, key: bytes | None = None,
-                 insecure: bool = False, max_calls: int = 8, max_request_bytes: int = 512 << 20):
+                 insecure: bool = False, max_calls: int = DEFAULT_MAX_CALLS,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.agents = served_agents(graph, host)
         self.guard = make_guard(graph, host, key=key, insecure=insecure)
         self.callers = allowed_callers(graph, host)

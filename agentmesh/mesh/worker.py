@@ -249,7 +249,8 @@ class Worker:
 
     @property
     def dropped(self) -> dict[str, int]:
-        """Messages dropped unexecuted, by reason (unsigned, bad_seal, stale, replayed, unauthorised, malformed)."""
+        """Messages dropped unexecuted, by reason (unsigned, bad_seal, wrong_key, stale, replayed, plaintext,
+        unauthorised, malformed, busy)."""
         return dict(self.guard.dropped)
 
     def _drop(self, e: Rejected) -> None:

@@ -158,7 +158,6 @@ class Methods:
                  "receiver": self.receiver}
         return {n: (lambda item, f=every[n]: f(item, answer_tokens)) for n in names}
 
-    # ---- stage breakdown -----------------------------------------------------------------------
     def c2c_stages(self, item: Any, answer_tokens: int) -> dict[str, float]:
         """Seconds of each C2C stage, run one by one (the same work `generate` does)."""
         from agentmesh.c2c.fuser import fuse

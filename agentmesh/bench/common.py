@@ -29,7 +29,6 @@ QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
 TRAINED_FUSERS = (Path("fusers") / "smollm2_context", Path("runs") / "smollm2_context" / "fuser")
 
 
-# ---- timing ------------------------------------------------------------------------------------
 def sync(device: torch.device | str | None = None) -> None:
     """Wait for queued GPU work, so a wall-clock reading covers it (a no-op on CPU)."""
     dev = torch.device(device) if device is not None else None
@@ -168,7 +167,6 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-# ---- output ------------------------------------------------------------------------------------
 def fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -226,7 +224,6 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-# ---- models ------------------------------------------------------------------------------------
 def bench_cache_dir() -> Path:
     root = os.environ.get("AGENTMESH_BENCH_CACHE")
     if root:

@@ -24,10 +24,6 @@ from agentmesh.graph.spec import IDENT_HINT, IDENT_PATTERN, GraphSpec
 _HIDDEN_KEYS = {"password"}  # fields that exist only to be rejected; never suggested
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading
-
-
 # Bounds on what a pipeline file may make the loader do, whatever it claims: its size, how deep its
 # mappings and lists nest, and how many values it holds once aliases are expanded (a file of a few
 # lines of nested aliases, "billion laughs", would otherwise expand to billions).
@@ -156,10 +152,6 @@ def load_spec(path: str | Path) -> tuple[GraphSpec, SourceMap]:
     return spec_from_data(data, source), source
 
 
-# ----------------------------------------------------------------------------------------------
-# Explaining schema errors
-
-
 def _clean_loc(loc: tuple[Any, ...]) -> KeyPath:
     # Dict-key errors end in "[key]"; validator wrappers add "function-..." steps. Neither is a key.
     return tuple(p for p in loc if not (isinstance(p, str) and (p == "[key]" or p.startswith("function-"))))
@@ -234,10 +226,6 @@ def _allowed_keys(path: KeyPath) -> list[str]:
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return [f.alias or n for n, f in tp.model_fields.items() if n not in _HIDDEN_KEYS]
     return []
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing
 
 
 class _Dumper(yaml.SafeDumper):

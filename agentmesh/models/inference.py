@@ -81,7 +81,6 @@ class DecodeOutput:
     finished: torch.Tensor | None = None  # (B,) whether each row hit EOS or a stop string
 
 
-# ---- padding -----------------------------------------------------------------------------------
 def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each row's real tokens to the right end (works for left, right or no padding)."""
     if attention_mask is None:
@@ -104,7 +103,6 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
-# ---- one forward pass --------------------------------------------------------------------------
 class TokenHook(Protocol):
     """Sees every token a model reads, and may rewrite the K/V it stores for them.
 
@@ -225,7 +223,6 @@ def next_token_logits(lm: LanguageModel, past: KVCache | None, input_ids: torch.
     return RunningCache.start(lm, past, input_ids.shape[0], hook).step(lm, input_ids, mask)
 
 
-# ---- sampling ----------------------------------------------------------------------------------
 def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Repetition penalty on the tokens in `seen` (B, S): divide positive logits, multiply negative."""
     picked = logits.gather(1, seen)
@@ -253,7 +250,6 @@ def next_tokens(logits: torch.Tensor, gen: GenerationConfig, seen: torch.Tensor 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-# ---- decoding ----------------------------------------------------------------------------------
 @torch.no_grad()
 def decode(lm: LanguageModel, cache: KVCache | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
            gen: GenerationConfig | Sequence[GenerationConfig], *, pad_token_id: int = 0,

@@ -46,7 +46,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 _FOLDER_EXPECTED = "config.json, weights (model.safetensors or shards) and tokenizer files (tokenizer.json)"
 
 
-# ---- references ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelRef:
     """A resolved model reference. `key` identifies the model for pooling (same key, same files)."""
@@ -119,7 +118,6 @@ def model_size(ref: str | Path = DEFAULT_MODEL) -> int | None:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) or None
 
 
-# ---- dtype and device ------------------------------------------------------------------------
 def resolve_dtype(dtype: DTypeLike = "auto", device: str | torch.device = "cpu") -> torch.dtype:
     """The torch dtype `dtype` names. ``"auto"`` is float32 on CPU (where half precision is slow
     and GGUF dequantizes to float32 anyway) and bfloat16 (float16 where unsupported) elsewhere."""
@@ -156,7 +154,6 @@ def _check_device_available(dev: torch.device) -> None:
         raise ConfigError(f"device {str(dev)!r} was requested but MPS is not available; use device='cpu'")
 
 
-# ---- progress bars ---------------------------------------------------------------------------
 # Per-context switch (not process state): a quiet load in one thread leaves another's bars alone.
 _QUIET_PROGRESS: ContextVar[bool] = ContextVar("agentmesh_quiet_progress", default=False)
 
@@ -204,7 +201,6 @@ def progress_bars(verbose: bool) -> Iterator[None]:
         _QUIET_PROGRESS.reset(token)
 
 
-# ---- loading ---------------------------------------------------------------------------------
 def load_model(
     ref: str | Path = DEFAULT_MODEL,
     *,
@@ -334,7 +330,6 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-# ---- Hugging Face Hub ------------------------------------------------------------------------
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 

@@ -79,7 +79,6 @@ class Job:
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
 
-    # ---- engine side ---------------------------------------------------------------------------
     @property
     def done(self) -> bool:
         return self.finish_reason is not None or self._cancelled.is_set()
@@ -134,7 +133,6 @@ class Job:
             self.finish_reason = "error"
         self._put(error)
 
-    # ---- request side --------------------------------------------------------------------------
     def cancel(self) -> None:
         """The client is gone: the engine drops the job at its next token (a finished job stays finished)."""
         if self.finish_reason is None:
@@ -248,7 +246,6 @@ class BatchEngine:
             self._thread.join(timeout=30)
             self._thread = None
 
-    # ---- the worker thread -------------------------------------------------------------------
     def _ensure_thread(self) -> None:
         with self._start_lock:
             if self._thread is None:

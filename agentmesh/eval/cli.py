@@ -65,11 +65,7 @@ def make_knowledge_task_command(
     """Generate the specialist-knowledge task (invented facts, split A/B; seeded, no download)."""
     from agentmesh.tasks.knowledge_task import write_knowledge_task
 
-    try:
-        paths = write_knowledge_task(out_dir, n_per_split=per_split, n_capitals=capitals, seed=seed)
-    except AgentMeshError as e:
-        _fail(e)
-        return
+    paths = write_knowledge_task(out_dir, n_per_split=per_split, n_capitals=capitals, seed=seed)
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
 

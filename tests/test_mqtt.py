@@ -17,7 +17,8 @@ from agentmesh.errors import ConfigError, TransportError
 from agentmesh.transport.broker import LocalBroker, find_mosquitto, free_port
 from agentmesh.transport.link import InProcessLink, edge_channel
 from agentmesh.transport.config import BrokerConfig
-from agentmesh.transport.mqtt import MqttLink, split_frames
+from agentmesh.transport.frames import split_frames
+from agentmesh.transport.mqtt import MqttLink
 
 T = TypeVar("T")
 SIG = ModelSignature(name="tiny", model_type="qwen3", num_layers=16, num_kv_heads=4, head_dim=64,

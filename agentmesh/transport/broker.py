@@ -4,7 +4,7 @@
         link = MqttLink(broker.url, graph="g")
     with LocalBroker(username="edge", password="s3cret") as broker:   # password file
         ...
-    broker.restart()                                   # stop and start again on the same port
+    broker.restart(down_s=0.5)                         # stop, wait, start again on the same port
 
 It listens on 127.0.0.1 only, keeps its config, password file, persistence database and log in a
 private temporary directory, and persists sessions (so queued QoS 1 messages survive `restart()`).
@@ -168,9 +168,12 @@ class LocalBroker:
                 proc.kill()
                 proc.wait(timeout=5)
 
-    def restart(self) -> None:
-        """Stop and start again on the same port, keeping sessions when `persistence` is on."""
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop, stay down `down_s` seconds, and start again on the same port, keeping sessions
+        and queued messages when `persistence` is on (without it, a restart loses all of them)."""
         self.stop()
+        if down_s > 0:
+            time.sleep(down_s)
         self._launch(find_mosquitto())
 
     def cleanup(self) -> None:

@@ -10,6 +10,7 @@ environment variable that holds the password, read at connect time.
       password_env: MQTT_PASSWORD
       tls: {ca_file: ca.pem}               # or `tls: true` for the system's CA store
       timeout_s: 30                         # connecting, a send, an unanswered peer
+      resend_keep_s: 120                    # a sent message is kept this long for repair, unless acknowledged
 """
 from __future__ import annotations
 
@@ -83,6 +84,12 @@ class BrokerConfig(BaseModel):
                                     "not yet received (partial or queued); chunks beyond are dropped")
     receive_timeout_s: float = Field(default=300.0, gt=0)
     reassembly_timeout_s: float = Field(default=60.0, gt=0)
+    repair_after_s: float = Field(default=1.0, gt=0, description="a transfer quiet this long is repaired: the "
+                                  "receiver asks for the chunks it misses, the sender asks whether it arrived")
+    resend_keep_s: float = Field(default=120.0, gt=0, description="how long a sender keeps a message its "
+                                 "receiver has not acknowledged")
+    resend_keep_bytes: int = Field(default=256 << 20, ge=0, description="bytes of unacknowledged messages a "
+                                   "sender keeps (the oldest go first); 0 turns repair off")
     message_expiry_s: int = Field(default=600, ge=1)
     session_expiry_s: int = Field(default=600, ge=0)
     reconnect_min_s: float = Field(default=0.2, gt=0)

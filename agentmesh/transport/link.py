@@ -109,6 +109,10 @@ class ChannelStats:
     duplicate_chunks: int = 0
     dropped_chunks: int = 0  # refused because the link held max_buffered_bytes already
     failed_messages: int = 0
+    chunks_resent: int = 0  # sent again because the receiver asked for them (counted in wire_bytes_sent)
+    probes_sent: int = 0  # "what do you miss?" to the receivers of an unacknowledged message
+    messages_acked: int = 0  # sent messages a receiver acknowledged whole
+    repairs_asked: int = 0  # requests for missing chunks this side sent
 
 
 @dataclass

@@ -1,15 +1,10 @@
 """`MqttLink`: channels over an MQTT broker (aiomqtt), for agents on different hosts.
 
 Topics: `{topic_prefix}/{graph}/{channel}/msg`, so an edge channel `"{run}/{edge}"` (see
-`edge_channel`) lives on `agentmesh/{graph}/{run}/{edge}/msg`.
+`edge_channel`) lives on `agentmesh/{graph}/{run}/{edge}/msg`; each link also listens on its own
+control topic `{topic_prefix}/{graph}/_link/{link id}/ctl`.
 
-Every message travels as one or more chunks of at most `chunk_size` payload bytes, each framed by
-a 72-byte binary header (so MQTT 3.1.1 brokers carry it as well as MQTT 5 ones):
-
-    magic b"AMC1" | message id (16) | chunk index u32 | chunk count u32 | total size u64 |
-    SHA-256 of the whole payload (32) | header-JSON length u32      (little-endian)
-
-followed by the message headers as JSON (chunk 0 only) and the chunk's bytes. The receiver
+Every message travels as chunk frames (see `agentmesh.transport.frames`). The receiver
 reassembles by (message id, index): redelivered chunks (QoS 1 is at-least-once) are counted and
 dropped, a message whose chunks stop coming for `reassembly_timeout_s` fails, and a completed
 message must match its SHA-256. Message ids of finished messages are remembered so a late
@@ -18,17 +13,24 @@ duplicate never delivers a message twice.
 Delivery: QoS 1 (configurable), MQTT 5 with a message expiry interval when the broker speaks it
 (else 3.1.1), persistent sessions (so a broker with persistence keeps queued chunks across its
 restart), reconnection with bounded exponential backoff and resubscription. A send resumes after a
-reconnect from the first chunk the broker had not acknowledged. Every wait is bounded; failures
-raise `TransportError` with a one-line message.
+reconnect from the first chunk the broker had not acknowledged.
+
+The broker's acknowledgement does not mean the receiver will get a chunk (a restart can lose what
+the broker held), so delivery is also checked end to end: the receiving link acknowledges every
+complete message on the sender's control topic, and the sender keeps the message (`Outbox`) until
+then, for at most `resend_keep_s` and `resend_keep_bytes`. A receiver whose message has been quiet
+for `repair_after_s` asks the sender for the chunks it misses; a sender whose message has been
+quiet and unacknowledged as long sends a probe, which the receiver answers with an
+acknowledgement or a request for what it misses (each backs off while nothing answers). Control
+messages go at QoS 0: a lost one is asked again. Every wait is bounded; failures raise
+`TransportError` with a one-line message.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
-import math
 import random
-import struct
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -40,17 +42,19 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from agentmesh.errors import TransportError
 from agentmesh.transport.config import BrokerConfig
+from agentmesh.transport.frames import (FRAME, NO_ORIGIN, FrameError, FrameHeader, Framer, ack_message,
+                                        missing_ranges, nack_message, read_control, read_header)
+from agentmesh.transport.outbox import Kept, Outbox
 from agentmesh.transport.link import (
-    Link, LinkClosed, LinkMessage, LinkTimeout, decode_headers, encode_headers, validate_channel, validate_segment,
-    wait_bounded)
+    ChannelStats, Link, LinkClosed, LinkMessage, LinkTimeout, decode_headers, encode_headers, validate_channel,
+    validate_segment, wait_bounded)
 
 log = logging.getLogger(__name__)
 
-FRAME = struct.Struct("<4s16sIIQ32sI")
-FRAME_MAGIC = b"AMC1"
 _MAX_PARTIALS = 64
 _MAX_DONE_IDS = 16384
 _HASH_IN_THREAD = 4 << 20  # hash big payloads off the event loop
+_ACKS_PER_MESSAGE = 500
 # CONNACK codes: 3.1.1 (4 bad credentials, 5 not authorised) and MQTT 5 (0x86, 0x87).
 _AUTH_CODES = {4, 5, 134, 135}
 _BAD_PROTOCOL_CODES = {1, 132}
@@ -73,40 +77,17 @@ class _Partial:
     count: int
     total: int
     sha256: bytes
+    origin: bytes
     last_progress: float
     chunks: dict[int, memoryview] = field(default_factory=dict)
     received: int = 0
     headers: dict[str, str] | None = None
+    asked_at: float = float("-inf")  # when the sender was last asked for missing chunks
+    asks: int = 0  # requests since the last new chunk (they back off)
 
 
 class _ChunkRejected(Exception):
     pass
-
-
-class Framer:
-    """Cuts a payload into chunk frames on demand (`framer(i)` is frame i), copying one chunk at a time."""
-
-    def __init__(self, payload: bytes | bytearray | memoryview, *, chunk_size: int,
-                 digest: bytes | None = None, headers: bytes = b"", message_id: bytes | None = None) -> None:
-        self.data = memoryview(payload).cast("B")
-        self.chunk_size = chunk_size
-        self.count = max(1, math.ceil(len(self.data) / chunk_size))
-        self.digest = digest if digest is not None else hashlib.sha256(self.data).digest()
-        self.headers = headers
-        self.message_id = message_id or uuid.uuid4().bytes
-
-    def __call__(self, index: int) -> bytes:
-        extra = self.headers if index == 0 else b""
-        size = self.chunk_size
-        return b"".join([FRAME.pack(FRAME_MAGIC, self.message_id, index, self.count, len(self.data),
-                                    self.digest, len(extra)),
-                         extra, self.data[index * size:(index + 1) * size]])
-
-
-def split_frames(payload: bytes, *, chunk_size: int, headers: Mapping[str, str] | None = None) -> list[bytes]:
-    """Every chunk frame of one message, as `MqttLink.send` would publish them."""
-    framer = Framer(payload, chunk_size=chunk_size, headers=encode_headers(headers))
-    return [framer(i) for i in range(framer.count)]
 
 
 class MqttLink(Link):
@@ -122,8 +103,16 @@ class MqttLink(Link):
         self._subscriptions: set[str] = set()
         self._subscribing: dict[str, asyncio.Future[None]] = {}
         self._partials: dict[bytes, _Partial] = {}
-        self._done: OrderedDict[bytes, None] = OrderedDict()
+        self._done: OrderedDict[bytes, bool] = OrderedDict()  # finished message -> delivered intact
         self._buffered = 0  # bytes of partial and of complete messages not yet received
+        # Repair: this link's id on the wire (its control topic), what it sent and keeps, what it acknowledges.
+        self._origin = uuid.uuid4().bytes if self.config.resend_keep_bytes > 0 else NO_ORIGIN
+        self._outbox = Outbox(max_bytes=self.config.resend_keep_bytes, keep_s=self.config.resend_keep_s)
+        self._acks: dict[bytes, list[bytes]] = {}
+        self._acks_due: asyncio.Event | None = None
+        self._side: set[asyncio.Task[None]] = set()  # probes, requests and resends in flight
+        self._connected_at = 0.0
+        self.dropped_control = 0  # control messages that did not parse
         self._conn: _Connection | None = None
         self._protocol: aiomqtt.ProtocolVersion | None = {
             "auto": None, "5": aiomqtt.ProtocolVersion.V5, "3.1.1": aiomqtt.ProtocolVersion.V311,
@@ -145,8 +134,17 @@ class MqttLink(Link):
             return None
         return "5" if self._protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1"
 
+    @property
+    def kept(self) -> tuple[int, int]:
+        """(messages, bytes) sent and kept because no receiver has acknowledged them yet."""
+        return len(self._outbox), self._outbox.bytes
+
     def topic(self, channel: str) -> str:
         return f"{self.config.topic_prefix}/{self.graph}/{validate_channel(channel)}/msg"
+
+    def control_topic(self, origin: bytes | None = None) -> str:
+        """The control topic of the link `origin` (this link's by default)."""
+        return f"{self.config.topic_prefix}/{self.graph}/_link/{(origin or self._origin).hex()}/ctl"
 
     def _channel_of(self, topic: str) -> str | None:
         head = f"{self.config.topic_prefix}/{self.graph}/"
@@ -158,6 +156,7 @@ class MqttLink(Link):
         if self._closed is not None:
             raise TransportError("MqttLink cannot be opened twice; make a new one")
         self._connected, self._closed = asyncio.Event(), asyncio.Event()
+        self._acks_due = asyncio.Event()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout_s
         attempt = 0
@@ -179,7 +178,8 @@ class MqttLink(Link):
             await asyncio.sleep(delay)
         self._set_connection(conn)
         self._tasks = [asyncio.create_task(self._run(conn), name=f"mqtt-link-{self.client_id}"),
-                       asyncio.create_task(self._sweep(), name=f"mqtt-sweep-{self.client_id}")]
+                       asyncio.create_task(self._maintain(), name=f"mqtt-repair-{self.client_id}"),
+                       asyncio.create_task(self._acknowledge(), name=f"mqtt-acks-{self.client_id}")]
 
     async def close(self) -> None:
         if self._closed is None or (self._closed.is_set() and not self._tasks):
@@ -188,9 +188,13 @@ class MqttLink(Link):
             self._closed.set()
             return
         self._closed.set()
-        for task in self._tasks:
+        self._outbox.clear()
+        tasks = [*self._tasks, *self._side]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        assert self._acks_due is not None
+        self._acks_due.set()  # wakes the acknowledger to see the link closed, should its cancellation get lost
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -202,6 +206,11 @@ class MqttLink(Link):
 
     def _set_connection(self, conn: _Connection) -> None:
         self._conn = conn
+        self._connected_at = asyncio.get_running_loop().time()
+        for part in self._partials.values():  # quiet transfers are asked about soon after a reconnect
+            part.asks = 0
+        for kept in self._outbox:
+            kept.probes = 0
         assert self._connected is not None
         self._connected.set()
 
@@ -245,7 +254,8 @@ class MqttLink(Link):
                 raise
             conn = _Connection(client, version)
             try:
-                await self._subscribe_topics(conn, sorted(self._subscriptions), deadline)
+                await self._subscribe_topics(conn, sorted(self._subscriptions), deadline,
+                                             control=self._origin != NO_ORIGIN)
             except BaseException:
                 await _disconnect(conn)
                 raise
@@ -275,6 +285,8 @@ class MqttLink(Link):
             attempt = 0
             while True:
                 await asyncio.sleep(self._backoff(attempt))
+                if self._closed.is_set():  # in case a wait_for below swallowed our cancellation
+                    return
                 attempt += 1
                 try:
                     conn = await self._connect(clean=False, deadline=loop.time() + self.config.timeout_s)
@@ -310,20 +322,22 @@ class MqttLink(Link):
         if self._closed.is_set():
             raise LinkClosed(f"MqttLink to {self.config.url} is closed")
 
-    async def _subscribe_topics(self, conn: _Connection, channels: list[str], deadline: float) -> None:
-        if not channels:
+    async def _subscribe_topics(self, conn: _Connection, channels: list[str], deadline: float, *,
+                                control: bool = False) -> None:
+        names = [self.topic(ch) for ch in channels] + ([self.control_topic()] if control else [])
+        if not names:
             return
         remaining = max(0.05, deadline - asyncio.get_running_loop().time())
-        topics = [(self.topic(ch), self.config.qos) for ch in channels]
+        topics = [(name, self.config.qos) for name in names]
         try:
             codes = await conn.client.subscribe(topics, timeout=remaining)
         except aiomqtt.MqttError as exc:
             raise aiomqtt.MqttError(f"subscribing to {len(topics)} topic(s) failed: {_describe(exc)}") from None
-        for ch, code in zip(channels, codes):
+        for name, code in zip(names, codes):
             value = code.value if hasattr(code, "value") else int(code)
             if value >= 0x80:
                 raise TransportError(f"MQTT broker {self.config.url} refused the subscription to "
-                                     f"{self.topic(ch)!r} (code {value}); check its ACLs")
+                                     f"{name!r} (code {value}); check its ACLs")
 
     async def subscribe(self, channel: str, *, timeout: float | None = None) -> None:
         self._check_open()
@@ -380,12 +394,37 @@ class MqttLink(Link):
         loop = asyncio.get_running_loop()
         t = self.config.timeout_s if timeout is None else self._timeout(timeout)
         deadline = loop.time() + t
-        frame = Framer(data, chunk_size=self.config.chunk_bytes, digest=await _sha256(data), headers=head)
+        repair = self._origin != NO_ORIGIN and len(data) <= self._outbox.max_bytes
+        if repair and not (data.readonly and isinstance(data.obj, bytes)):
+            data = memoryview(bytes(data))  # kept after send returns: the caller may reuse its buffer
+        frame = Framer(data, chunk_size=self.config.chunk_bytes, digest=await _sha256(data), headers=head,
+                       origin=self._origin if repair else NO_ORIGIN)
         count = frame.count
         stats = self._state.channel(channel)
         pending = set(range(count))
+        kept: Kept | None = None
+        if repair:
+            kept = Kept(frame, channel, topic, expires=float("inf"), quiet_since=loop.time(), sending=pending)
+            self._outbox.keep(kept)
+        try:
+            await self._send_chunks(frame, topic, pending, stats, deadline, t, f"sending {len(data)} bytes on "
+                                    f"channel {channel!r}")
+        except BaseException:
+            self._outbox.drop(frame.message_id)
+            raise
+        if kept is not None:
+            kept.quiet_since = loop.time()
+            kept.expires = kept.quiet_since + self._outbox.keep_s
+        stats.messages_sent += 1
+        stats.bytes_sent += len(data)
+        return frame.message_id.hex()
+
+    async def _send_chunks(self, frame: Framer, topic: str, pending: set[int], stats: ChannelStats,
+                           deadline: float, t: float, what: str) -> None:
+        """Publish the chunks in `pending` until the broker acknowledged each, across reconnects."""
+        loop = asyncio.get_running_loop()
+        count = frame.count
         losses = 0
-        what = f"sending {len(data)} bytes on channel {channel!r}"
         while pending:
             conn = await self._wait_connected(deadline, what)
             window = asyncio.Semaphore(self.config.max_inflight)
@@ -415,9 +454,6 @@ class MqttLink(Link):
                 if self._conn is conn and not conn.lost.is_set():
                     # The broker rejected a publish without dropping us; do not spin.
                     await asyncio.sleep(min(1.0, self.config.reconnect_min_s))
-        stats.messages_sent += 1
-        stats.bytes_sent += len(data)
-        return frame.message_id.hex()
 
     async def _publish(self, conn: _Connection, topic: str, body: bytes, deadline: float, what: str) -> None:
         """Publish one frame and wait for the broker's ack, the connection's loss, or the deadline."""
@@ -472,9 +508,15 @@ class MqttLink(Link):
         return f" (broker {self.config.url} {state}" + (f"; partial message: {', '.join(parts)})" if parts else ")")
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
-        channel = self._channel_of(message.topic.value)
+        topic = message.topic.value
         raw = message.payload
-        if channel is None or not isinstance(raw, (bytes, bytearray)):
+        if not isinstance(raw, (bytes, bytearray)):
+            return
+        if topic == self.control_topic() and self._origin != NO_ORIGIN:
+            self._on_control(raw)
+            return
+        channel = self._channel_of(topic)
+        if channel is None:
             return
         stats = self._state.channel(channel)
         stats.wire_bytes_received += len(raw)
@@ -490,28 +532,22 @@ class MqttLink(Link):
 
     def _take_chunk(self, channel: str, raw: memoryview) -> tuple[bytes, _Partial] | None:
         """Store one chunk; the message id and its parts once every chunk is in."""
-        if len(raw) < FRAME.size:
-            raise _ChunkRejected(f"{len(raw)} bytes, shorter than a chunk header")
-        magic, msg_id, index, count, total, digest, head_len = FRAME.unpack_from(raw, 0)
-        if magic != FRAME_MAGIC:
-            raise _ChunkRejected(f"bad magic {bytes(magic)!r}")
+        try:
+            h = read_header(raw)
+        except FrameError as exc:
+            raise _ChunkRejected(str(exc)) from None
+        if h.probe:
+            self._on_probe(channel, h)
+            return None
+        msg_id, index, count, total, head_len = h.message_id, h.index, h.count, h.total, h.head_len
         stats = self._state.channel(channel)
         if msg_id in self._done:
             stats.duplicate_chunks += 1
             return None
         body = raw[FRAME.size + head_len:]
-        if FRAME.size + head_len > len(raw) or index >= count or count > max(1, total) \
-                or total > self.config.max_message_bytes or len(body) > total:
+        if FRAME.size + head_len > len(raw) or index >= count or len(body) > total:
             raise _ChunkRejected(f"inconsistent chunk {index}/{count} of {total} bytes")
-        part = self._partials.get(msg_id)
-        if part is None:
-            if len(self._partials) >= _MAX_PARTIALS:
-                oldest = min(self._partials, key=lambda k: self._partials[k].last_progress)
-                self._fail(oldest, "dropped: too many messages were being reassembled at once")
-            part = _Partial(channel, count, total, digest, asyncio.get_running_loop().time())
-            self._partials[msg_id] = part
-        elif (part.channel, part.count, part.total, part.sha256) != (channel, count, total, digest):
-            raise _ChunkRejected(f"chunk {index} disagrees with earlier chunks of its message")
+        part = self._partial(channel, h)
         if index in part.chunks:
             stats.duplicate_chunks += 1
             return None
@@ -530,12 +566,154 @@ class MqttLink(Link):
         part.received += len(body)
         self._buffered += len(body)
         part.last_progress = asyncio.get_running_loop().time()
+        part.asks = 0
         stats.chunks_received += 1
         if len(part.chunks) < count:
             return None
         del self._partials[msg_id]
-        self._remember(msg_id)
+        self._remember(msg_id, False)  # until its SHA-256 is checked
         return msg_id, part
+
+    def _partial(self, channel: str, h: FrameHeader) -> _Partial:
+        """The message `h` belongs to, started if new (`_ChunkRejected` if `h` contradicts it)."""
+        if h.count > max(1, h.total) or h.total > self.config.max_message_bytes or h.count < 1:
+            raise _ChunkRejected(f"inconsistent chunk header: {h.count} chunks of {h.total} bytes")
+        part = self._partials.get(h.message_id)
+        if part is None:
+            if len(self._partials) >= _MAX_PARTIALS:
+                oldest = min(self._partials, key=lambda k: self._partials[k].last_progress)
+                self._fail(oldest, "dropped: too many messages were being reassembled at once")
+            part = _Partial(channel, h.count, h.total, h.sha256, h.origin, asyncio.get_running_loop().time())
+            self._partials[h.message_id] = part
+        elif (part.channel, part.count, part.total, part.sha256, part.origin) != \
+                (channel, h.count, h.total, h.sha256, h.origin):
+            raise _ChunkRejected(f"chunk {h.index} disagrees with earlier chunks of its message")
+        return part
+
+    def _on_probe(self, channel: str, h: FrameHeader) -> None:
+        """A sender asks what we miss of a message: acknowledge it, or ask for the missing chunks."""
+        if h.origin == NO_ORIGIN:
+            return
+        delivered = self._done.get(h.message_id)
+        if delivered is not None:
+            if delivered:
+                self._ack(h.origin, h.message_id)
+            return
+        part = self._partial(channel, h)
+        if asyncio.get_running_loop().time() - part.asked_at >= self.config.repair_after_s / 2:
+            self._ask(h.message_id, part)
+
+    def _ask(self, msg_id: bytes, part: _Partial) -> None:
+        """Ask the sender of `part` for the chunks it misses (unless the broker is away right now)."""
+        missing = missing_ranges(part.chunks, part.count)
+        if not missing or part.origin == NO_ORIGIN or not self.connected:
+            return
+        part.asked_at = asyncio.get_running_loop().time()
+        part.asks += 1
+        self._state.channel(part.channel).repairs_asked += 1
+        self._spawn(self._publish_control(part.origin, nack_message(msg_id, missing)))
+
+    def _ack(self, origin: bytes, msg_id: bytes) -> None:
+        if origin == NO_ORIGIN:
+            return
+        self._acks.setdefault(origin, []).append(msg_id)
+        assert self._acks_due is not None
+        self._acks_due.set()
+
+    async def _acknowledge(self) -> None:
+        """Send the acknowledgements due, those that piled up meanwhile together."""
+        assert self._acks_due is not None and self._closed is not None
+        # The flag, not only cancellation, ends this loop: Python 3.11's wait_for can swallow a
+        # cancellation that arrives as the publish it waits for completes.
+        while not self._closed.is_set():
+            await self._acks_due.wait()
+            self._acks_due.clear()
+            due, self._acks = self._acks, {}
+            for origin, ids in due.items():
+                for i in range(0, len(ids), _ACKS_PER_MESSAGE):
+                    await self._publish_control(origin, ack_message(ids[i:i + _ACKS_PER_MESSAGE]))
+
+    async def _publish_control(self, origin: bytes, body: bytes) -> None:
+        """QoS 0, best effort: a lost control message is sent again by the repair that needs it."""
+        conn = self._conn
+        if conn is None or conn.lost.is_set():
+            return
+        try:
+            await asyncio.wait_for(conn.client.publish(self.control_topic(origin), body, qos=0), 2.0)
+        except (aiomqtt.MqttError, asyncio.TimeoutError) as exc:
+            log.debug("MQTT link %s could not send a control message: %s", self.client_id, _describe(exc))
+
+    def _on_control(self, raw: bytes | bytearray) -> None:
+        try:
+            ctl = read_control(raw)
+        except FrameError as exc:
+            self.dropped_control += 1
+            if self.dropped_control == 1 or self.dropped_control % 100 == 0:  # a flood must not flood the log
+                log.warning("dropping a control message on %s (%d so far): %s", self.control_topic(),
+                            self.dropped_control, exc)
+            return
+        for msg_id in ctl.acked:
+            kept = self._outbox.drop(msg_id)
+            if kept is not None:
+                self._state.channel(kept.channel).messages_acked += 1
+        if ctl.nacked is None:
+            return
+        kept = self._outbox.get(ctl.nacked)
+        if kept is None:  # expired or dropped: the receiver's reassembly timeout ends it
+            return
+        now = asyncio.get_running_loop().time()
+        kept.quiet_since, kept.probes = now, 0
+        if now - kept.served_at < self.config.repair_after_s / 2:
+            return  # asked again so soon: a duplicate request, or someone trying to make us flood
+        kept.served_at = now
+        count = kept.framer.count
+        kept.resend |= {i for first, end in ctl.missing for i in range(first, min(end, count))} - kept.sending
+        if kept.resend and (kept.resender is None or kept.resender.done()):
+            kept.resender = self._spawn(self._resend(kept))
+
+    async def _resend(self, kept: Kept) -> None:
+        """Publish the chunks `kept`'s receiver asked for again (until asked again, if the broker goes away)."""
+        loop = asyncio.get_running_loop()
+        stats = self._state.channel(kept.channel)
+        what = f"resending chunks on channel {kept.channel!r}"
+        while kept.resend:
+            conn = self._conn
+            if conn is None or conn.lost.is_set():
+                return
+            window = asyncio.Semaphore(self.config.max_inflight)
+            deadline = loop.time() + self.config.timeout_s
+
+            async def one(i: int) -> None:
+                async with window:
+                    if conn.lost.is_set() or i not in kept.resend:
+                        return
+                    body = kept.framer(i)
+                    await self._publish(conn, kept.topic, body, deadline, what)
+                    kept.resend.discard(i)
+                    stats.chunks_resent += 1
+                    stats.wire_bytes_sent += len(body)
+
+            results = await asyncio.gather(*(one(i) for i in sorted(kept.resend)), return_exceptions=True)
+            kept.quiet_since = loop.time()
+            if any(isinstance(r, BaseException) for r in results):
+                return  # the broker went away or would not take them: the receiver asks again
+
+    async def _probe(self, kept: Kept) -> None:
+        conn = self._conn
+        if conn is None or conn.lost.is_set():
+            return
+        try:
+            await self._publish(conn, kept.topic, kept.framer.probe(),
+                                asyncio.get_running_loop().time() + self.config.timeout_s, "probing")
+            self._state.channel(kept.channel).probes_sent += 1
+        except (aiomqtt.MqttError, TransportError):
+            pass
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
+        return task
 
     async def _finish(self, msg_id: bytes, part: _Partial) -> None:
         stats = self._state.channel(part.channel)
@@ -556,31 +734,48 @@ class MqttLink(Link):
             return
         stats.messages_received += 1
         stats.bytes_received += len(payload)
+        self._remember(msg_id, True)
+        self._ack(part.origin, msg_id)
         queue.put_nowait(LinkMessage(part.channel, payload, part.headers or {}, msg_id.hex()))
 
-    def _remember(self, msg_id: bytes) -> None:
-        self._done[msg_id] = None
+    def _remember(self, msg_id: bytes, delivered: bool) -> None:
+        self._done[msg_id] = delivered
         while len(self._done) > _MAX_DONE_IDS:
             self._done.popitem(last=False)
 
     def _fail(self, msg_id: bytes, why: str) -> None:
         part = self._partials.pop(msg_id)
         self._buffered -= part.received
-        self._remember(msg_id)
+        self._remember(msg_id, False)
         self._state.channel(part.channel).failed_messages += 1
         self._queue(part.channel).put_nowait(TransportError(
             f"message {msg_id.hex()} on channel {part.channel!r} ({len(part.chunks)}/{part.count} chunks, "
             f"{part.received}/{part.total} bytes) {why}"))
 
-    async def _sweep(self) -> None:
-        """Fail messages whose chunks stopped coming for `reassembly_timeout_s`."""
+    async def _maintain(self) -> None:
+        """Fail messages whose chunks stopped coming for `reassembly_timeout_s`; repair quiet
+        transfers (ask for missing chunks, probe unacknowledged messages); forget expired ones."""
         limit = self.config.reassembly_timeout_s
+        quiet = self.config.repair_after_s
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(1.0, limit / 4))
+            await asyncio.sleep(min(1.0, limit / 4, quiet / 2))
             now = loop.time()
             for msg_id in [k for k, p in self._partials.items() if now - p.last_progress > limit]:
                 self._fail(msg_id, f"failed: no new chunk for {limit:.1f} s (reassembly_timeout_s)")
+            self._outbox.expire(now)
+            if not self.connected:
+                continue
+            since = self._connected_at
+            for msg_id, part in list(self._partials.items()):
+                if now - max(part.last_progress, part.asked_at, since) >= quiet * 2 ** min(part.asks, 3):
+                    self._ask(msg_id, part)
+            for kept in self._outbox:
+                idle = not kept.sending and (kept.resender is None or kept.resender.done())
+                if idle and now - max(kept.quiet_since, since) >= quiet * 2 ** min(kept.probes, 5):
+                    kept.probes += 1
+                    kept.quiet_since = now
+                    self._spawn(self._probe(kept))
 
 
 async def _sha256(data: memoryview) -> bytes:

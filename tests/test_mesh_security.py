@@ -58,6 +58,7 @@ def pool(tiny_model_factory: Any) -> ModelPool:
     p = ModelPool()
     tiny: LoadedModel = tiny_model_factory("qwen3", "tiny", seed=0)
     p.put("tiny", tiny)
+    p.put("tiny2", tiny_model_factory("qwen3", "tiny", seed=1))
     p.put("slow", LoadedModel(name="slow", model=_Slow(tiny.model, 0.05), tokenizer=tiny.tokenizer,
                               signature=tiny.signature, source="test:slow"))
     return p
@@ -612,3 +613,125 @@ def test_worker_load_limit_options_reach_the_worker_and_its_link(broker: Any, tm
                                    "--max-request-bytes", "64MB", "--max-queued-bytes", "2MiB"])
     assert out.exit_code == 2 and out.stderr.strip() == "error: stopped by the test", out.output
     assert seen["max_calls"] == 3 and seen["max_request_bytes"] == 64_000_000 and seen["queued"] == 2 << 20
+
+
+def _wire_bytes(link: Any) -> tuple[int, int]:
+    """(sent, received) wire bytes of a link, over all its channels."""
+    stats = link.stats().values()
+    return sum(s.wire_bytes_sent for s in stats), sum(s.wire_bytes_received for s in stats)
+
+
+def _three_party(g: Graph, pool: ModelPool, before: Callable[[Any], Awaitable[None]] | None = None
+                 ) -> tuple[Any, dict[str, tuple[int, int]], dict[str, Worker]]:
+    """Run `g` from a pure client (no host) with workers for cloud and edge; returns the result,
+    each link's (sent, received) bytes and the workers. `before(workers)` runs first."""
+    for h in ("cloud", "edge"):
+        g.hosts[h] = type(g.hosts[h])(callers=("client", "cloud", "edge"))
+
+    async def go() -> tuple[Any, dict[str, tuple[int, int]], dict[str, Worker]]:
+        served = {h: await serving(g, h, pool) for h in ("cloud", "edge")}
+        caller = MqttLink(broker_config(g), graph=g.name)
+        await caller.open()
+        try:
+            if before is not None:
+                await before({h: w for h, (w, _, _) in served.items()})
+            result = await arun_remote(g, QUESTION, link=caller, pool=pool, timeout=30)
+        finally:
+            for w, task, link in served.values():
+                await stop(w, task, link)
+            await caller.close()
+        links = {"caller": _wire_bytes(caller), **{h: _wire_bytes(link) for h, (_, _, link) in served.items()}}
+        return result, links, {h: w for h, (w, _, _) in served.items()}
+
+    return run(go())
+
+
+def test_a_cache_between_two_remote_hosts_crosses_the_network_once(broker: Any, pool: ModelPool) -> None:
+    """A pure client runs doc (cloud) -> ask (edge), a prefix edge: the reading goes from the cloud's
+    worker straight to the edge's; the caller's link carries only small control messages. A
+    delivery from a host that does not run the sender is dropped."""
+    g = edge_cloud(broker.url)
+    local = run_graph(g, QUESTION, pool=pool)
+    cache_bytes = local.bytes_by_edge()["doc->ask"]
+
+    async def forge(workers: dict[str, Worker]) -> None:
+        async with MqttLink(broker_config(g), graph=g.name) as attacker:
+            inbox = inbox_channel("edge")
+            fake = pack({"op": "cache", "run": "r", "ref": "f" * 32, "from": "doc", "to": "ask"},
+                        {"cache": b"\x00" * 64}, guard=Guard(KEY, "client", g.name), channel=inbox)
+            await attacker.send(inbox, fake)
+            await until(lambda: workers["edge"].dropped.get("unauthorised") == 1)
+
+    result, links, workers = _three_party(g, pool, forge)
+    assert result.ok, result.error
+    assert result["ask"].token_ids == local["ask"].token_ids
+    moved = result.bytes_by_edge()["doc->ask"]
+    assert cache_bytes < moved < 1.5 * cache_bytes  # one encoded copy (two were 2x)
+    caller_sent, caller_got = links["caller"]
+    assert caller_sent + caller_got < 50_000 < cache_bytes  # requests, acks, results: no cache
+    assert cache_bytes < links["cloud"][0] < 1.5 * cache_bytes + 50_000  # the cloud sent it once
+    assert links["edge"][1] > cache_bytes  # ... and the edge received it
+    assert workers["edge"].dropped == {"unauthorised": 1}
+    assert any("host cloud -> host edge directly" in (s.detail or "") for s in result.trace.of("doc"))
+
+
+def test_a_sharer_on_one_remote_host_fuses_into_a_receiver_on_another_directly(broker: Any, pool: ModelPool,
+                                                                               tmp_path: Path) -> None:
+    from agentmesh.c2c.checkpoints import save_fuser
+    from agentmesh.c2c.fuser import Fuser
+
+    import torch
+
+    torch.manual_seed(0)
+    fuser = Fuser.build(pool.get("tiny").signature, pool.get("tiny2").signature, hidden_dim=16,
+                        intermediate_dim=16, dropout=0.0)
+    with torch.no_grad():
+        for p in fuser.projectors:
+            p.key_gate_logit.fill_(1.0)
+            p.value_gate_logit.fill_(1.0)
+    g = Graph("sec_fuse")
+    g.host("edge")
+    g.host("cloud")
+    g.agent("helper", model="tiny2", host="cloud", context=SECRET)
+    g.agent("ask", model="tiny", host="edge", max_new_tokens=6)
+    g.cache("helper", "ask", mode="fuse", fuser=str(save_fuser(fuser, tmp_path / "fuser")))
+    g.set_broker(broker.url, timeout_s=10)
+    g.set_auth(key_env=KEY_ENV)
+    local = run_graph(g, QUESTION, pool=pool)
+    assert local.ok, local.error
+    span_bytes = local.bytes_by_edge()["helper->ask"]
+
+    result, links, _ = _three_party(g, pool)
+    assert result.ok, result.error
+    assert result["ask"].token_ids == local["ask"].token_ids
+    assert span_bytes < result.bytes_by_edge()["helper->ask"] < 1.5 * span_bytes + 2000
+    caller_sent, caller_got = links["caller"]
+    assert caller_sent + caller_got < span_bytes  # the span cache never passed the caller
+    assert links["cloud"][0] > span_bytes and links["edge"][1] > span_bytes
+
+
+def test_a_direct_cache_that_never_comes_fails_the_call_naming_its_host(broker: Any, pool: ModelPool) -> None:
+    g = edge_cloud(broker.url, timeout_s=1)
+    g.hosts["edge"] = type(g.hosts["edge"])(callers=("client",))
+    inbox = inbox_channel("edge")
+
+    async def go() -> Any:
+        worker, task, link = await serving(g, "edge", pool)
+        try:
+            async with MqttLink(broker_config(g), graph=g.name) as client:
+                reply = "r9/ask->client"
+                await client.subscribe(reply)
+                me = Guard(KEY, "client", g.name)
+                await client.send(inbox, pack({"op": "text", "call": "c1", "run": "r9", "agent": "ask", "reply": reply,
+                                               "graph": graph_digest(g), "heartbeat_s": 5.0, "sharers": [],
+                                               "messages": [{"role": "user", "content": "hi"}], "past_ref": "x" * 32},
+                                              guard=me, channel=inbox))
+                while True:
+                    env = unpack(await client.receive(reply, timeout=20), guard=me, channel=reply)
+                    if env.get("kind") == "error":
+                        return env.get("error")
+        finally:
+            await stop(worker, task, link)
+
+    error = run(go())
+    assert error["message"] == "ask: the cache of 'doc' from host 'cloud' did not arrive within 1 s"

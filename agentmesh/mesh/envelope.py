@@ -3,7 +3,8 @@
 Channels (over any `Link`; with `MqttLink` a channel `c` is the topic `{topic_root}/{graph}/c/msg`):
 
 * `host/{host}`: a worker's inbox. Every message for the agents of that host goes there
-  (requests, cancels, the sharer caches a fusing receiver asked for). One fixed channel per host,
+  (requests, cancels, the sharer caches a fusing receiver asked for, and `cache` deliveries: a
+  cache another host's worker sends straight to this host's receiver). One fixed channel per host,
   because links subscribe to exact channels (no wildcards) and a worker outlives runs.
 * `{run}/{agent}->{to}` (`edge_channel`): replies to the caller. `to` is the receiver the reply
   feeds when it carries a cache along a graph edge (`librarian->assistant`), else the caller's
@@ -51,7 +52,7 @@ _BLOB_NAME = re.compile(r"^[a-z_]{1,32}$")
 
 # Request ops (caller -> worker inbox) and reply kinds (worker -> caller).
 CALL_OPS = ("load", "reading", "share", "text")
-CONTROL_OPS = ("cancel", "release", "share_result", "ping", "got")
+CONTROL_OPS = ("cancel", "release", "share_result", "ping", "got", "cache")
 REPLY_KINDS = ("ack", "alive", "tokens", "share", "result", "error", "here")
 
 

@@ -18,8 +18,12 @@ the worker of that agent's host (`agentmesh worker FILE.yaml --host NAME`, see
 * every cache hop is a "transfer" span on the edge it serves, with the message bytes; the
   worker's own steps (prefill, decode, ...) come back with each result and join the caller's trace.
 
-Caches move through the caller (a star): a cache between two remote agents crosses the network
-twice, once to the caller and once to the receiver's host.
+A cache crosses the network once: the caller only coordinates. A cache between two agents on
+other hosts (a prefix sender's reading, a sharer's span) goes from the sharer's worker straight to
+the receiver's worker (`deliver` in the request: the receiver, its host and a fresh reference; the
+receiver's request then names the reference instead of carrying the cache), sealed by the sharer's
+host and checked by the receiver's worker like any message; between two agents on one host it
+never leaves that host. Only a receiver that runs in the caller's process gets the cache back.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import math
 import sys
 import uuid
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -56,11 +61,32 @@ from agentmesh.transport.mqtt import MqttLink
 log = logging.getLogger(__name__)
 
 
-def _shape_only(tokens: int) -> KVCache:
-    """A stand-in for a reading that stays on its worker: it knows its length and holds no data
-    (head_dim 0, so any model that tried to continue from it would refuse it)."""
+@dataclass(frozen=True)
+class RoutedCache(KVCache):
+    """A cache that some of its receivers got straight from the host that made it (`refs`: receiver
+    -> the reference its worker holds it under). Without receivers in this process it holds no
+    data (head_dim 0, so any model that tried to continue from it here would refuse it)."""
+
+    refs: tuple[tuple[str, str], ...] = ()
+
+    def ref_for(self, receiver: str) -> str | None:
+        return dict(self.refs).get(receiver)
+
+
+def _stand_in(tokens: int, refs: Mapping[str, str] | None = None) -> RoutedCache:
+    """What the caller keeps of a cache that stays on its worker or went from there to its receivers:
+    its length and where it went."""
     empty = torch.empty(1, 1, tokens, 0)
-    return KVCache(keys=(empty,), values=(empty,))
+    return RoutedCache(keys=(empty,), values=(empty,), refs=tuple(sorted((refs or {}).items())))
+
+
+def _routed(cache: KVCache, refs: Mapping[str, str]) -> KVCache:
+    """`cache` (for receivers here), also naming the references of those that got it directly."""
+    if not refs:
+        return cache
+    return RoutedCache(keys=cache.keys, values=cache.values, signature=cache.signature, token_ids=cache.token_ids,
+                       positions=cache.positions, attention_mask=cache.attention_mask, layer_ids=cache.layer_ids,
+                       refs=tuple(sorted(refs.items())))
 
 
 def _int(env: Envelope, key: str, default: int | None = None) -> int:
@@ -75,18 +101,38 @@ class RemoteEndpoint:
 
     `prefix`: the agent whose reading it continues from (its transfer is recorded on that edge).
     `wire_dtype`: how the caches this side sends are encoded (None: lossless).
+    `hosts`: where each agent of the run runs (None: in this process), so that caches go straight
+    to the hosts of their receivers.
     """
 
     records_transfers = True
     model = None
 
     def __init__(self, agent: str, host: str, client: RemoteClient, *, prefix: str | None = None,
-                 wire_dtype: str | None = None):
+                 wire_dtype: str | None = None, hosts: Mapping[str, str | None] | None = None):
         self.agent = agent
         self.host = host
         self.client = client
         self.prefix = prefix
         self.wire_dtype = wire_dtype
+        self.hosts = dict(hosts or {})
+
+    def _deliveries(self, receivers: Sequence[str]) -> dict[str, dict[str, str]]:
+        """For each receiver on a worker's host: where its worker gets the cache directly."""
+        return {r: {"to": r, "host": h, "ref": uuid.uuid4().hex} for r in receivers
+                if (h := self.hosts.get(r)) is not None}
+
+    def _record_deliveries(self, reply: CallReply, deliveries: Mapping[str, Mapping[str, str]],
+                           tokens: int, ctx: CallContext) -> None:
+        sizes = reply.env.get("delivered")
+        sizes = sizes if isinstance(sizes, dict) else {}
+        start = reply.worker_time("encode_s") if "encode_s" in reply.env.body else reply.worker_time("elapsed")
+        for r, d in deliveries.items():
+            n = sizes.get(r)
+            nbytes = n if isinstance(n, int) and n >= 0 else 0
+            where = f"kept on host {self.host}" if d["host"] == self.host else f"host {self.host} -> host {d['host']}"
+            self._transfer(ctx, self.agent, r, start, reply.received_s, nbytes=nbytes, tokens=tokens,
+                           detail=f"{where} directly, wire {reply.env.get('wire') or 'as sent'}")
 
     def check_fuser(self, ref: str) -> None:
         pass  # the fuser is on the worker's disk; the worker reports a missing one
@@ -120,12 +166,19 @@ class RemoteEndpoint:
     def _wire(self, cache: KVCache) -> str:
         return self.wire_dtype or str(cache.dtype).removeprefix("torch.")
 
-    async def _past(self, past: KVCache | None, ctx: CallContext) -> dict[str, bytes]:
+    async def _past(self, past: KVCache | None, ctx: CallContext) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """How the cache this agent continues from reaches its worker: the reference under which the
+        worker already holds it (sent there directly), else in the request."""
         if past is None:
-            return {}
-        return {"past": await ctx.in_thread(encode_cache, past, dtype=self.wire_dtype)}
+            return {}, {}
+        ref = past.ref_for(self.agent) if isinstance(past, RoutedCache) else None
+        if ref is not None:
+            return {"past_ref": ref}, {}
+        return {}, {"past": await ctx.in_thread(encode_cache, past, dtype=self.wire_dtype)}
 
     def _record_past(self, past: KVCache | None, reply: CallReply, ctx: CallContext) -> None:
+        if isinstance(past, RoutedCache) and past.ref_for(self.agent) is not None:
+            return  # recorded by the endpoint that had it sent here
         if past is not None and self.prefix is not None:
             self._transfer(ctx, self.prefix, self.agent, reply.started_s, reply.sent_s, nbytes=reply.request_bytes,
                            tokens=past.seq_len, detail=f"caller -> host {self.host}, wire {self._wire(past)}")
@@ -147,30 +200,45 @@ class RemoteEndpoint:
         self._import_spans(reply, ctx)
 
     async def reading(self, req: ReadRequest, ctx: CallContext) -> KVCache | None:
-        blobs = await self._past(req.past, ctx)
+        extra, blobs = await self._past(req.past, ctx)
+        deliveries = self._deliveries(req.receivers)
+        here = [r for r in req.receivers if r not in deliveries]
         reply = await self.client.call(
             self.host, self.agent, "reading",
             {"messages": list(req.messages), "past_messages": list(req.past_messages),
-             "receivers": list(req.receivers), "want": "cache" if req.receivers else "shape"},
+             "receivers": list(req.receivers), "want": "cache" if here else "shape",
+             "deliver": list(deliveries.values()), **extra},
             ctx, blobs=blobs, to=req.receivers[0] if req.receivers else None)
         self._import_spans(reply, ctx)
         self._record_past(req.past, reply, ctx)
         if reply.env.get("none"):
             return None
+        refs = {r: d["ref"] for r, d in deliveries.items()}
         if "cache" not in reply.env.blobs:
-            return _shape_only(_int(reply.env, "tokens"))
-        return await self._cache(reply, req.receivers[0], ctx)
+            tokens = _int(reply.env, "tokens")
+            self._record_deliveries(reply, deliveries, tokens, ctx)
+            return _stand_in(tokens, refs)
+        cache = await self._cache(reply, here[0], ctx)
+        self._record_deliveries(reply, deliveries, cache.seq_len, ctx)
+        return _routed(cache, refs)
 
     async def share(self, req: ShareRequest, ctx: CallContext) -> KVCache:
         past = req.reading.past
+        extra, blobs = await self._past(past, ctx)
+        deliveries = self._deliveries([req.receiver])
         reply = await self.client.call(
             self.host, self.agent, "share",
             {"receiver": req.receiver, "messages": list(req.reading.messages),
              "past_messages": list(req.reading.past_messages), "span_ids": req.span_ids.tolist(),
-             "span_mask": req.span_mask.tolist(), "keep_last": req.keep_last},
-            ctx, blobs=await self._past(past, ctx), to=req.receiver)
+             "span_mask": req.span_mask.tolist(), "keep_last": req.keep_last,
+             "deliver": list(deliveries.values()), **extra},
+            ctx, blobs=blobs, to=req.receiver)
         self._import_spans(reply, ctx)
         self._record_past(past, reply, ctx)
+        if deliveries:
+            tokens = _int(reply.env, "tokens")
+            self._record_deliveries(reply, deliveries, tokens, ctx)
+            return _stand_in(tokens, {r: d["ref"] for r, d in deliveries.items()})
         return await self._cache(reply, req.receiver, ctx)
 
     async def text(self, req: TextRequest, ctx: CallContext, share: Sequence[ShareFn] = ()) -> TextOutput:
@@ -195,12 +263,13 @@ class RemoteEndpoint:
                 helpers.add(task)
                 task.add_done_callback(helpers.discard)
 
+        extra, blobs = await self._past(req.past, ctx)
         try:
             reply = await self.client.call(
                 self.host, self.agent, "text",
                 {"messages": list(req.messages), "past_messages": list(req.past_messages),
-                 "sharers": [f.sharer for f in req.fuse], "stream": ctx.on_token is not None},
-                ctx, blobs=await self._past(req.past, ctx), on_message=on_message, abort=abort)
+                 "sharers": [f.sharer for f in req.fuse], "stream": ctx.on_token is not None, **extra},
+                ctx, blobs=blobs, on_message=on_message, abort=abort)
         finally:
             for t in helpers:
                 t.cancel()
@@ -240,6 +309,11 @@ class RemoteEndpoint:
                 raise TransportError(f"host {self.host!r} sent a malformed span for {sharer!r}")
             span_ids, span_mask = (torch.tensor(r, dtype=torch.long) for r in rows)
             cache = await fn(span_ids, span_mask, _int(env, "keep_last"))
+            ref = cache.ref_for(self.agent) if isinstance(cache, RoutedCache) else None
+            if ref is not None:  # the sharer's host sent it there directly (and its endpoint recorded that)
+                await self.client.send_control(self.host, {"op": "share_result", "call": env.get("call"),
+                                                           "cb": env.get("cb"), "ref": ref})
+                return
             start = ctx.trace.now()
             blob = await ctx.in_thread(encode_cache, cache, dtype=self.wire_dtype)
             size = await self.client.send_control(self.host, {"op": "share_result", "call": env.get("call"),
@@ -292,14 +366,14 @@ def remote_endpoints(plan: RunPlan, clients: Mapping[str, RemoteClient], *, host
     """Endpoints for a caller acting as `host` (None: a pure client): its own and host-less agents
     run here, the others through `clients[agent's host]`."""
     remote = frozenset(n for n, a in plan.agents.items() if a.host is not None and a.host != host)
+    where = {n: (a.host if n in remote else None) for n, a in plan.agents.items()}
     out: dict[str, Endpoint] = {}
     for name, a in plan.agents.items():
         if name in remote:
-            where = str(a.host)
-            client = clients.get(where)
+            client = clients.get(str(a.host))
             if client is None:
-                raise ConfigError(f"no link to host {where!r}, where agent {name!r} runs")
-            out[name] = RemoteEndpoint(name, where, client, prefix=a.prefix, wire_dtype=wire_dtype)
+                raise ConfigError(f"no link to host {a.host!r}, where agent {name!r} runs")
+            out[name] = RemoteEndpoint(name, str(a.host), client, prefix=a.prefix, wire_dtype=wire_dtype, hosts=where)
             continue
         ep = LocalEndpoint(name, a.model_ref, pool=pool, dtype=a.dtype, device=a.device, adapter=a.adapter)
         feeds = {r for r, p in plan.agents.items() if p.prefix == name} | set(a.shares_with)

@@ -42,8 +42,8 @@ from agentmesh.runtime.trace import Trace
 from agentmesh.graph import Graph
 from agentmesh.mesh.auth import Rejected, make_guard
 from agentmesh.mesh.envelope import CALL_OPS, Envelope, error_body, inbox_channel, pack, raise_remote, unpack
-from agentmesh.mesh.settings import (DEFAULT_MAX_CALLS, DEFAULT_MAX_REQUEST_BYTES, allowed_callers, context_ref,
-                                     graph_digest)
+from agentmesh.mesh.settings import (DEFAULT_MAX_CALLS, DEFAULT_MAX_REQUEST_BYTES, allowed_callers, broker_timeout,
+                                     context_ref, graph_digest)
 from agentmesh.models.pool import ModelPool, default_pool
 from agentmesh.transport.link import Link, LinkClosed, LinkMessage, LinkTimeout, validate_channel
 from agentmesh.types import Messages
@@ -55,6 +55,7 @@ _RECENT_CALLS = 4096
 _POLL_S = 0.25
 _KEEP_REPLY_S = 120.0  # longest a result is resent while its caller does not confirm it  # how often the inbox loop looks up from the link to see whether to stop
 _MAX_TOKENS_PER_MESSAGE = 256
+_MAX_DELIVERIES = 64  # caches sent straight here and not yet claimed by their receiver's call
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,21 @@ class ServedCall:
         return (f"{self.op} {self.agent} (run {self.run}, from {self.caller}): {self.seconds * 1000:.0f} ms, "
                 f"in {human_bytes(self.bytes_in)}, out {human_bytes(self.bytes_out)}{extra} - {state}")
 
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    """A cache another worker (or this one) sent straight to a receiver served here."""
+
+    run: str
+    sender: str  # the agent that made it
+    receiver: str
+    cache: KVCache | None = None  # made on this host
+    env: Envelope | None = None  # arrived from another host, still encoded
+
+    @property
+    def nbytes(self) -> int:
+        return self.env.size if self.env is not None else 0
 
 
 @dataclass(eq=False)
@@ -170,6 +186,8 @@ class Worker:
         self._held = 0  # bytes of the requests of the calls in flight
         self._running = 0  # calls in flight
         self._stopping = False
+        self._deliveries: OrderedDict[str, asyncio.Future[_Delivery]] = OrderedDict()  # ref -> cache
+        self.delivery_timeout = broker_timeout(graph)
 
     async def preload(self) -> None:
         """Load every served agent's model now, so the first call does not wait for it."""
@@ -271,6 +289,9 @@ class Worker:
             self._drop(self.guard.refuse("malformed", e.message))
             return
         sender = env.sender or "?"
+        if op == "cache":  # from the host of the agent that made it, which need not be a caller
+            self._receive_delivery(env, sender)
+            return
         if sender not in self.callers:
             self._drop(self.guard.refuse("unauthorised", f"host {sender!r} may not call host {self.host!r} "
                                                          f"(allowed: {', '.join(sorted(self.callers)) or 'none'})"))
@@ -285,6 +306,8 @@ class Worker:
             if isinstance(run, str) and self._owners.get(run) == sender:
                 self._runs.pop(run, None)
                 self._owners.pop(run, None)
+                for ref in [r for r, f in self._deliveries.items() if f.done() and f.result().run == run]:
+                    del self._deliveries[ref]
         elif op == "share_result":
             cb = env.get("cb")
             fut = c.callbacks.get(cb) if c is not None and c.caller == sender and isinstance(cb, int) else None
@@ -312,6 +335,108 @@ class Worker:
             self._spawn(self._serve_call(op, env, sender), on_done=lambda size=env.size: self._release(size))
         else:
             self._drop(self.guard.refuse("malformed", f"unknown op {op!r}"))
+
+    def _feeds(self, sender: str, receiver: str) -> bool:
+        """Whether the graph has a cache edge from `sender` to `receiver` (prefix or fuse)."""
+        a = self.plan.agents.get(receiver)
+        return a is not None and (a.prefix == sender or any(f.sharer == sender for f in a.fuse))
+
+    def _delivery(self, ref: str) -> asyncio.Future[_Delivery]:
+        fut = self._deliveries.get(ref)
+        if fut is None:
+            fut = self._deliveries[ref] = asyncio.get_running_loop().create_future()
+            while len(self._deliveries) > _MAX_DELIVERIES:  # the oldest, never claimed, go first
+                _, old = self._deliveries.popitem(last=False)
+                old.cancel()
+        return fut
+
+    def _receive_delivery(self, env: Envelope, host: str) -> None:
+        """A cache another host's worker sent for a receiver served here: kept under its reference
+        if the graph has that edge and `host` runs its sender."""
+        b = env.body
+        run, ref, frm, to = b.get("run"), b.get("ref"), b.get("from"), b.get("to")
+        if not all(isinstance(v, str) and 0 < len(v) <= 64 for v in (run, ref, frm, to)) or "cache" not in env.blobs:
+            self._drop(self.guard.refuse("malformed", "a cache delivery without run, ref, from, to or cache"))
+            return
+        sender = self.graph.agents.get(frm)  # type: ignore[arg-type]
+        if sender is None or sender.host != host or to not in self.agents or not self._feeds(frm, to):  # type: ignore[arg-type]
+            self._drop(self.guard.refuse("unauthorised", f"host {host!r} may not send a cache from {frm!r} to "
+                                                         f"{to!r} on host {self.host!r}"))
+            return
+        if sum(f.result().nbytes for f in self._deliveries.values() if f.done()) + env.size > self.max_request_bytes:
+            self._drop(self.guard.refuse("busy", f"host {self.host!r} holds too many delivered caches"))
+            return
+        fut = self._delivery(ref)  # type: ignore[arg-type]
+        if not fut.done():
+            fut.set_result(_Delivery(run=run, sender=frm, receiver=to, env=env))  # type: ignore[arg-type]
+
+    def _targets(self, asked: Any, allowed: tuple[str, ...]) -> list[tuple[str, str, str]]:
+        """(receiver, its host, ref) for each delivery the caller asked for: only to receivers this
+        agent feeds (`allowed`), each at the host the graph places it on."""
+        if asked is None:
+            return []
+        if not isinstance(asked, list) or len(asked) > len(allowed):
+            raise TransportError("request field 'deliver' must list at most one delivery per receiver")
+        out = []
+        for d in asked:
+            to, host, ref = (d.get(k) for k in ("to", "host", "ref")) if isinstance(d, dict) else (None,) * 3
+            if not all(isinstance(v, str) and 0 < len(v) <= 64 for v in (to, host, ref)):
+                raise TransportError(f"request field 'deliver' holds {str(d)[:80]!r}, not {{to, host, ref}}")
+            if to not in allowed or self.graph.agents[to].host != host:  # type: ignore[index]
+                raise TransportError(f"the caller asked to send a cache to {to!r} on host {host!r}, which "
+                                     "the graph does not feed from here")
+            out.append((to, host, ref))
+        return out  # type: ignore[return-value]
+
+    async def _deliver(self, c: _Call, cache: KVCache, ctx: CallContext, asked: Any,
+                       allowed: tuple[str, ...]) -> dict[str, int]:
+        """Send `cache` straight to the receivers the caller named in `deliver` (those in `allowed`),
+        encoded once; one on this host keeps it here. Returns the bytes sent per receiver."""
+        targets = self._targets(asked, allowed)
+        sizes: dict[str, int] = {}
+        blob: bytes | None = None
+        for to, host, ref in targets:
+            if host == self.host:
+                fut = self._delivery(ref)
+                if not fut.done():
+                    fut.set_result(_Delivery(run=c.run, sender=c.agent, receiver=to, cache=cache))
+                sizes[to] = 0
+                continue
+            if blob is None:
+                blob = await ctx.in_thread(encode_cache, cache, dtype=self.wire_dtype)
+            inbox = inbox_channel(host)
+            payload = pack({"op": "cache", "run": c.run, "ref": ref, "from": c.agent, "to": to, "wire": self._wire(cache)},
+                           {"cache": blob}, guard=self.guard, channel=inbox)
+            await self.link.send(inbox, payload)
+            c.bytes_out += len(payload)
+            sizes[to] = len(payload)
+        return sizes
+
+    async def _take(self, c: _Call, ref: Any, sender: str, ctx: CallContext, expected: Any = None) -> KVCache:
+        """The cache delivered under `ref` for this call's agent from `sender`, once it arrives."""
+        if not isinstance(ref, str) or not ref:
+            raise TransportError("request field 'past_ref'/'ref' must be a non-empty string")
+        fut = self._delivery(ref)
+        loop = asyncio.get_running_loop()
+        until = min(c.deadline, loop.time() + self.delivery_timeout)
+        while not fut.done():
+            if c.cancel.is_set():
+                raise TransportError(f"{c.agent}: the caller cancelled while {sender}'s cache was awaited")
+            if loop.time() > until:
+                host = self.graph.agents[sender].host if sender in self.graph.agents else None
+                raise TransportError(f"{c.agent}: the cache of {sender!r} from host {host!r} did not arrive within "
+                                     f"{self.delivery_timeout:g} s")
+            await asyncio.wait({fut}, timeout=0.5)
+        self._deliveries.pop(ref, None)
+        d = fut.result()
+        if d.run != c.run or d.sender != sender or d.receiver != c.agent:
+            raise TransportError(f"{c.agent}: the cache under that reference is {d.sender}'s for {d.receiver}, "
+                                 f"not {sender}'s")
+        if d.cache is not None:
+            return d.cache
+        assert d.env is not None
+        c.bytes_in += d.env.size
+        return await ctx.in_thread(decode_cache, d.env.blobs["cache"], expected=expected)
 
     async def _pong(self, env: Envelope) -> None:
         try:
@@ -435,12 +560,17 @@ class Worker:
             except TransportError:
                 pass  # the broker is away; the link reconnects and the next beat goes out
 
-    async def _past(self, env: Envelope, ep: LocalEndpoint, ctx: CallContext) -> KVCache | None:
-        blob = env.blobs.get("past")
-        if blob is None:
+    async def _past(self, c: _Call, env: Envelope, ep: LocalEndpoint, ctx: CallContext) -> KVCache | None:
+        blob, ref = env.blobs.get("past"), env.get("past_ref")
+        if blob is None and ref is None:
             return None
         await ep.load(ctx)
         sig = ep.model.signature
+        if ref is not None:  # sent straight here by the host of this agent's prefix sender
+            prefix = self.plan[c.agent].prefix
+            if prefix is None:
+                raise TransportError(f"{c.agent} continues from no other agent's cache")
+            return await self._take(c, ref, prefix, ctx, expected=sig)
         return await ctx.in_thread(decode_cache, blob, expected=sig)
 
     async def _encode(self, cache: KVCache, ctx: CallContext) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -456,6 +586,9 @@ class Worker:
     def _detail(self, cache: KVCache) -> str:
         return f"cache {cache.seq_len} tokens, wire {self._wire(cache)}"
 
+    def _sent(self, sizes: Mapping[str, int]) -> str:
+        return "".join(f", to {r} directly ({human_bytes(n)})" for r, n in sizes.items())
+
     async def _load(self, c: _Call, env: Envelope, ctx: CallContext) -> tuple[dict[str, Any], dict[str, bytes], str]:
         ep = self._endpoint(c.run, c.agent)
         await ep.load(ctx)
@@ -467,16 +600,20 @@ class Worker:
         receivers = b.get("receivers") or []
         if not (isinstance(receivers, list) and all(isinstance(r, str) for r in receivers)):
             raise TransportError("request field 'receivers' must be a list of agent names")
-        req = ReadRequest(messages=self._messages(b.get("messages"), "messages"), past=await self._past(env, ep, ctx),
+        req = ReadRequest(messages=self._messages(b.get("messages"), "messages"), past=await self._past(c, env, ep, ctx),
                           past_messages=self._messages(b.get("past_messages", []), "past_messages"),
                           receivers=tuple(receivers))
         cache = await ep.reading(req, ctx)
         if cache is None:
             return {"none": True}, {}, "nothing to read"
-        if b.get("want") == "shape":  # nobody continues from it: it stays here, the caller learns its size
-            return {"tokens": cache.seq_len}, {}, f"reading {cache.seq_len} tokens kept on this host"
+        began = ctx.trace.now()
+        sent = await self._deliver(c, cache, ctx, b.get("deliver"),
+                                   tuple(n for n, a in self.plan.agents.items() if a.prefix == c.agent))
+        if b.get("want") == "shape":  # no receiver at the caller: it stays here (or went straight to them)
+            return ({"tokens": cache.seq_len, "delivered": sent, "wire": self._wire(cache), "encode_s": began}, {},
+                    f"reading {cache.seq_len} tokens kept on this host{self._sent(sent)}")
         fields, blobs = await self._encode(cache, ctx)
-        return fields, blobs, self._detail(cache)
+        return {**fields, "delivered": sent}, blobs, self._detail(cache) + self._sent(sent)
 
     async def _share(self, c: _Call, env: Envelope, ctx: CallContext) -> tuple[dict[str, Any], dict[str, bytes], str]:
         b = env.body
@@ -484,11 +621,17 @@ class Worker:
         keep = b.get("keep_last")
         if not isinstance(keep, int):
             raise TransportError("request field 'keep_last' must be an integer")
-        reading = ReadRequest(messages=self._messages(b.get("messages"), "messages"), past=await self._past(env, ep, ctx),
+        reading = ReadRequest(messages=self._messages(b.get("messages"), "messages"), past=await self._past(c, env, ep, ctx),
                               past_messages=self._messages(b.get("past_messages", []), "past_messages"))
         req = ShareRequest(receiver=_str(b, "receiver"), reading=reading, span_ids=_ids(b.get("span_ids"), "span_ids"),
                            span_mask=_ids(b.get("span_mask"), "span_mask"), keep_last=keep)
         cache = await ep.share(req, ctx)
+        began = ctx.trace.now()
+        sent = await self._deliver(c, cache, ctx, b.get("deliver"),
+                                   (req.receiver,) if self._feeds(c.agent, req.receiver) else ())
+        if sent:
+            return ({"tokens": cache.seq_len, "delivered": sent, "wire": self._wire(cache), "encode_s": began}, {},
+                    self._detail(cache) + self._sent(sent))
         fields, blobs = await self._encode(cache, ctx)
         return fields, blobs, self._detail(cache)
 
@@ -501,7 +644,7 @@ class Worker:
             raise ConfigError(f"the caller fuses {asked} into {c.agent}, this host's file fuses "
                               f"{[f.sharer for f in a.fuse]}", hint="use the same pipeline file on every host")
         req = TextRequest(messages=self._messages(b.get("messages"), "messages"), generation=a.generation,
-                          past=await self._past(env, ep, ctx),
+                          past=await self._past(c, env, ep, ctx),
                           past_messages=self._messages(b.get("past_messages", []), "past_messages"),
                           fuse=a.fuse, fusion=a.fusion)
         share = [self._share_fn(c, f.sharer, ctx) for f in a.fuse]
@@ -569,6 +712,8 @@ class Worker:
             env = fut.result()
             if env.get("error") is not None:
                 raise_remote(env.get("error"), sharer, "caller")
+            if env.get("ref") is not None:  # the sharer's host sent it straight here
+                return await self._take(c, env.get("ref"), sharer, ctx)
             blob = env.blobs.get("cache")
             if blob is None:
                 raise TransportError(f"the caller's answer for {sharer}'s cache carries no cache")

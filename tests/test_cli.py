@@ -171,3 +171,14 @@ def test_ctrl_c_while_a_run_decodes_leaves_no_trace_file(tmp_path):
     lines = [line for line in after if line.strip() and not line.startswith("teller:")]
     assert code == 130 and lines == ["interrupted while teller decoding"], after
     assert sorted(p.name for p in tmp_path.iterdir()) == ["story.yaml"]  # no trace, whole or partial
+
+
+def test_ctrl_c_while_waiting_for_a_worker_is_one_line_and_exit_130(tmp_path, broker):
+    """A pure client (no model of its own) on a real broker whose worker never comes."""
+    graph = tmp_path / "remote.yaml"
+    graph.write_text("version: 1\nname: remote\nhosts:\n  cloud: {callers: [client]}\nagents:\n"
+                     "  teller: {model: smollm2-135m-instruct, host: cloud, prompt: 'Hi'}\n")
+    proc = start("run", str(graph), "--broker", broker.url, "--insecure")
+    code, after = interrupt_when(proc, "waiting for host cloud")
+    lines = [line for line in after if line.strip()]
+    assert code == 130 and lines == ["interrupted while waiting for host cloud"], after

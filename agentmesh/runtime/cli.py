@@ -77,10 +77,6 @@ def run_command(
     from agentmesh.runtime.plan import build_plan
     from agentmesh.runtime.scheduler import run_graph
 
-    # Across hosts (a broker or a host named): through the file's broker, or the one given.
-    runner = (functools.partial(_across_hosts(ctx), broker=broker, host=host, insecure=insecure)
-              if (broker or host) else run_graph)
-
     graph = _load(file)
     if broker and not any(a.host for a in graph.agents.values()):
         raise typer.BadParameter(f"{file} places no agent on a host (no `host:` keys), so there is nothing to "
@@ -92,6 +88,15 @@ def run_command(
     live_view = stream if stream is not None else terminal
     log = PhaseLog(lambda line: (sys.stderr.write(line), sys.stderr.flush()))
     view = LiveView(plan, show_tokens=live_view)
+
+    def on_wait(name: str) -> None:
+        view.wait_for_host(name)
+        if not terminal:
+            log.wait_for_host(name)
+
+    # Across hosts (a broker or a host named): through the file's broker, or the one given.
+    runner = (functools.partial(_across_hosts(ctx), broker=broker, host=host, insecure=insecure, on_wait=on_wait)
+              if (broker or host) else run_graph)
     try:
         if terminal:
             from rich.console import Console

@@ -34,13 +34,25 @@ class LiveView:
         self.detail: dict[str, str] = {}
         self.since = {n: time.perf_counter() for n in plan.agents}  # when each status began
         self.spinners = {n: Spinner("dots", style="yellow") for n in plan.agents}
+        self.hosts_waited: list[str] = []  # hosts whose workers have not answered yet
+        self.wait_since = 0.0
+        self.wait_spinner = Spinner("dots", style="yellow")
+
+    def wait_for_host(self, host: str) -> None:
+        """A run across hosts waits for `host`'s worker to announce itself (before any agent starts)."""
+        if not self.hosts_waited:
+            self.wait_since = time.perf_counter()
+        self.hosts_waited.append(host)
 
     def describe(self) -> str:
         """What is running now, for the line Ctrl-C prints: "a loading, b decoding"."""
         busy = [f"{n} {s}" for n, s in self.status.items() if s not in ("waiting", "done", "failed")]
+        if not busy and self.hosts_waited:
+            return f"waiting for host {', '.join(self.hosts_waited)}"
         return ", ".join(busy) or "starting"
 
     def on_event(self, event: Event) -> None:
+        self.hosts_waited.clear()  # events come once every worker has answered
         before = {n: self.status[n] for n in self.status}
         self._apply(event)
         now = time.perf_counter()
@@ -75,6 +87,10 @@ class LiveView:
         table.add_column("agent", style="bold")
         table.add_column("status")
         table.add_column("detail", style="dim")
+        if self.hosts_waited:
+            self.wait_spinner.update(text=Text(f"{self.describe()} {time.perf_counter() - self.wait_since:.0f} s",
+                                               style="yellow"))
+            table.add_row("", self.wait_spinner, "")
         for name, status in self.status.items():
             style = _STYLE.get(status, "yellow")
             busy = status not in ("waiting", "done", "failed")
@@ -99,6 +115,9 @@ class PhaseLog:
 
     def __init__(self, write: Callable[[str], Any]):
         self.write = write
+
+    def wait_for_host(self, host: str) -> None:
+        self.write(f"waiting for host {host} (its worker) …\n")
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, PhaseStarted):

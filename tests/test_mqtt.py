@@ -268,8 +268,9 @@ def test_auto_protocol_falls_back_to_311_when_the_broker_refuses_mqtt5(broker, m
 
 
 @pytest.mark.mqtt
-def test_broker_restart_mid_transfer_completes_or_fails_within_the_timeout():
-    """With persistent sessions (LocalBroker's default) the transfer resumes after the restart."""
+def test_broker_restart_mid_transfer_completes_within_the_timeout():
+    """With persistent sessions (LocalBroker's default) the transfer resumes after the restart
+    (tests/test_mesh_faults.py restarts a broker that keeps nothing)."""
     try:
         find_mosquitto()
     except TransportError as exc:
@@ -304,10 +305,9 @@ def test_broker_restart_mid_transfer_completes_or_fails_within_the_timeout():
     assert reconnects >= 2  # both links lost the broker and came back
     assert elapsed < send_timeout + 3
     for outcome in (sent, got):
-        assert not isinstance(outcome, BaseException) or isinstance(outcome, TransportError), outcome
-    if not isinstance(got, BaseException):
-        assert got == data
-    print(f"\nbroker restart mid-transfer: {'completed' if got == data else got} after {elapsed:.1f} s")
+        assert not isinstance(outcome, BaseException), outcome
+    assert got == data
+    print(f"\nbroker restart mid-transfer: completed after {elapsed:.1f} s")
 
 
 @pytest.mark.mqtt

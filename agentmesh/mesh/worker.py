@@ -18,7 +18,8 @@ the conversation and the caches it continues from. Calls of one run share one `L
 agent (so a reader's cache is reused by its own turn); the worker keeps the last `max_runs` runs
 and forgets a run when its caller releases it.
 
-An `MqttLink` reconnects and resubscribes on its own, so a worker outlives broker restarts.
+An `MqttLink` reconnects, resubscribes and repairs broken transfers on its own, so a worker and
+its calls outlive broker restarts.
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ from agentmesh.units import human_bytes
 log = logging.getLogger(__name__)
 
 _RECENT_CALLS = 4096
-_POLL_S = 0.25
-_KEEP_REPLY_S = 120.0  # longest a result is resent while its caller does not confirm it  # how often the inbox loop looks up from the link to see whether to stop
+_POLL_S = 0.25  # how often the inbox loop looks up from the link to see whether to stop
+_KEEP_REPLY_S = 120.0  # longest a result is resent while its caller does not confirm it
 _MAX_TOKENS_PER_MESSAGE = 256
 _MAX_DELIVERIES = 64  # caches sent straight here and not yet claimed by their receiver's call
 
@@ -533,8 +534,9 @@ class Worker:
 
     async def _answer(self, c: _Call, body: dict[str, Any], blobs: Mapping[str, bytes] | None = None) -> None:
         """Send a call's last message (its result or error), again every few heartbeats until the
-        caller says it has it (a broker restart can lose what the broker had queued), at most
-        until the caller has surely given up."""
+        caller says it has it, at most until the caller has surely given up. The link repairs a
+        transfer that a broker restart broke, but only while it keeps the message (resend_keep_s);
+        this covers outages longer than that and a caller whose link started over."""
         loop = asyncio.get_running_loop()
         until = min(c.deadline, loop.time() + _KEEP_REPLY_S)
         while True:

@@ -89,7 +89,8 @@ class BrokerConfig(BaseModel):
     resend_keep_s: float = Field(default=120.0, gt=0, description="how long a sender keeps a message its "
                                  "receiver has not acknowledged")
     resend_keep_bytes: int = Field(default=256 << 20, ge=0, description="bytes of unacknowledged messages a "
-                                   "sender keeps (the oldest go first); 0 turns repair off")
+                                   "sender keeps (the oldest go first; a larger message goes unrepaired); "
+                                   "0 turns repair off")
     message_expiry_s: int = Field(default=600, ge=1)
     session_expiry_s: int = Field(default=600, ge=0)
     reconnect_min_s: float = Field(default=0.2, gt=0)

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -25,17 +24,18 @@ from typing import Any, Literal, Mapping, Sequence
 import orjson
 import torch
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from agentmesh.c2c.train.data import IGNORE_INDEX, Example, data_fingerprint, load_rows, shard, stream_rows, tokenize_rows
-from agentmesh.c2c.train.distributed import step_seed
-from agentmesh.c2c.train.loop import lr_factor, plot_loss_curve
-from agentmesh.c2c.train.recipe import _RESUME_FREE_KEYS, DataRecipe, _Strict
+from agentmesh.c2c.train.driver import drive, lr_factor
+from agentmesh.c2c.train.recipe import _RESUME_FREE_KEYS, RunRecipe, _Strict
 from agentmesh.c2c.train.state import CHECKPOINT_DIR, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from agentmesh.errors import ConfigError
 from agentmesh.models.adapters import AGENTMESH_ADAPTER
 from agentmesh.models.builtin import DEFAULT_MODEL
+from agentmesh.models.pool import ModelPool
+from agentmesh.models.protocol import LanguageModel
 
 ADAPTER_DIR = "adapter"
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
@@ -55,44 +55,30 @@ class LoraRecipe(_Strict):
         return list(TARGET_PRESETS[self.targets]) if isinstance(self.targets, str) else list(self.targets)
 
 
-class FinetuneRecipe(_Strict):
-    """Everything a `kind: finetune` run needs."""
+class FinetuneRecipe(RunRecipe):
+    """Everything a `kind: finetune` run needs (the shared settings with a fine-tune's defaults)."""
 
     kind: Literal["finetune"] = "finetune"
     model: str = DEFAULT_MODEL
     lora: LoraRecipe = Field(default_factory=LoraRecipe)
-    data: DataRecipe
-    steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0.0)
     lr: float = Field(2e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    grad_clip: float | None = Field(1.0, gt=0.0)
     dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
-    eval_every: int = Field(0, ge=0)    # optimizer steps; 0: only before and after training
-    save_every: int = Field(50, ge=0)   # optimizer steps; 0: only at the end
-    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(0, ge=0)
+    save_every: int = Field(50, ge=0)
     output: Path = Path("runs/adapter")
-
-    @model_validator(mode="after")
-    def _length(self) -> "FinetuneRecipe":
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("give steps or epochs, not both")
-        return self
 
     def resume_key(self) -> str:
         data = self.model_dump(mode="json", exclude=set(_RESUME_FREE_KEYS))
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
-    def total_steps(self, num_rows: int) -> int:
-        if self.steps is not None:
-            return self.steps
+    def total_steps(self, num_rows: int, global_batch: int) -> int:
+        """As `RunRecipe.total_steps`, but an epoch is `ceil(rows / batch_size)` micro-batches (its last
+        one partial), as fine-tunes have always been counted (their recipes' figures rest on it)."""
+        if self.steps is not None or self.epochs is None:
+            return super().total_steps(num_rows, global_batch)
         per_epoch = math.ceil(num_rows / self.batch_size)
-        return max(1, math.ceil((self.epochs or 1.0) * per_epoch / self.grad_accum))
+        return max(1, math.ceil(self.epochs * per_epoch / self.grad_accum))
 
 
 @dataclasses.dataclass
@@ -110,7 +96,7 @@ def _trainable(model: nn.Module) -> nn.ParameterDict:
     return nn.ParameterDict({n.replace(".", "__"): p for n, p in model.named_parameters() if p.requires_grad})
 
 
-def _wrap(lm: Any, lora: LoraRecipe) -> nn.Module:
+def _wrap(lm: LanguageModel, lora: LoraRecipe) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     names = {n.rsplit(".", 1)[-1] for n, m in lm.model.named_modules() if isinstance(m, nn.Linear)}
@@ -162,7 +148,7 @@ def _held_out(model: nn.Module, examples: Sequence[Example], batch_size: int, pa
     return total / max(n, 1)
 
 
-def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: Any = None, progress: bool = True,
+def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: ModelPool | None = None, progress: bool = True,
              resume: bool = True, stop_at: int | None = None) -> FinetuneResult:
     """Train a LoRA adapter for `recipe`; write checkpoints, OUT/adapter and a loss plot.
 
@@ -170,8 +156,6 @@ def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: Any = None, pr
     otherwise. With `resume`, the newest checkpoint in the output folder is continued; `stop_at`
     ends the run after that many optimizer steps with a checkpoint.
     """
-    from tqdm.auto import tqdm
-
     from agentmesh.models.load import load_model
 
     if not isinstance(recipe, FinetuneRecipe):
@@ -195,7 +179,7 @@ def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: Any = None, pr
         raise ConfigError(f"data {what}: all {len(train_rows)} training rows are longer than "
                           f"data.max_length={recipe.data.max_length} tokens")
     fingerprint = data_fingerprint([e.row for e in train_ex])
-    steps = recipe.total_steps(len(train_ex))
+    steps = recipe.total_steps(len(train_ex), recipe.batch_size * recipe.grad_accum)
     warmup = math.ceil(recipe.warmup_ratio * steps)
     pad_id = int(lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0)
 
@@ -223,50 +207,27 @@ def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: Any = None, pr
         save_checkpoint(out, fuser=params.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                         state=state, recipe=recipe, data_sha256=fingerprint, keep=recipe.keep_checkpoints)
 
-    end = steps if stop_at is None else min(steps, stop_at)
     orders: dict[int, list[int]] = {}
-    if state.step == 0:
-        evaluate()
-    bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="finetune adapter", unit="step",
-               dynamic_ncols=True)
-    try:
-        while state.step < end:
-            started = time.perf_counter()
-            torch.manual_seed(step_seed(recipe.seed, state.step, 0))  # LoRA dropout, as a resumed run draws it
-            micro = [[train_ex[i] for i in stream_rows(len(train_ex), recipe.seed, at, n, orders)]
-                     for at, n in shard(state.samples, recipe.batch_size, recipe.grad_accum, 0, 1)]
-            n_labels = sum(len(e.answer_ids) for m in micro for e in m)
-            loss_sum = 0.0
-            for m in micro:
-                ce, _ = _loss_sum(model, m, pad_id, lm.device)
-                (ce / n_labels).backward()  # token-weighted over the whole step
-                loss_sum += float(ce.detach())
-            if recipe.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(list(params.parameters()), recipe.grad_clip)
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            state.step += 1
-            state.samples += state.global_batch
-            state.losses.append(loss_sum / n_labels)
-            state.lrs.append(lr)
-            state.tokens += sum(len(e.prompt_ids) + len(e.answer_ids) for m in micro for e in m)
-            state.seconds += time.perf_counter() - started
-            bar.update(1)
-            bar.set_postfix(loss=f"{state.losses[-1]:.3f}", lr=f"{lr:.2e}")
-            if recipe.eval_every and state.step % recipe.eval_every == 0:
-                evaluate()
-            if recipe.save_every and state.step % recipe.save_every == 0 and state.step < end:
-                checkpoint()
-    finally:
-        bar.close()
-    done = state.step >= steps
-    if done:
-        evaluate()
-    checkpoint()
-    (out / "history.json").write_text(json.dumps(state.__dict__), encoding="utf-8")
-    plot_loss_curve(state, out / "loss_curve.png", title=f"LoRA adapter on {lm.name}")
+
+    def step() -> tuple[float, float, int]:
+        micro = [[train_ex[i] for i in stream_rows(len(train_ex), recipe.seed, at, n, orders)]
+                 for at, n in shard(state.samples, recipe.batch_size, recipe.grad_accum, 0, 1)]
+        n_labels = sum(len(e.answer_ids) for m in micro for e in m)
+        loss_sum = 0.0
+        for m in micro:
+            ce, _ = _loss_sum(model, m, pad_id, lm.device)
+            (ce / n_labels).backward()  # token-weighted over the whole step
+            loss_sum += float(ce.detach())
+        if recipe.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(params.parameters()), recipe.grad_clip)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return loss_sum / n_labels, lr, sum(len(e.prompt_ids) + len(e.answer_ids) for m in micro for e in m)
+
+    done, _ = drive(recipe, state, total=steps, stop_at=stop_at, step=step, evaluate=evaluate, save=checkpoint,
+                    out=out, title=f"LoRA adapter on {lm.name}", desc="finetune adapter", progress=progress)
     adapter_dir = None
     if done:
         provenance = {
@@ -281,7 +242,8 @@ def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: Any = None, pr
                           [(int(s), float(v)) for s, v in state.eval_losses])
 
 
-def _save_adapter(model: Any, lm: Any, folder: Path, recipe: FinetuneRecipe, provenance: dict[str, Any]) -> Path:
+def _save_adapter(model: nn.Module, lm: LanguageModel, folder: Path, recipe: FinetuneRecipe,
+                  provenance: dict[str, Any]) -> Path:
     """Write the peft adapter and its agentmesh metadata to a temporary folder, then swap it in."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -16,11 +16,9 @@ batch, therefore sees the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -32,9 +30,10 @@ import yaml
 
 from agentmesh.c2c.fuser import Fuser
 from agentmesh.c2c.model import C2CModel
+from agentmesh.c2c.train.driver import drive, lr_factor, plot_loss_curve
 from agentmesh.c2c.train.data import Batch, collate, data_fingerprint, load_rows, shard, stream_rows, tokenize_rows
 from agentmesh.c2c.train.distributed import (
-    FuserLoss, World, clip_gradients, full_state, gathered, load_full_state, no_sync, step_seed, sync_unsharded,
+    FuserLoss, World, clip_gradients, full_state, gathered, load_full_state, no_sync, sync_unsharded,
     world, wrap,
 )
 from agentmesh.c2c.train.loss import batch_loss, checkpointed_projectors, held_out_loss
@@ -42,22 +41,10 @@ from agentmesh.c2c.train.memory import available, check_fits, estimate
 from agentmesh.c2c.train.recipe import TrainRecipe
 from agentmesh.c2c.train.state import CHECKPOINT_DIR, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from agentmesh.errors import ConfigError
+from agentmesh.models.pool import ModelPool
+from agentmesh.models.protocol import LanguageModel
 
 FUSER_DIR = "fuser"
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
-    if step < warmup:
-        return step / max(1, warmup)
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def total_steps(recipe: TrainRecipe, num_rows: int, global_batch: int) -> int:
-    """Optimizer steps of the run: `steps`, or `epochs` over the rows at `global_batch` rows a step."""
-    if recipe.steps is not None:
-        return recipe.steps
-    return max(1, math.ceil((recipe.epochs or 1.0) * num_rows / global_batch))
 
 
 @dataclass
@@ -80,43 +67,14 @@ class TrainResult:
         return self.steps >= self.total_steps
 
 
-def plot_loss_curve(state: TrainState, path: Path, title: str = "fuser training") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), dpi=110)
-    ax = fig.add_subplot()
-    if state.losses:
-        steps = range(1, len(state.losses) + 1)
-        ax.plot(steps, state.losses, lw=0.8, alpha=0.45, label="train (per step)")
-        w = max(1, len(state.losses) // 25)
-        if w > 1:
-            smooth = [sum(state.losses[max(0, i - w + 1):i + 1]) / len(state.losses[max(0, i - w + 1):i + 1])
-                      for i in range(len(state.losses))]
-            ax.plot(steps, smooth, lw=1.6, label=f"train ({w}-step mean)")
-    if state.eval_losses:
-        ax.plot([s for s, _ in state.eval_losses], [v for _, v in state.eval_losses], "o-", lw=1.6, label="held-out")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy per answer token")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
 def _final_train_loss(losses: Sequence[float]) -> float | None:
     tail = losses[-max(1, min(10, len(losses) // 10 or 1)):]
     return sum(tail) / len(tail) if tail else None
 
 
-def _load_models(recipe: TrainRecipe, pool: Any, device: torch.device) -> tuple[Any, Any]:
+def _load_models(recipe: TrainRecipe, pool: ModelPool | None, device: torch.device
+                 ) -> tuple[LanguageModel, LanguageModel]:
     if pool is None:
-        from agentmesh.models.pool import ModelPool
-
         pool = ModelPool()  # loads a shared receiver/sharer ref once
     receiver = pool.get(recipe.receiver, dtype=recipe.dtype, device=str(device), adapter=recipe.receiver_adapter)
     sharer = pool.get(recipe.sharer, dtype=recipe.dtype, device=str(device), adapter=recipe.sharer_adapter)
@@ -126,7 +84,7 @@ def _load_models(recipe: TrainRecipe, pool: Any, device: torch.device) -> tuple[
     return receiver, sharer
 
 
-def _build_fuser(recipe: TrainRecipe, receiver: Any, sharer: Any, steps: int) -> Fuser:
+def _build_fuser(recipe: TrainRecipe, receiver: LanguageModel, sharer: LanguageModel, steps: int) -> Fuser:
     p = recipe.projector
     args = dict(hidden_dim=p.hidden_dim, intermediate_dim=p.intermediate_dim, num_layers=p.num_layers,
                 dropout=p.dropout, initial_temperature=p.initial_temperature,
@@ -158,7 +116,7 @@ def _autocast_dtype(recipe: TrainRecipe, device: torch.device) -> torch.dtype | 
     return getattr(torch, recipe.autocast)
 
 
-def train(recipe: TrainRecipe | Mapping[str, Any], *, pool: Any = None, progress: bool = True,
+def train(recipe: TrainRecipe | Mapping[str, Any], *, pool: ModelPool | None = None, progress: bool = True,
           resume: bool = True, stop_at: int | None = None) -> TrainResult:
     """Train a fuser for `recipe`; write checkpoints, the fuser, its provenance and a loss plot.
 
@@ -175,7 +133,7 @@ def train(recipe: TrainRecipe | Mapping[str, Any], *, pool: Any = None, progress
         return _train(recipe, w, pool=pool, progress=progress and w.main, resume=resume, stop_at=stop_at)
 
 
-def _train(recipe: TrainRecipe, w: World, *, pool: Any, progress: bool, resume: bool,
+def _train(recipe: TrainRecipe, w: World, *, pool: ModelPool | None, progress: bool, resume: bool,
            stop_at: int | None) -> TrainResult:
     out = Path(recipe.output)
     accum = recipe.accumulation(w.size)
@@ -197,7 +155,7 @@ def _train(recipe: TrainRecipe, w: World, *, pool: Any, progress: bool, resume: 
         raise ConfigError(f"data {what}: all {len(train_rows)} training rows are longer than "
                           f"data.max_length={recipe.data.max_length} tokens")
     fingerprint = data_fingerprint([e.row for e in train_ex])
-    steps = total_steps(recipe, len(train_ex), global_batch)
+    steps = recipe.total_steps(len(train_ex), global_batch)
     warmup = math.ceil(recipe.warmup_ratio * steps)
 
     torch.manual_seed(recipe.seed)  # the same initial fuser on every rank
@@ -256,53 +214,24 @@ def _train(recipe: TrainRecipe, w: World, *, pool: Any, progress: bool, resume: 
                             recipe=recipe, data_sha256=fingerprint, keep=recipe.keep_checkpoints)
         return fuser_sd
 
-    end = steps if stop_at is None else min(steps, stop_at)
     orders: dict[int, list[int]] = {}
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    from tqdm.auto import tqdm
 
-    if state.step == 0:
-        evaluate()  # the receiver as if unfused: a fresh fuser's gates are closed at inference
-    bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="train fuser", unit="step",
-               dynamic_ncols=True)
-    try:
-        with checkpointed_projectors(fuser, recipe.gradient_checkpointing):
-            while state.step < end:
-                started = time.perf_counter()
-                torch.manual_seed(step_seed(recipe.seed, state.step, w.rank))
-                micro = [collate([train_ex[i] for i in stream_rows(len(train_ex), recipe.seed, at, n, orders)],
-                                 c2c, sharer_context=recipe.sharer_context)
-                         for at, n in shard(state.samples, recipe.batch_size, accum, w.rank, w.size)]
-                loss, lr, tokens = _optimizer_step(wrapped, micro, opt, sched, params, recipe.grad_clip, w,
-                                                   autocast, scaler)
-                state.step += 1
-                state.samples += global_batch
-                fuser.update_temperature(state.step)
-                elapsed = time.perf_counter() - started
-                state.losses.append(loss)
-                state.lrs.append(lr)
-                state.tokens += tokens
-                state.seconds += elapsed
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
-                if recipe.eval_every and state.step % recipe.eval_every == 0:
-                    evaluate()
-                    bar.set_postfix(loss=f"{loss:.3f}", eval=f"{state.eval_losses[-1][1]:.3f}")
-                if recipe.save_every and state.step % recipe.save_every == 0 and state.step < end:
-                    save()
-    finally:
-        bar.close()
+    def step() -> tuple[float, float, int]:
+        micro = [collate([train_ex[i] for i in stream_rows(len(train_ex), recipe.seed, at, n, orders)],
+                         c2c, sharer_context=recipe.sharer_context)
+                 for at, n in shard(state.samples, recipe.batch_size, accum, w.rank, w.size)]
+        return _optimizer_step(wrapped, micro, opt, sched, params, recipe.grad_clip, w, autocast, scaler)
 
-    done = state.step >= steps
-    if done:
-        evaluate()
-    fuser_sd = save()
+    # Before the first step, the evaluation is the receiver as if unfused: a fresh fuser's gates
+    # are closed at inference.
+    done, fuser_sd = drive(recipe, state, total=steps, stop_at=stop_at, step=step, evaluate=evaluate, save=save,
+                           out=out, title=f"{receiver.name} <- {sharer.name}", desc="train fuser", progress=progress,
+                           rank=w.rank, main=w.main, after_step=fuser.update_temperature,
+                           steps_context=checkpointed_projectors(fuser, recipe.gradient_checkpointing))
     final_eval = state.eval_losses[-1][1] if state.eval_losses and done else None
     final_train = _final_train_loss(state.losses)
     fuser_dir = out / FUSER_DIR if done else None
-    if w.main:
-        (out / "history.json").write_text(json.dumps(state.__dict__), encoding="utf-8")
-        plot_loss_curve(state, out / "loss_curve.png", title=f"{receiver.name} <- {sharer.name}")
     if w.main and done:
         provenance = {
             "trained_by": "agentmesh train", "recipe": recipe.model_dump(mode="json"),
@@ -400,4 +329,4 @@ def _version(dist: str) -> str | None:
         return None
 
 
-__all__ = ["FUSER_DIR", "TrainResult", "cast_fuser", "lr_factor", "plot_loss_curve", "total_steps", "train"]
+__all__ = ["FUSER_DIR", "TrainResult", "cast_fuser", "lr_factor", "plot_loss_curve", "train"]

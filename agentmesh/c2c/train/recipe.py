@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -97,7 +98,41 @@ class DataRecipe(_Strict):
         return str(self.path or self.dataset)
 
 
-class TrainRecipe(_Strict):
+class RunRecipe(_Strict):
+    """What every training run sets: its data, its length (`steps` or `epochs`), the optimizer and
+    its schedule, batches, precision, evaluation and checkpoints. The trainers' recipes add their own."""
+
+    data: DataRecipe
+    steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0.0)
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    batch_size: int = Field(8, ge=1, description="sequences per micro-batch on each process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each process")
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    dtype: str = "auto"   # the frozen models' dtype
+    device: str = "cpu"
+    seed: int = 0
+    eval_every: int = Field(100, ge=0)   # optimizer steps; 0: only before and after training
+    save_every: int = Field(100, ge=0)   # optimizer steps; 0: only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    output: Path = Path("runs/fuser")
+
+    @model_validator(mode="after")
+    def _length(self) -> "RunRecipe":
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        return self
+
+    def total_steps(self, num_rows: int, global_batch: int) -> int:
+        """Optimizer steps of the run: `steps`, or `epochs` over the rows at `global_batch` rows a step."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil((self.epochs or 1.0) * num_rows / global_batch))
+
+
+class TrainRecipe(RunRecipe):
     """Everything `train` needs; loaded from YAML with `TrainRecipe.from_yaml`."""
 
     receiver: str = DEFAULT_MODEL
@@ -110,37 +145,15 @@ class TrainRecipe(_Strict):
     fusion: Literal["prompt", "prompt+response"] = "prompt"  # also fuse each answer token as it is read
     init: InitRecipe = Field(default_factory=InitRecipe)
     sharer_context: bool = False  # rows carry a `context` that only the sharer reads, before the prompt
-    data: DataRecipe
-    steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0.0)
-    lr: float = Field(1e-4, gt=0.0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    batch_size: int = Field(8, ge=1, description="sequences per micro-batch on each process")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each process")
     global_batch: int | None = Field(
         None, ge=1, description="sequences per optimizer step over all processes; sets grad_accum to "
                                 "global_batch / (batch_size x processes). None: batch_size x grad_accum x processes")
-    grad_clip: float | None = Field(1.0, gt=0.0)
-    dtype: str = "auto"   # the frozen models' dtype
-    device: str = "cpu"
-    seed: int = 0
-    eval_every: int = Field(100, ge=0)   # optimizer steps; 0: only before and after training
-    save_every: int = Field(100, ge=0)   # optimizer steps; 0: only at the end
-    keep_checkpoints: int = Field(2, ge=1)
     gradient_checkpointing: bool = False  # recompute projector and receiver activations in the backward pass
     autocast: Literal["bfloat16", "float16"] | None = None  # mixed precision of the forward passes
     fsdp: bool = False  # shard the fuser's parameters, gradients and optimizer state over processes
     gate_noise: bool = True  # Gumbel noise in the training gates; off: sigmoid(logit / tau), deterministic
     check_memory: bool = True  # refuse to start when the memory estimate exceeds what the device has free
     save_dtype: str | None = None  # dtype of the saved fuser (e.g. bfloat16 halves its size); None: as trained
-    output: Path = Path("runs/fuser")
-
-    @model_validator(mode="after")
-    def _length(self) -> "TrainRecipe":
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("give steps or epochs, not both")
-        return self
 
     def accumulation(self, processes: int) -> int:
         """Micro-batches per optimizer step on each of `processes` processes."""
@@ -163,7 +176,6 @@ class TrainRecipe(_Strict):
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {path} must be a YAML mapping of settings, got {type(data).__name__}")
         return cls.parse(data, source=str(path))
-
 
     def resume_key(self, *, legacy: bool = False) -> str:
         """A digest of the settings a resumed run must share with the run it continues

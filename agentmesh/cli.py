@@ -8,7 +8,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from agentmesh import __version__
 from agentmesh.commands import Commands, show_error
 from agentmesh.errors import AgentMeshError, ConfigError
 from agentmesh.progress import Interrupted
+
+if TYPE_CHECKING:
+    from agentmesh.c2c.pretrained import ModelLike
 
 def _run_remote(*args: Any, **kwargs: Any) -> Any:
     from agentmesh.mesh.remote import run_remote  # imported on use: the bare CLI starts fast
@@ -155,7 +158,7 @@ def generate(
 
 
 def with_adapters(model: str | None, adapter: str | None, sharers: list[str], sharer_adapters: list[str], *,
-                  dtype: str) -> tuple[Any, list[Any]]:
+                  dtype: str) -> tuple[ModelLike | None, list[ModelLike]]:
     """The receiver and sharers as references, or as loaded models where an adapter goes on top."""
     from agentmesh.models import DEFAULT_MODEL, default_pool
 
@@ -163,8 +166,9 @@ def with_adapters(model: str | None, adapter: str | None, sharers: list[str], sh
         raise ConfigError(f"{len(sharer_adapters)} --sharer-adapter for {len(sharers)} --sharer; give one per sharer, "
                           "'-' for a sharer without one")
     pool = default_pool()
-    receiver: Any = model if adapter is None else pool.get(model or DEFAULT_MODEL, dtype=dtype, adapter=adapter)
-    loaded: list[Any] = list(sharers)
+    receiver: ModelLike | None = (model if adapter is None
+                                  else pool.get(model or DEFAULT_MODEL, dtype=dtype, adapter=adapter))
+    loaded: list[ModelLike] = list(sharers)
     for i, a in enumerate(sharer_adapters):
         if a != "-":
             loaded[i] = pool.get(sharers[i], dtype=dtype, adapter=a)

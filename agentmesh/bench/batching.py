@@ -10,11 +10,16 @@ Batch 1 runs rotate over the batch's questions; the two batch sizes are interlea
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from agentmesh.bench.common import BenchResult, Target, bench_models, interleave, median
+
+if TYPE_CHECKING:
+    from agentmesh.c2c.fuser import Fuser
+    from agentmesh.models.loaded_model import LoadedModel
+    from agentmesh.models.pool import ModelPool
 
 NAME = "batching"
 TARGET_RATIO = 3.0
@@ -35,7 +40,7 @@ class Config:
         return cls(**{"new_tokens": 32, "repeats": 1, **overrides})
 
 
-def prompts(lm: Any, n: int, seed: int = 0) -> list[list[int]]:
+def prompts(lm: LoadedModel, n: int, seed: int = 0) -> list[list[int]]:
     """Receiver prompts (chat ids) of `n` context-task questions."""
     from agentmesh.bench.c2c_vs_t2t import load_items
     from agentmesh.tasks.prompts import receiver_messages
@@ -43,8 +48,8 @@ def prompts(lm: Any, n: int, seed: int = 0) -> list[list[int]]:
     return [lm.chat_ids(receiver_messages(item)) for item in load_items(n, seed)]
 
 
-def run(cfg: Config = Config(), *, receiver: Any = None, sharer: Any = None, fuser: Any = None,
-        pool: Any = None) -> BenchResult:
+def run(cfg: Config = Config(), *, receiver: LoadedModel | None = None, sharer: LoadedModel | None = None,
+        fuser: Fuser | None = None, pool: ModelPool | None = None) -> BenchResult:
     from agentmesh.c2c.model import C2CModel
     from agentmesh.models.inference import decode, pad_sequences
 

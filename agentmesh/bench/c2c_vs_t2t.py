@@ -21,13 +21,18 @@ question, after a warm-up question that is not counted.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from agentmesh.bench.common import (
     BenchResult, Runs, Target, bench_models, interleave, median, pct, sync, timed)
 from agentmesh.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agentmesh.c2c.fuser import Fuser
+    from agentmesh.models.loaded_model import LoadedModel
+    from agentmesh.models.pool import ModelPool
 
 NAME = "c2c_vs_t2t"
 ALL_METHODS = ("t2t", "t2t_eos", "c2c", "prefix", "receiver")
@@ -57,9 +62,9 @@ class Config:
 
 @dataclass
 class _Setup:
-    receiver: Any
-    sharer: Any
-    fuser: Any
+    receiver: LoadedModel
+    sharer: LoadedModel
+    fuser: Fuser
     fuser_source: str
 
 
@@ -84,7 +89,7 @@ class Methods:
         self.c2c = C2CModel(setup.receiver, [setup.sharer], [setup.fuser])
         self.last: dict[str, dict[str, int]] = {}
 
-    def _ids(self, lm: Any, messages: list[dict[str, str]]) -> torch.Tensor:
+    def _ids(self, lm: LoadedModel, messages: list[dict[str, str]]) -> torch.Tensor:
         return torch.tensor([lm.chat_ids(messages)], dtype=torch.long)  # (1, N)
 
     def t2t(self, item: Any, answer_tokens: int, *, stop_at_eos: bool = False,
@@ -191,7 +196,7 @@ class Methods:
         return {"sharer_background": t_bg, "receiver_prefill_and_answer": t_ans}
 
 
-def _length(tokens: torch.Tensor, lm: Any) -> int:
+def _length(tokens: torch.Tensor, lm: LoadedModel) -> int:
     """Generated tokens up to and including the first EOS (batch-1 output is never padded)."""
     eos = set(lm.eos_token_ids)
     for i, t in enumerate(tokens.tolist()):
@@ -216,8 +221,8 @@ def _measure(methods: Methods, items: list[Any], answer_tokens: int, names: tupl
     return per_q, tokens
 
 
-def run(cfg: Config = Config(), *, receiver: Any = None, sharer: Any = None, fuser: Any = None,
-        pool: Any = None) -> BenchResult:
+def run(cfg: Config = Config(), *, receiver: LoadedModel | None = None, sharer: LoadedModel | None = None,
+        fuser: Fuser | None = None, pool: ModelPool | None = None) -> BenchResult:
     """Run the benchmark; models default to the embedded one (loaded once, used on both ends)."""
     receiver, sharer, fuser, source = bench_models(cfg, receiver, sharer, fuser, pool)
     methods = Methods(_Setup(receiver, sharer, fuser, source), cfg)

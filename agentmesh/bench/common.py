@@ -16,11 +16,17 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from agentmesh.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agentmesh.c2c.fuser import Fuser
+    from agentmesh.models.loaded_model import LoadedModel
+    from agentmesh.models.pool import ModelPool
+    from agentmesh.models.protocol import LanguageModel
 
 RESULTS_DIR = Path("bench") / "results"
 # Quick runs land beside the published figures, in a folder git ignores.
@@ -231,7 +237,7 @@ def bench_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "agentmesh" / "bench"
 
 
-def embedded_model(pool: Any = None, *, device: str = "cpu", dtype: str = "auto") -> Any:
+def embedded_model(pool: ModelPool | None = None, *, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct, from one `ModelPool`.
 
     Reading the GGUF file dequantizes it (about 25 s, over a minute on a busy machine), which
@@ -262,14 +268,14 @@ def embedded_model(pool: Any = None, *, device: str = "cpu", dtype: str = "auto"
     return _named(pool.get(str(folder), device=device, dtype=dtype), DEFAULT_MODEL)
 
 
-def _named(loaded: Any, name: str) -> Any:
+def _named(loaded: LoadedModel, name: str) -> LoadedModel:
     """`loaded` under its built-in name (the cache folder's name is an implementation detail)."""
     from dataclasses import replace
 
     return replace(loaded, name=name, signature=replace(loaded.signature, name=name))
 
 
-def _save_plain(loaded: Any, folder: Path) -> None:
+def _save_plain(loaded: LoadedModel, folder: Path) -> None:
     """Save a GGUF-loaded model as a plain float32 safetensors folder.
 
     transformers refuses `save_pretrained` on a model that came from GGUF (it is marked as
@@ -321,7 +327,8 @@ def _find_key(data: Any, key: str) -> Any:
     return None
 
 
-def bench_fuser(receiver: Any, sharer: Any, *, hidden_dim: int | None = None, seed: int = 0) -> tuple[Any, str]:
+def bench_fuser(receiver: LanguageModel, sharer: LanguageModel, *, hidden_dim: int | None = None, seed: int = 0
+                ) -> tuple[Fuser, str]:
     """(fuser, where it came from): the trained one (`TRAINED_FUSERS`) when it exists and fits the
     models, else a fresh one of the shipped size (latency depends on shapes and on how
     many tokens are generated, not on weight values).
@@ -355,7 +362,7 @@ def bench_fuser(receiver: Any, sharer: Any, *, hidden_dim: int | None = None, se
     return _to_model(fuser.eval(), receiver), f"fresh:hidden_dim={width}"
 
 
-def _to_model(fuser: Any, lm: Any) -> Any:
+def _to_model(fuser: Fuser, lm: LanguageModel) -> Fuser:
     return fuser.to(device=lm.device)
 
 
@@ -375,8 +382,9 @@ def pct(values: Sequence[float], q: float) -> float:
     return vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
 
 
-def bench_models(cfg: Any, receiver: Any = None, sharer: Any = None, fuser: Any = None,
-                 pool: Any = None) -> tuple[Any, Any, Any, str]:
+def bench_models(cfg: Any, receiver: LoadedModel | None = None, sharer: LoadedModel | None = None,
+                 fuser: Fuser | None = None, pool: ModelPool | None = None
+                 ) -> tuple[LoadedModel, LoadedModel, Fuser, str]:
     """(receiver, sharer, fuser, where the fuser came from) for a model benchmark: the embedded
     model on both ends unless given, and `bench_fuser` unless a fuser is given."""
     if receiver is None:

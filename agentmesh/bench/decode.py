@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from agentmesh.bench.common import BenchResult, Target, embedded_model, interleave, median
+
+if TYPE_CHECKING:
+    from agentmesh.models.loaded_model import LoadedModel
+    from agentmesh.models.pool import ModelPool
 
 NAME = "decode"
 TARGET_FAST = 0.6       # fastest mode's ms/token / generate's, with agreement >= TARGET_AGREEMENT
@@ -89,7 +93,7 @@ def parse_mode(mode: str) -> Any:
                       compile="compile" in parts, max_len=4096)
 
 
-def _prompt_ids(lm: Any, length: int, seed: int) -> torch.Tensor:
+def _prompt_ids(lm: LoadedModel, length: int, seed: int) -> torch.Tensor:
     """A chat prompt of exactly `length` tokens (real text, repeated as needed)."""
     ids: list[int] = []
     i = 0
@@ -99,7 +103,7 @@ def _prompt_ids(lm: Any, length: int, seed: int) -> torch.Tensor:
     return torch.tensor([ids[-length:]])
 
 
-def run(cfg: Config = Config(), *, lm: Any = None, pool: Any = None) -> BenchResult:
+def run(cfg: Config = Config(), *, lm: LoadedModel | None = None, pool: ModelPool | None = None) -> BenchResult:
     from agentmesh.models.fast import FastDecoder, weight_bytes_per_token
     from agentmesh.models.inference import GenerationConfig, decode, prefill
 

@@ -20,11 +20,15 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from agentmesh.bench.common import BenchResult, median
+
+if TYPE_CHECKING:
+    from agentmesh.graph import Graph
+    from agentmesh.models.pool import ModelPool
 
 NAME = "edge_cloud"
 GRAPH = Path(__file__).resolve().parents[2] / "graphs" / "edge_cloud.yaml"
@@ -104,7 +108,7 @@ def seal_rows(cfg: Config) -> tuple[list[dict[str, Any]], int]:
     return rows, len(blob)
 
 
-async def _wire_run(graph: Any, caller: str, url: str, pool: Any) -> dict[str, Any]:
+async def _wire_run(graph: Graph, caller: str, url: str, pool: ModelPool) -> dict[str, Any]:
     from agentmesh.graph.graph import HostDecl
     from agentmesh.mesh.remote import arun_remote
     from agentmesh.mesh.settings import broker_config

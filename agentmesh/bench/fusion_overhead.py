@@ -10,12 +10,17 @@ projector call, and count host synchronisations (`aten::item` / `_local_scalar_d
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from agentmesh.bench.common import (
     BenchResult, Target, bench_models, interleave, median, sync)
+
+if TYPE_CHECKING:
+    from agentmesh.c2c.fuser import Fuser
+    from agentmesh.models.loaded_model import LoadedModel
+    from agentmesh.models.pool import ModelPool
 
 NAME = "fusion_overhead"
 TARGET_RATIO = 1.15
@@ -38,7 +43,7 @@ class Config:
         return cls(**{"repeats": 3, "layer_repeats": 2, **overrides})
 
 
-def prompt_ids(lm: Any, tokens: int, seed: int = 0) -> torch.Tensor:
+def prompt_ids(lm: LoadedModel, tokens: int, seed: int = 0) -> torch.Tensor:
     """(1, tokens) ids of real text (context-task passages and questions), repeated as needed."""
     from agentmesh.tasks.context_task import generate_split
 
@@ -66,8 +71,8 @@ def host_syncs(fn: Any) -> dict[str, int]:
     return counts
 
 
-def run(cfg: Config = Config(), *, receiver: Any = None, sharer: Any = None, fuser: Any = None,
-        pool: Any = None) -> BenchResult:
+def run(cfg: Config = Config(), *, receiver: LoadedModel | None = None, sharer: LoadedModel | None = None,
+        fuser: Fuser | None = None, pool: ModelPool | None = None) -> BenchResult:
     from agentmesh.c2c.fuser import SharerSpan, fuse
     from agentmesh.c2c.model import C2CModel
     from agentmesh.models.inference import prefill

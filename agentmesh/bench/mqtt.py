@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from agentmesh.bench.common import BenchResult, Target, median
+
+if TYPE_CHECKING:
+    from agentmesh.cache.kv import KVCache
+    from agentmesh.transport.link import Link
 
 NAME = "mqtt"
 TARGET_MBPS = 100.0
@@ -50,7 +54,7 @@ def cpu_seconds(pid: int | None) -> float:
         return float("nan")
 
 
-async def _transfer(sender: Any, receiver: Any, channel: str, payload: bytes) -> float:
+async def _transfer(sender: Link, receiver: Link, channel: str, payload: bytes) -> float:
     loop = asyncio.get_running_loop()
     start = loop.time()
     got = asyncio.ensure_future(receiver.receive(channel, timeout=120))
@@ -62,7 +66,7 @@ async def _transfer(sender: Any, receiver: Any, channel: str, payload: bytes) ->
     return elapsed
 
 
-async def _measured(sender: Any, receiver: Any, channel: str, payload: bytes,
+async def _measured(sender: Link, receiver: Link, channel: str, payload: bytes,
                     broker_pid: int | None) -> tuple[float, float, float]:
     """(wall, this process's CPU, the broker's CPU) seconds of one transfer."""
     c0, b0 = time.process_time(), cpu_seconds(broker_pid)
@@ -70,7 +74,7 @@ async def _measured(sender: Any, receiver: Any, channel: str, payload: bytes,
     return wall, time.process_time() - c0, cpu_seconds(broker_pid) - b0
 
 
-async def _run(cfg: Config, url: str, payload: bytes, kv: Any,
+async def _run(cfg: Config, url: str, payload: bytes, kv: KVCache,
                broker_pid: int | None = None) -> tuple[dict[int, list[tuple[float, float, float]]], dict[int, Any],
                                                        list[float], list[float]]:
     from contextlib import AsyncExitStack

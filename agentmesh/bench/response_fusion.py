@@ -13,11 +13,16 @@ every run decodes the same number of tokens.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from agentmesh.bench.common import BenchResult, bench_models, interleave, median
+
+if TYPE_CHECKING:
+    from agentmesh.c2c.fuser import Fuser
+    from agentmesh.models.loaded_model import LoadedModel
+    from agentmesh.models.pool import ModelPool
 
 NAME = "response_fusion"
 PROMPT = "Explain in a few sentences why the sky is blue, and why sunsets are red."
@@ -37,14 +42,14 @@ class Config:
         return cls(**{"new_tokens": 8, "repeats": 2, **overrides})
 
 
-def _with_fusion(fuser: Any, fusion: str) -> Any:
+def _with_fusion(fuser: Fuser, fusion: str) -> Fuser:
     from agentmesh.c2c.fuser import Fuser
 
     return Fuser(replace(fuser.config, fusion=fusion), list(fuser.projectors))
 
 
-def run(cfg: Config = Config(), *, receiver: Any = None, sharer: Any = None, fuser: Any = None,
-        pool: Any = None) -> BenchResult:
+def run(cfg: Config = Config(), *, receiver: LoadedModel | None = None, sharer: LoadedModel | None = None,
+        fuser: Fuser | None = None, pool: ModelPool | None = None) -> BenchResult:
     from agentmesh.c2c.fuser import Fuser
     from agentmesh.c2c.model import C2CModel
 
@@ -63,7 +68,7 @@ def run(cfg: Config = Config(), *, receiver: Any = None, sharer: Any = None, fus
     }
     ids = torch.tensor([receiver.chat_ids(PROMPT)])
 
-    def gen(model: Any, n: int) -> Any:
+    def gen(model: C2CModel, n: int) -> Callable[[], torch.Tensor]:
         return lambda: model.generate(ids, max_new_tokens=n, eos_token_id=[])
 
     methods = {}

@@ -16,11 +16,17 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from agentmesh.bench.common import BenchResult, Target, median
+
+if TYPE_CHECKING:
+    from agentmesh.cache.kv import KVCache
+    from agentmesh.graph import Graph
+    from agentmesh.models.loaded_model import LoadedModel
+    from agentmesh.models.pool import ModelPool
 
 NAME = "scheduler"
 TARGET_MS = 2.0
@@ -45,7 +51,7 @@ class NullEndpoint:
     records_transfers = False
     model = None
 
-    def __init__(self, agent: str, cache: Any):
+    def __init__(self, agent: str, cache: KVCache):
         self.agent = agent
         self.cache = cache
 
@@ -125,7 +131,7 @@ def _tiny_model() -> Any:
                             num_kv_heads=1, head_dim=16, intermediate_size=64, name="bench-tiny")
 
 
-def _save_fuser(lm: Any, folder: Path) -> str:
+def _save_fuser(lm: LoadedModel, folder: Path) -> str:
     from agentmesh.c2c.checkpoints import save_fuser
     from agentmesh.c2c.fuser import Fuser
 
@@ -134,8 +140,8 @@ def _save_fuser(lm: Any, folder: Path) -> str:
     return str(folder)
 
 
-async def _timed_runs(graph: Any, make_endpoints: Any, repeats: int, pool: Any = None) -> tuple[list[float], list[float],
-                                                                                              list[Any]]:
+async def _timed_runs(graph: Graph, make_endpoints: Any, repeats: int, pool: ModelPool | None = None
+                      ) -> tuple[list[float], list[float], list[Any]]:
     from agentmesh.runtime import arun_graph
 
     walls, cpus, results = [], [], []

@@ -13,7 +13,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from agentmesh.c2c.fuser import Fuser, Fusion, SharerSpan
-from agentmesh.c2c.pretrained import build_parts, load_pretrained
+from agentmesh.c2c.checkpoints import FuserRef
+from agentmesh.c2c.pretrained import ModelLike, build_parts, load_pretrained
 from agentmesh.c2c.response import ResponseFusion, SharerReading
 from agentmesh.c2c.sharing import SharedCache, SharerInput, align_sharer, fuse_span, reads_receiver_ids, sharer_span
 from agentmesh.cache.kv import KVCache
@@ -58,7 +59,8 @@ class C2CModel:
                               "vocabulary); a sharer with another tokenizer can only use a 'prompt' fuser")
 
     @classmethod
-    def from_pretrained(cls, ref: Any, *, mode: FusionMode = "parallel", **kwargs: Any) -> C2CModel:
+    def from_pretrained(cls, ref: FuserRef | Sequence[FuserRef], *, mode: FusionMode = "parallel",
+                        **kwargs: Any) -> C2CModel:
         """Load fusers (a folder, a published pair folder, or ``hf://nics-efc/C2C_Fuser/<pair>``;
         a list for several sharers) with the receiver and sharers they were trained for.
         See `agentmesh.c2c.pretrained.load_pretrained` for the options."""
@@ -66,7 +68,7 @@ class C2CModel:
         return cls(*load_pretrained(ref, **kwargs), mode=mode)
 
     @classmethod
-    def build(cls, model: Any = None, *, mode: FusionMode = "parallel", **kwargs: Any) -> C2CModel:
+    def build(cls, model: ModelLike | None = None, *, mode: FusionMode = "parallel", **kwargs: Any) -> C2CModel:
         """What `agentmesh generate` builds from its options (see `agentmesh.c2c.pretrained.build_parts`)."""
         check_fusion_mode(mode)
         return cls(*build_parts(model, **kwargs), mode=mode)

@@ -14,9 +14,12 @@ from agentmesh.c2c.checkpoints import (
 )
 from agentmesh.c2c.fuser import Fuser
 from agentmesh.errors import CheckpointError, ConfigError, ModelLoadError
+from agentmesh.models.pool import ModelPool
+from agentmesh.models.protocol import LanguageModel
 
-ModelLike = Any  # a LoadedModel, or a reference ModelPool.get understands (name, folder, .gguf, hub id)
-Parts = tuple[Any, list[Any], list[Fuser]]  # (receiver, sharers, one fuser per sharer)
+# A loaded model, or a reference ModelPool.get understands (built-in name, folder, .gguf, hub id).
+ModelLike = LanguageModel | str | Path
+Parts = tuple[LanguageModel, list[LanguageModel], list[Fuser]]  # (receiver, sharers, one fuser per sharer)
 
 
 def _same_model_id(a: str, b: str) -> bool:
@@ -28,7 +31,8 @@ def _same_model_id(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def _get_model(pool: Any, ref: ModelLike, *, role: str, fuser: str | None, dtype: Any, device: Any) -> Any:
+def _get_model(pool: ModelPool, ref: ModelLike, *, role: str, fuser: str | None, dtype: Any, device: Any
+               ) -> LanguageModel:
     """`ref` loaded; a failure names the fuser that asked for the model, when one did."""
     from agentmesh.models import LoadedModel
 
@@ -53,7 +57,7 @@ def load_pretrained(
     *,
     receiver: ModelLike | None = None,
     sharers: Sequence[ModelLike | None] | ModelLike | None = None,
-    pool: Any = None,
+    pool: ModelPool | None = None,
     dtype: Any = "auto",
     device: str | torch.device = "cpu",
     subfolder: str | None = None,
@@ -113,7 +117,7 @@ def build_parts(
     fusers: Sequence[FuserRef | Fuser] = (),
     dtype: Any = "auto",
     device: str | torch.device = "cpu",
-    pool: Any = None,
+    pool: ModelPool | None = None,
     subfolder: str | None = None,
 ) -> Parts:
     """What `agentmesh generate` builds from its options.

@@ -13,13 +13,14 @@ One `ResponseFusion` serves one generation call (it holds that call's sharer cac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from agentmesh.c2c.fuser import Fuser, SharerSpan, at_receiver_positions, fuse_layer
 from agentmesh.cache.kv import KVCache
 from agentmesh.models.inference import RunningCache
+from agentmesh.models.protocol import LanguageModel
 from agentmesh.types import FusionMode
 
 
@@ -51,8 +52,8 @@ class SharerReading:
 class ResponseFusion:
     """Fuses `sharers`' K/V into every token the receiver reads (see the module docstring)."""
 
-    def __init__(self, sharers: Sequence[Any], fusers: Sequence[Fuser], readings: Sequence[SharerReading | None],
-                 mode: FusionMode = "parallel"):
+    def __init__(self, sharers: Sequence[LanguageModel], fusers: Sequence[Fuser],
+                 readings: Sequence[SharerReading | None], mode: FusionMode = "parallel"):
         self.sharers, self.fusers, self.mode = tuple(sharers), tuple(fusers), mode
         self._first = list(readings)
         self._captures = [_Capture() for _ in self.sharers]

@@ -9,14 +9,17 @@ from typing import Any, Callable
 
 import torch
 from transformers import DynamicCache, StaticCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from agentmesh.cache.kv import KVCache, ModelSignature
 from agentmesh.errors import CacheError
 
+# A transformers cache object, as the rest of agentmesh names it without importing transformers' classes.
+HFCache = Cache
+
 
 def from_hf(
-    past: Any,
+    past: HFCache | tuple[Any, ...] | list[Any],
     *,
     signature: ModelSignature | None = None,
     token_ids: torch.Tensor | None = None,
@@ -97,7 +100,7 @@ def to_hf(kv: KVCache, config: Any, rewrite: Rewrite | None = None) -> DynamicCa
     return cache
 
 
-def forward_with_cache(module: Any, cache: Any, **inputs: Any) -> tuple[Any, Any]:
+def forward_with_cache(module: torch.nn.Module, cache: HFCache | None, **inputs: Any) -> tuple[Any, HFCache]:
     """`module(**inputs)` reading and extending the transformers cache `cache` (None to start one).
 
     Returns (the model output, the extended cache). transformers 5.24 renamed the cache keyword

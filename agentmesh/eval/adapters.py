@@ -11,7 +11,7 @@ Engine functions used (and nothing else):
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -19,7 +19,12 @@ from agentmesh.cache.kv import KVCache, ModelSignature
 from agentmesh.errors import ConfigError
 from agentmesh.eval.methods import CacheGeneration, OnToken
 from agentmesh.models.reading import reading_ids
+from agentmesh.models.loaded_model import LoadedModel
+from agentmesh.models.protocol import LanguageModel
 from agentmesh.types import Messages
+
+if TYPE_CHECKING:
+    from agentmesh.c2c.model import C2CModel
 
 
 def kv_nbytes(signature: ModelSignature, tokens: int, dtype: torch.dtype) -> int:
@@ -53,7 +58,7 @@ def _token_callback(tokenizer: Any, on_token: OnToken | None) -> Callable[[int, 
 class ModelGenerator:
     """`Generator` over one `LoadedModel` (the receiver or the sharer alone), greedy."""
 
-    def __init__(self, lm: Any, *, name: str | None = None):
+    def __init__(self, lm: LanguageModel, *, name: str | None = None):
         from agentmesh.c2c.model import C2CModel
 
         self.lm = lm
@@ -75,7 +80,7 @@ class C2CGenerator:
     the sharer), in `wire_dtype` (default: the sharer's dtype).
     """
 
-    def __init__(self, model: Any, *, wire_dtype: torch.dtype | None = None, name: str = "c2c"):
+    def __init__(self, model: C2CModel, *, wire_dtype: torch.dtype | None = None, name: str = "c2c"):
         if not model.sharers:
             raise ConfigError("c2c needs a C2CModel with at least one sharer and its fuser")
         self.model = model
@@ -110,7 +115,7 @@ class C2CGenerator:
         return CacheGeneration(receiver.decode(out[0]).strip(), sent)
 
 
-def prefix_ids(lm: Any, context: str | None, messages: Messages) -> list[int]:
+def prefix_ids(lm: LanguageModel, context: str | None, messages: Messages) -> list[int]:
     """Token ids of a prefix edge: the sender's reading of `context`, then the receiver's turn.
 
     The layout of a graph's `prefix` edge, built by the same functions: the sender reads
@@ -131,8 +136,8 @@ class PrefixGenerator:
     prompt but its last token; the receiver reads that token after the sharer's cache and decodes.
     Bytes exchanged: that cache, in `wire_dtype` (default: the model's dtype)."""
 
-    def __init__(self, sharer: Any, receiver: Any | None = None, *, wire_dtype: torch.dtype | None = None,
-                 name: str = "prefix"):
+    def __init__(self, sharer: LoadedModel, receiver: LoadedModel | None = None, *,
+                 wire_dtype: torch.dtype | None = None, name: str = "prefix"):
         receiver = receiver if receiver is not None else sharer
         # Same architecture is not enough: the weights must be the same too (same object or files).
         same = receiver is sharer or (receiver.source == sharer.source

@@ -12,11 +12,15 @@ uses, so what is printed here is what the evaluation measures.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from agentmesh.tasks.datasets import Item
 from agentmesh.eval.methods import Method
 from agentmesh.eval.metrics import ItemResult, Summary, summarize
+
+if TYPE_CHECKING:
+    from agentmesh.c2c.fuser import Fuser
+    from agentmesh.models.loaded_model import LoadedModel
 
 
 def _note(i: int, note: str, question: str, answer: str) -> Item:
@@ -65,8 +69,8 @@ def compare(items: Sequence[Item], methods: Sequence[Method], *,
     return summarize(results, meta={"items": len(items), "methods": [m.name for m in methods]})
 
 
-def build(receiver: Any, *, fuser: Any = None, sharer: Any = None, max_new_tokens: int = 24,
-          background_tokens: int = 48) -> list[Method]:
+def build(receiver: LoadedModel, *, fuser: Fuser | None = None, sharer: LoadedModel | None = None,
+          max_new_tokens: int = 24, background_tokens: int = 48) -> list[Method]:
     """receiver alone, text edge, and a cache edge: `c2c` through `fuser` if given, else `prefix`."""
     from agentmesh.eval.adapters import C2CGenerator, ModelGenerator, PrefixGenerator
     from agentmesh.eval.methods import CacheToCache, Prefix, ReceiverOnly, TextToText

@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -22,6 +22,11 @@ from agentmesh.eval.methods import (
 from agentmesh.eval.metrics import ItemResult, Summary, summarize
 from agentmesh.eval.report import write_report
 from agentmesh.yaml_file import read_yaml
+
+if TYPE_CHECKING:
+    from agentmesh.c2c.fuser import Fuser
+    from agentmesh.models.pool import ModelPool
+    from agentmesh.models.protocol import LanguageModel
 
 MethodName = Literal["receiver", "sharer", "t2t", "c2c", "prefix", "oracle", "oracle-response"]
 _NEEDS_SHARER = {"sharer", "t2t", "c2c", "prefix", "oracle", "oracle-response"}
@@ -93,14 +98,14 @@ def load_config(path: str | Path) -> EvalConfig:
     return parse_config(read_yaml(path, "eval config"), source=str(path))
 
 
-def load_fuser(ref: str, receiver: Any, sharer: Any) -> Any:
+def load_fuser(ref: str, receiver: LanguageModel, sharer: LanguageModel) -> Fuser:
     """The trained fuser at `ref`, checked against (receiver, sharer)."""
     from agentmesh.c2c.checkpoints import load_any
 
     return load_any(ref, receiver_signature=receiver.signature, sharer_signature=sharer.signature)
 
 
-def build_methods(config: EvalConfig, pool: Any = None) -> list[Method]:
+def build_methods(config: EvalConfig, pool: ModelPool | None = None) -> list[Method]:
     """The configured methods over models from `pool` (the process-wide pool by default)."""
     import torch
 
@@ -180,7 +185,7 @@ def run_methods(items: Sequence[Item], methods: Sequence[Method], *, progress: b
     return results
 
 
-def evaluate(config: EvalConfig, *, pool: Any = None, progress: bool = True,
+def evaluate(config: EvalConfig, *, pool: ModelPool | None = None, progress: bool = True,
              methods: Sequence[Method] | None = None) -> Summary:
     """Run `config`: load items, build the methods (or use `methods`), answer, summarize, and write
     `summary.json`, `items.csv` and the plots into `config.output`."""

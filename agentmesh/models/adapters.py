@@ -12,10 +12,13 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentmesh.cache.kv import ModelSignature
 from agentmesh.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -74,7 +77,7 @@ def check_base(folder: Path, base: ModelSignature) -> None:
             f"fingerprint {base.fingerprint}); load it on its own base model")
 
 
-def apply_adapter(model: Any, adapter: str | Path, base: ModelSignature) -> Any:
+def apply_adapter(model: nn.Module, adapter: str | Path, base: ModelSignature) -> nn.Module:
     """`model` with the adapter at `adapter` merged into its weights (`model` itself is changed)."""
     folder = check_adapter_folder(adapter)
     check_base(folder, base)

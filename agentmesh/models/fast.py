@@ -19,13 +19,14 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
-from agentmesh.cache.hf import forward_with_cache, new_hf, static_hf
+from agentmesh.cache.hf import HFCache, forward_with_cache, new_hf, static_hf
 from agentmesh.errors import ConfigError
+from agentmesh.models.protocol import LanguageModel
 
 FastWeights = Literal["fp32", "bf16", "int8"]
 
@@ -93,13 +94,13 @@ class FastDecoder:
     agreement with another decoder is then `(picks == forced).float().mean()`.
     """
 
-    def __init__(self, lm: Any, config: FastConfig = FastConfig()):
+    def __init__(self, lm: LanguageModel, config: FastConfig = FastConfig()):
         self.lm = lm
         self.config = config
         self.model = convert_weights(lm.model, config.weights)
         self._step = torch.compile(self._forward, dynamic=False) if config.compile else self._forward
 
-    def _forward(self, input_ids: torch.Tensor, cache: Any, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, cache: HFCache, positions: torch.Tensor) -> torch.Tensor:
         out, _ = forward_with_cache(self.model, cache, input_ids=input_ids, position_ids=positions, logits_to_keep=1)
         return out.logits[:, -1]
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from agentmesh.cache.hf import forward_with_cache, from_hf, new_hf, to_hf
+from agentmesh.cache.hf import HFCache, forward_with_cache, from_hf, new_hf, to_hf
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import ConfigError
 from agentmesh.models.protocol import LanguageModel
@@ -124,7 +124,7 @@ class RunningCache:
     `KVCache` once per call rather than once per token.
     """
 
-    hf: Any                      # transformers cache object
+    hf: HFCache
     token_ids: torch.Tensor      # (B, N)
     positions: torch.Tensor      # (B, N)
     mask: torch.Tensor           # (B, N)
@@ -152,16 +152,17 @@ class RunningCache:
         """Read `input_ids` (B, k) with their `mask`; return the last position's logits (B, V)."""
         return self.last_logits(lm, input_ids, mask, 1)[:, -1].float()
 
-    def last_logits(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    def last_logits(self, lm: LanguageModel, input_ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
         """Read `input_ids` (B, k); return the logits of their last `keep` positions (B, keep, V), as
         computed (training differentiates through them)."""
         return self._forward(lm, input_ids, mask, head=True, keep=keep).logits
 
-    def read(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def read(self, lm: LanguageModel, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Read `input_ids` (B, k) with their `mask` into the cache: the base model only, no LM head."""
         self._forward(lm, input_ids, mask, head=False)
 
-    def _forward(self, lm: Any, input_ids: torch.Tensor, mask: torch.Tensor, *, head: bool, keep: int = 1) -> Any:
+    def _forward(self, lm: LanguageModel, input_ids: torch.Tensor, mask: torch.Tensor, *, head: bool,
+                 keep: int = 1) -> Any:
         start = self.mask.sum(-1, keepdim=True)
         positions = (start + mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count on from the past
         if self.hook is not None:
@@ -182,13 +183,13 @@ class RunningCache:
                        positions=self.positions, attention_mask=self.mask)
 
 
-def context_length(lm: Any) -> int | None:
+def context_length(lm: LanguageModel) -> int | None:
     """How many positions `lm` reads at most (its config's `max_position_embeddings`), if known."""
     n = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def check_context(lm: Any, tokens: int, new_tokens: int = 0) -> None:
+def check_context(lm: LanguageModel, tokens: int, new_tokens: int = 0) -> None:
     """Fail before any work when `tokens` read plus `new_tokens` generated exceed `lm`'s context."""
     limit = context_length(lm)
     if limit is not None and tokens + new_tokens > limit:

@@ -255,7 +255,7 @@ def load_model(
     return finish_loaded(model, tokenizer, name=name, source=source, device=dev)
 
 
-def finish_loaded(model: Any, tokenizer: Any, *, name: str, source: str,
+def finish_loaded(model: torch.nn.Module, tokenizer: Any, *, name: str, source: str,
                   device: str | torch.device = "cpu") -> LoadedModel:
     """Freeze `model` (eval, no grad), give `tokenizer` a pad token and wrap both.
 

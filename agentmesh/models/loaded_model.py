@@ -50,7 +50,7 @@ class LoadedModel:
     """
 
     name: str
-    model: Any  # transformers PreTrainedModel
+    model: torch.nn.Module  # a transformers PreTrainedModel
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     signature: ModelSignature
     source: str

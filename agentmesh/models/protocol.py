@@ -17,7 +17,7 @@ class LanguageModel(Protocol):
     def name(self) -> str: ...
 
     @property
-    def model(self) -> Any:
+    def model(self) -> torch.nn.Module:
         """The causal LM module: `forward(input_ids (B, N), attention_mask, position_ids, cache)` -> logits (B, N, V)."""
         ...
 
@@ -38,6 +38,11 @@ class LanguageModel(Protocol):
     def dtype(self) -> torch.dtype: ...
 
     @property
+    def config(self) -> Any:
+        """The model's transformers config (its text config holds the sizes and token ids)."""
+        ...
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]: ...
 
     @property
@@ -46,6 +51,9 @@ class LanguageModel(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str: ...
+
+    def chat_text(self, messages: Sequence[Mapping[str, Any]] | str, *, add_generation_prompt: bool = True
+                  ) -> str: ...
 
     def chat_ids(self, messages: Sequence[Mapping[str, Any]] | str, *, add_generation_prompt: bool = True
                  ) -> list[int]: ...

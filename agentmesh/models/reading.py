@@ -8,7 +8,7 @@ when present, rendered by the model's own chat template without a generation pro
 """
 from __future__ import annotations
 
-from typing import Any
+from agentmesh.models.protocol import LanguageModel
 
 Messages = tuple[dict[str, str], ...]
 
@@ -25,7 +25,8 @@ def reading_messages(role: str | None, context: str | None, extra: str | None = 
     return tuple(out)
 
 
-def reading_ids(lm: Any, *, role: str | None = None, context: str | None = None, extra: str | None = None) -> list[int]:
+def reading_ids(lm: LanguageModel, *, role: str | None = None, context: str | None = None,
+                extra: str | None = None) -> list[int]:
     """The token ids of that reading for model `lm` ([] when there is nothing to read)."""
     messages = reading_messages(role, context, extra)
     return list(lm.chat_ids(list(messages), add_generation_prompt=False)) if messages else []

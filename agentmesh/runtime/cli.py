@@ -10,7 +10,7 @@ import contextlib
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import orjson
 import typer
@@ -18,13 +18,16 @@ import typer
 from agentmesh.commands import Commands, fail, show_error
 from agentmesh.errors import RunError
 
+if TYPE_CHECKING:
+    from agentmesh.graph import Graph
+
 
 # A run that has not ended in this long is stuck (a worker that never answers, a prompt far past
 # what the machine can decode): stop it rather than wait for ever. `--timeout` changes it.
 DEFAULT_RUN_TIMEOUT_S = 1800.0
 
 
-def _load(file: Path) -> Any:
+def _load(file: Path) -> Graph:
     from agentmesh.graph import load_graph
 
     return load_graph(file)

@@ -14,10 +14,11 @@ receiver of a prefix edge reads exactly `sender tokens + its own tokens` (S + R)
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
+from agentmesh.cache.kv import KVCache
 from agentmesh.models.protocol import LanguageModel
 from agentmesh.types import Message
 
@@ -64,7 +65,7 @@ def common_prefix(a: torch.Tensor | Sequence[int], b: Sequence[int]) -> int:
     return int(diff[0, 0]) if diff.numel() else n
 
 
-def cache_ids(cache: Any) -> list[int]:
+def cache_ids(cache: KVCache | None) -> list[int]:
     """Token ids of a batch-of-one cache (the runtime runs one conversation per agent)."""
     if cache is None or cache.token_ids is None:
         return []

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from agentmesh.c2c.sharing import reads_receiver_ids
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import AgentMeshError, ConfigError, RunError, error_line
@@ -202,7 +204,7 @@ class _Run:
         stats["end"] = self.trace.now()
 
     def _share_fn(self, receiver: str, sharer: str) -> ShareFn:
-        async def share(span_ids: Any, span_mask: Any, keep_last: int) -> KVCache:
+        async def share(span_ids: torch.Tensor, span_mask: torch.Tensor, keep_last: int) -> KVCache:
             try:
                 rd = await self.reading(sharer)
                 self._start(sharer)

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,6 +26,10 @@ from agentmesh.errors import AgentMeshError, ConfigError
 from agentmesh.serve.config import first_error, resolve_ref
 from agentmesh.units import human_bytes
 from agentmesh.yaml_file import read_yaml
+
+if TYPE_CHECKING:
+    from agentmesh.graph import Graph
+    from agentmesh.models.pool import ModelPool
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 METHODS = ("alone", "t2t", "c2c")
@@ -75,7 +79,7 @@ def load_demo_config(path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> Dem
         raise first_error(e, f"demo config {path}") from None
 
 
-def method_graph(cfg: DemoConfig, method: str, notes: str) -> Any:
+def method_graph(cfg: DemoConfig, method: str, notes: str) -> Graph:
     """The graph that answers with `method`: `receiver` answers, `sharer` (if any) holds `notes`."""
     from agentmesh.graph import Graph
 
@@ -124,7 +128,7 @@ class Column:
 
 
 async def run_method(cfg: DemoConfig, method: str, question: str, notes: str, column: Column,
-                     pool: Any = None) -> AsyncIterator[None]:
+                     pool: ModelPool | None = None) -> AsyncIterator[None]:
     """Run one method, updating `column` as events come; yields after each update."""
     from agentmesh.runtime.events import AgentFailed, RunFinished, Token
     from agentmesh.runtime.scheduler import stream_graph
@@ -158,7 +162,7 @@ async def run_method(cfg: DemoConfig, method: str, question: str, notes: str, co
 
 
 async def answer_all(cfg: DemoConfig, question: str, notes: str, *, one_at_a_time: bool = False,
-                     pool: Any = None) -> AsyncIterator[dict[str, Column]]:
+                     pool: ModelPool | None = None) -> AsyncIterator[dict[str, Column]]:
     """The three columns after every event. Together (default) the three runs share the CPU, so
     each one's timings include the others' work; `one_at_a_time` gives each the machine alone."""
     columns = {m: Column() for m in METHODS}
@@ -189,7 +193,7 @@ async def answer_all(cfg: DemoConfig, question: str, notes: str, *, one_at_a_tim
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def preload(cfg: DemoConfig, *, pool: Any = None, echo: Any = print) -> None:
+def preload(cfg: DemoConfig, *, pool: ModelPool | None = None, echo: Any = print) -> None:
     """Load the models and check the fuser now, so the first question does not wait for them."""
     from agentmesh.models import default_pool
     from agentmesh.runtime.scheduler import run_graph
@@ -205,7 +209,7 @@ def preload(cfg: DemoConfig, *, pool: Any = None, echo: Any = print) -> None:
     echo("models and fuser ready")
 
 
-def build_demo(cfg: DemoConfig, *, pool: Any = None) -> Any:
+def build_demo(cfg: DemoConfig, *, pool: ModelPool | None = None) -> Any:
     """The Gradio Blocks app (not launched)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr

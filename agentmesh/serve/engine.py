@@ -16,13 +16,18 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 import torch
 
 from agentmesh.models.inference import GenerationConfig
 from agentmesh.models.streaming import TextDecoder
 from agentmesh.serve.protocol import APIError
+
+if TYPE_CHECKING:
+    from agentmesh.c2c.model import C2CModel
+    from agentmesh.graph import Graph
+    from agentmesh.models.pool import ModelPool
 
 log = logging.getLogger("agentmesh.serve")
 
@@ -190,7 +195,7 @@ class _Admission:
 class BatchEngine:
     """Serves one `C2CModel` (a plain model is one without sharers) with batching across requests."""
 
-    def __init__(self, name: str, model: Any, *, max_batch_size: int = 16, window_s: float = 0.01,
+    def __init__(self, name: str, model: C2CModel, *, max_batch_size: int = 16, window_s: float = 0.01,
                  rejoin_s: float = 0.25, max_queue: int = 64, default_temperature: float = 1.0):
         self.name = name
         self.model = model
@@ -344,7 +349,8 @@ class PipelineEngine:
 
     kind = "pipeline"
 
-    def __init__(self, name: str, graph: Any, *, output: str | None = None, pool: Any = None, max_queue: int = 64):
+    def __init__(self, name: str, graph: Graph, *, output: str | None = None, pool: ModelPool | None = None,
+                 max_queue: int = 64):
         from agentmesh.runtime.plan import build_plan
 
         build_plan(graph)  # validates the graph now, not at the first request

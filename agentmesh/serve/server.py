@@ -6,16 +6,19 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from agentmesh.errors import ConfigError
 from agentmesh.serve.config import ServeConfig, ServedModel
 from agentmesh.serve.engine import BatchEngine, Engine, PipelineEngine
 
+if TYPE_CHECKING:
+    from agentmesh.models.pool import ModelPool
+
 log = logging.getLogger("agentmesh.serve")
 
 
-def build_engine(name: str, entry: ServedModel, cfg: ServeConfig, *, pool: Any = None) -> Engine:
+def build_engine(name: str, entry: ServedModel, cfg: ServeConfig, *, pool: ModelPool | None = None) -> Engine:
     """Load what `entry` names (models come from `pool`, so a model served twice loads once)."""
     from agentmesh.models import default_pool
 
@@ -67,7 +70,7 @@ def _uvicorn(app: Any) -> Any:
                                          timeout_graceful_shutdown=5))
 
 
-def serve(cfg: ServeConfig, *, pool: Any = None, allow_public: bool = False,
+def serve(cfg: ServeConfig, *, pool: ModelPool | None = None, allow_public: bool = False,
           on_loaded: Callable[[str, Engine], None] | None = None,
           on_ready: Callable[[str], None] | None = None) -> None:
     """Load every model of `cfg` and serve until interrupted; `on_ready(base_url)` once listening."""

@@ -18,6 +18,7 @@ from agentmesh.models.reading import reading_ids
 from agentmesh.c2c.train.recipe import DataRecipe
 from agentmesh.errors import ConfigError, error_line
 from agentmesh.models.inference import pad_sequences
+from agentmesh.models.protocol import LanguageModel
 from agentmesh.tasks.datasets import iter_jsonl
 
 IGNORE_INDEX = -100
@@ -171,7 +172,7 @@ def prepend_context(given: SharerInput, context_ids: Sequence[Sequence[int]], pa
     return SharerInput(ids, mask, gather)
 
 
-def answer_token_ids(lm: Any, prompt: Sequence[Mapping[str, str]], answer: str,
+def answer_token_ids(lm: LanguageModel, prompt: Sequence[Mapping[str, str]], answer: str,
                      prompt_ids: Sequence[int]) -> list[int]:
     """The receiver's tokens of `answer` as its chat template writes the final turn, through the
     first end-of-turn token (what follows it is template, not answer)."""
@@ -187,7 +188,7 @@ def answer_token_ids(lm: Any, prompt: Sequence[Mapping[str, str]], answer: str,
     return ids + [lm.eos_token_ids[0]] if lm.eos_token_ids else ids
 
 
-def tokenize_rows(rows: Sequence[ChatRow], receiver: Any, sharer: Any, *, sharer_context: bool,
+def tokenize_rows(rows: Sequence[ChatRow], receiver: LanguageModel, sharer: LanguageModel, *, sharer_context: bool,
                   max_length: int, what: str = "data") -> tuple[list[Example], int]:
     """(examples, number of rows skipped for being longer than `max_length`)."""
     out, skipped = [], 0

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from agentmesh.cache.kv import text_config
 from agentmesh.errors import ConfigError
+from agentmesh.models.protocol import LanguageModel
 from agentmesh.units import human_bytes
 
 
@@ -46,9 +46,9 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def estimate(*, receiver: Any, sharer: Any, fuser: torch.nn.Module, batch_size: int, prompt_tokens: int,
-             answer_tokens: int, sharer_tokens: int, shards: int = 1, autocast: torch.dtype | None = None,
-             checkpointing: bool = False, device: str = "cpu") -> MemoryBudget:
+def estimate(*, receiver: LanguageModel, sharer: LanguageModel, fuser: torch.nn.Module, batch_size: int,
+             prompt_tokens: int, answer_tokens: int, sharer_tokens: int, shards: int = 1,
+             autocast: torch.dtype | None = None, checkpointing: bool = False, device: str = "cpu") -> MemoryBudget:
     """The budget of one process; `shards` > 1 when FSDP splits the fuser's state over processes."""
     models = {id(receiver.model): receiver.model, id(sharer.model): sharer.model}
     frozen = sum(_param_bytes(m) for m in models.values())

@@ -460,7 +460,21 @@ def test_host_keys_are_named_in_the_file_and_checked(tmp_path: Path, monkeypatch
     assert secret not in str(e.value)
     with pytest.raises(GraphError, match="is not an Ed25519 public key"):
         g.set_auth(hosts={"edge": {"key_env": HOST_KEY_ENV, "public_key": "abc"}})
-    from agentmesh.graph import validate_graph
+    yaml = tmp_path / "keys.yaml"
+    yaml.write_text(f"""version: 1
+name: keyed
+hosts: {{edge: {{}}}}
+auth:
+  hosts:
+    edge: {{key: {secret}, public_key: {table["edge"]["public_key"]}}}
+agents: {{a: {{host: edge}}}}
+""")
+    from agentmesh.graph import load_graph, validate_graph
+    with pytest.raises(GraphError, match=r"keys.yaml:6: auth.hosts.edge.key: a key must not be written") as e:
+        load_graph(yaml)
+    assert secret not in str(e.value)
+    yaml.write_text(yaml.read_text().replace(f"key: {secret}", f"key_env: {HOST_KEY_ENV}"))
+    assert make_guard(load_graph(yaml), "edge").seal_kind == "signed"
     g.set_auth(key_env=KEY_ENV, hosts={"moon": table["edge"]})
     with pytest.raises(GraphError, match="auth.hosts.moon: host 'moon' is not declared"):
         validate_graph(g)

@@ -164,7 +164,7 @@ class HostSpec(_Spec):
         return None if v is None else check_broker_url(v)
 
 
-class _KeySource(_Spec):
+class KeySource(_Spec):
     """Where a secret key is: an environment variable or a file (never the key itself)."""
 
     key_env: str | None = Field(default=None, description="environment variable holding the key")
@@ -196,7 +196,7 @@ class _KeySource(_Spec):
 PUBLIC_KEY_RE = re.compile(r"^[A-Za-z0-9+/]{43}=$")
 
 
-class HostKeySpec(_KeySource):
+class HostKeySpec(KeySource):
     """A host's own signing key (Ed25519): its private key stays on that host (key_env or key_file,
     read only there); its public key, which is no secret, is written here for the other hosts."""
 
@@ -217,7 +217,7 @@ class HostKeySpec(_KeySource):
         return self
 
 
-class AuthSpec(_KeySource):
+class AuthSpec(KeySource):
     """How messages between hosts are authenticated: a pipeline key every host holds (HMAC), and/or
     a key per host (`hosts:`, Ed25519 signatures), so that a host can only speak as itself.
     `encrypt: true` also encrypts every message (AES-256-GCM under a key derived from the pipeline key)."""

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agentmesh.errors import ConfigError, TransportError
 from agentmesh.graph import Graph
-from agentmesh.graph.spec import CLIENT_HOST, HostKeySpec
+from agentmesh.graph.spec import CLIENT_HOST, KeySource
 
 CLIENT = CLIENT_HOST  # the identity of a caller acting as no host (`agentmesh run` without --host)
 MAC_BYTES = 32
@@ -66,15 +66,15 @@ class Rejected(TransportError):
         super().__init__(message)
 
 
-def _read_secret(source: HostKeySpec | object, graph: Graph, where: str) -> bytes | None:
-    """The bytes in the environment variable or file that `source` (a key_env/key_file pair)
-    names, stripped; None when it names neither. The secret itself is never put in an error."""
-    key_env, key_file = getattr(source, "key_env", None), getattr(source, "key_file", None)
+def _read_secret(source: KeySource, graph: Graph, where: str, env_hint: str, file_hint: str) -> bytes | None:
+    """The bytes in the environment variable or file that `source` names, stripped; None when it
+    names neither. The secret itself is never put in an error."""
+    key_env, key_file = source.key_env, source.key_file
     if key_env is not None:
         value = os.environ.get(key_env)
         if not value:
             raise ConfigError(f"{where}.key_env: environment variable {key_env} is not set",
-                              hint=f"export {key_env}=... on this host (see the README's edge-cloud section)")
+                              hint=env_hint.format(name=key_env))
         return value.strip().encode()
     if key_file is None:
         return None
@@ -83,7 +83,7 @@ def _read_secret(source: HostKeySpec | object, graph: Graph, where: str) -> byte
         info = path.stat()
     except OSError as e:
         raise ConfigError(f"{where}.key_file: cannot read {path}: {e.strerror or e}",
-                          hint="create it (see the README's edge-cloud section) and `chmod 600` it") from None
+                          hint=file_hint.format(path=path)) from None
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(f"{where}.key_file: {path} is not a regular file")
     if info.st_mode & 0o077:
@@ -95,16 +95,16 @@ def _read_secret(source: HostKeySpec | object, graph: Graph, where: str) -> byte
     return path.read_bytes().strip()
 
 
-def _source_name(source: object) -> str:
-    env = getattr(source, "key_env", None)
-    return f"${env}" if env is not None else str(getattr(source, "key_file", "?"))
+def _source_name(source: KeySource) -> str:
+    return f"${source.key_env}" if source.key_env is not None else str(source.key_file)
 
 
 def load_key(graph: Graph) -> bytes | None:
     """The graph's pipeline key from where `auth:` says it is (None without one)."""
     if graph.auth is None:
         return None
-    key = _read_secret(graph.auth, graph, "auth")
+    key = _read_secret(graph.auth, graph, "auth", "export {name}=$(openssl rand -hex 32) on every host, the same value",
+                       "make it with `openssl rand -hex 32 > {path} && chmod 600 {path}`, the same on every host")
     if key is not None and len(key) < MIN_KEY_BYTES:
         raise ConfigError(f"the key in {_source_name(graph.auth)} is {len(key)} bytes; use at least {MIN_KEY_BYTES}",
                           hint="make one with `openssl rand -hex 32`")
@@ -149,8 +149,14 @@ def public_keys(graph: Graph) -> dict[str, Ed25519PublicKey]:
     """The public key of every host that has its own key (`auth.hosts`)."""
     if graph.auth is None:
         return {}
-    return {name: Ed25519PublicKey.from_public_bytes(base64.b64decode(spec.public_key))
-            for name, spec in graph.auth.hosts.items()}
+    out = {}
+    for name, spec in graph.auth.hosts.items():
+        try:
+            out[name] = Ed25519PublicKey.from_public_bytes(base64.b64decode(spec.public_key))
+        except ValueError:
+            raise ConfigError(f"auth.hosts.{name}.public_key is not an Ed25519 public key",
+                              hint="paste the `public_key:` that `agentmesh keygen` printed") from None
+    return out
 
 
 def load_host_key(graph: Graph, identity: str) -> Ed25519PrivateKey | None:
@@ -160,7 +166,8 @@ def load_host_key(graph: Graph, identity: str) -> Ed25519PrivateKey | None:
     if spec is None:
         return None
     where = f"auth.hosts.{identity}"
-    data = _read_secret(spec, graph, where)
+    data = _read_secret(spec, graph, where, "export {name}=$(cat FILE) after `agentmesh keygen FILE --host "
+                        f"{identity}` on this host", f"make it on this host with `agentmesh keygen {{path}} --host {identity}`")
     assert data is not None  # the schema requires a source
     key = parse_private_key(data, _source_name(spec))
     if public_key_text(key) != spec.public_key:

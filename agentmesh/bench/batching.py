@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from agentmesh.bench.common import BenchResult, Target, bench_models, interleave, median
+from agentmesh.bench.common import BenchResult, ModelBench, Target, bench_models, interleave, median
 
 if TYPE_CHECKING:
     from agentmesh.c2c.fuser import Fuser
@@ -26,14 +26,10 @@ TARGET_RATIO = 3.0
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ModelBench):
     batch: int = 8
     new_tokens: int = 64
     repeats: int = 4
-    device: str = "cpu"
-    dtype: str = "auto"                  # model dtype ("auto": float32 on CPU, bfloat16 on GPU)
-    hidden_dim: int | None = None
-    seed: int = 0
 
     @classmethod
     def quick(cls, **overrides: Any) -> "Config":

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from agentmesh.bench.common import (
-    BenchResult, Runs, Target, bench_models, interleave, median, pct, sync, timed)
+    BenchResult, ModelBench, Runs, Target, bench_models, interleave, median, pct, sync, timed)
 from agentmesh.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ TARGET_RATIO = 2.5
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ModelBench):
     questions: int = 30
     answer_tokens: int = 16
     background_tokens: int = 64
@@ -49,10 +49,6 @@ class Config:
     sweep: tuple[int, ...] = (8, 32, 64)  # other answer lengths (t2t, c2c and prefix only)
     sweep_questions: int = 5
     methods: tuple[str, ...] = ("t2t", "t2t_eos", "c2c", "prefix", "receiver")  # c2c and t2t always run
-    device: str = "cpu"
-    dtype: str = "auto"                  # model dtype ("auto": float32 on CPU, bfloat16 on GPU)
-    hidden_dim: int | None = None        # fuser width (None: the shipped recipe's)
-    seed: int = 0
 
     @classmethod
     def quick(cls, **overrides: Any) -> "Config":

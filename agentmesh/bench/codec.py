@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from agentmesh.bench.common import BenchResult, Target, interleave, median
+from agentmesh.bench.common import BenchResult, CacheShape, Target, interleave, make_cache, median
 
 NAME = "codec"
 TARGET_GBPS = 2.0
@@ -25,34 +25,15 @@ _SOURCES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
-class Config:
-    tokens: int = 256
-    num_layers: int = 30
-    num_kv_heads: int = 3
-    head_dim: int = 64
+class Config(CacheShape):
     wires: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "fp8")
     sources: tuple[str, ...] = ("float32", "bfloat16")
     repeats: int = 10
     threads: int = 1
-    seed: int = 0
 
     @classmethod
     def quick(cls, **overrides: Any) -> "Config":
         return cls(**{"repeats": 3, **overrides})
-
-
-def make_cache(cfg: Config, dtype: torch.dtype, signature: Any = None) -> Any:
-    """A KVCache of the configured shape with values spread like real keys (a few units)."""
-    from agentmesh.cache.kv import KVCache
-
-    g = torch.Generator().manual_seed(cfg.seed)
-    shape = (1, cfg.num_kv_heads, cfg.tokens, cfg.head_dim)
-    keys = tuple((torch.randn(shape, generator=g) * 3).to(dtype) for _ in range(cfg.num_layers))
-    values = tuple(torch.randn(shape, generator=g).to(dtype) for _ in range(cfg.num_layers))
-    ids = torch.randint(0, 49152, (1, cfg.tokens), generator=g)
-    positions = torch.arange(cfg.tokens)[None]
-    return KVCache(keys=keys, values=values, signature=signature, token_ids=ids, positions=positions,
-                   attention_mask=torch.ones(1, cfg.tokens, dtype=torch.long))
 
 
 def text_bytes_per_token(tokenizer: Any = None, n_items: int = 50) -> tuple[float, str]:

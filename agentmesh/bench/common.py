@@ -24,6 +24,7 @@ from agentmesh.errors import ConfigError
 
 if TYPE_CHECKING:
     from agentmesh.c2c.fuser import Fuser
+    from agentmesh.cache.kv import KVCache, ModelSignature
     from agentmesh.models.loaded_model import LoadedModel
     from agentmesh.models.pool import ModelPool
     from agentmesh.models.protocol import LanguageModel
@@ -33,6 +34,42 @@ RESULTS_DIR = Path("bench") / "results"
 QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
 # Where the shipped fuser of the embedded model lives (the first that exists is timed).
 TRAINED_FUSERS = (Path("fusers") / "smollm2_context", Path("runs") / "smollm2_context" / "fuser")
+
+
+@dataclass(frozen=True)
+class ModelBench:
+    """The settings every benchmark of a receiver-sharer pair has: where the models run, their
+    dtype, the fuser's width and the seed."""
+
+    device: str = "cpu"
+    dtype: str = "auto"                  # model dtype ("auto": float32 on CPU, bfloat16 on GPU)
+    hidden_dim: int | None = None        # fuser width (None: the shipped recipe's)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """A synthetic cache in the embedded model's shape (SmolLM2-135M: 30 layers, 3 KV heads of dim 64)."""
+
+    tokens: int = 256
+    num_layers: int = 30
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    seed: int = 0
+
+
+def make_cache(shape: CacheShape, dtype: torch.dtype, signature: ModelSignature | None = None) -> KVCache:
+    """A KVCache of `shape` with values spread like real keys (a few units)."""
+    from agentmesh.cache.kv import KVCache
+
+    g = torch.Generator().manual_seed(shape.seed)
+    dims = (1, shape.num_kv_heads, shape.tokens, shape.head_dim)
+    keys = tuple((torch.randn(dims, generator=g) * 3).to(dtype) for _ in range(shape.num_layers))
+    values = tuple(torch.randn(dims, generator=g).to(dtype) for _ in range(shape.num_layers))
+    ids = torch.randint(0, 49152, (1, shape.tokens), generator=g)
+    positions = torch.arange(shape.tokens)[None]
+    return KVCache(keys=keys, values=values, signature=signature, token_ids=ids, positions=positions,
+                   attention_mask=torch.ones(1, shape.tokens, dtype=torch.long))
 
 
 def sync(device: torch.device | str | None = None) -> None:

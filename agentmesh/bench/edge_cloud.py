@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from agentmesh.bench.common import BenchResult, median
+from agentmesh.bench.common import BenchResult, CacheShape, make_cache, median
 
 if TYPE_CHECKING:
     from agentmesh.graph import Graph
@@ -36,14 +36,10 @@ SEALS = ("none", "hmac", "signed", "hmac+aes-gcm", "signed+aes-gcm")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(CacheShape):
     tokens: int = 432
-    num_layers: int = 30
-    num_kv_heads: int = 3
-    head_dim: int = 64
     repeats: int = 7
     callers: tuple[str, ...] = ("edge", "client")  # who runs the scheduler in the wire runs ("" skips them)
-    seed: int = 0
 
     @classmethod
     def quick(cls, **overrides: Any) -> "Config":
@@ -70,12 +66,10 @@ def _guards(seal: str) -> tuple[Any, Any]:
 def seal_rows(cfg: Config) -> tuple[list[dict[str, Any]], int]:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from agentmesh.bench.codec import Config as CodecConfig, make_cache
     from agentmesh.cache.codec import encode_cache
     from agentmesh.mesh.envelope import pack, unpack
 
-    kv = make_cache(CodecConfig(tokens=cfg.tokens, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
-                                head_dim=cfg.head_dim, seed=cfg.seed), torch.float32)
+    kv = make_cache(cfg, torch.float32)
     blob = encode_cache(kv, dtype=None)
     mb = len(blob) / 1e6
     channel = "run1/librarian->assistant"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from agentmesh.bench.common import (
-    BenchResult, Target, bench_models, interleave, median, sync)
+    BenchResult, ModelBench, Target, bench_models, interleave, median, sync)
 
 if TYPE_CHECKING:
     from agentmesh.c2c.fuser import Fuser
@@ -29,14 +29,10 @@ _SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "cud
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ModelBench):
     tokens: int = 256
     repeats: int = 10
     layer_repeats: int = 5
-    device: str = "cpu"
-    dtype: str = "auto"                  # model dtype ("auto": float32 on CPU, bfloat16 on GPU)
-    hidden_dim: int | None = None
-    seed: int = 0
 
     @classmethod
     def quick(cls, **overrides: Any) -> "Config":

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from agentmesh.bench.common import BenchResult, Target, median
+from agentmesh.bench.common import BenchResult, CacheShape, Target, make_cache, median
 
 if TYPE_CHECKING:
     from agentmesh.cache.kv import KVCache
@@ -28,16 +28,11 @@ DEFAULT_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)
-class Config:
-    tokens: int = 256
-    num_layers: int = 30
-    num_kv_heads: int = 3
-    head_dim: int = 64
+class Config(CacheShape):
     wire: str = "bf16"
     chunk_sizes: tuple[int, ...] = (64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024, 16 * 1024 * 1024)
     repeats: int = 8
     qos: int = 1
-    seed: int = 0
 
     @classmethod
     def quick(cls, **overrides: Any) -> "Config":
@@ -122,12 +117,10 @@ async def _run(cfg: Config, url: str, payload: bytes, kv: KVCache,
 
 
 def run(cfg: Config = Config(), **_: Any) -> BenchResult:
-    from agentmesh.bench.codec import Config as CodecConfig, make_cache
     from agentmesh.cache.codec import encode_cache
     from agentmesh.transport.broker import LocalBroker
 
-    kv = make_cache(CodecConfig(tokens=cfg.tokens, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
-                                head_dim=cfg.head_dim, seed=cfg.seed), torch.float32)
+    kv = make_cache(cfg, torch.float32)
     payload = encode_cache(kv, dtype=cfg.wire)
     with LocalBroker() as broker:
         pid = broker._proc.pid if getattr(broker, "_proc", None) is not None else None

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from agentmesh.bench.common import BenchResult, bench_models, interleave, median
+from agentmesh.bench.common import BenchResult, ModelBench, bench_models, interleave, median
 
 if TYPE_CHECKING:
     from agentmesh.c2c.fuser import Fuser
@@ -29,13 +29,9 @@ PROMPT = "Explain in a few sentences why the sky is blue, and why sunsets are re
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ModelBench):
     new_tokens: int = 32
     repeats: int = 3
-    device: str = "cpu"
-    dtype: str = "auto"
-    hidden_dim: int | None = None
-    seed: int = 0
 
     @classmethod
     def quick(cls, **overrides: Any) -> "Config":

@@ -82,6 +82,11 @@ class Stopwatch:
         return MethodOutput(text=text, latency_s=end - self.start, ttft_s=ttft, bytes_exchanged=bytes_exchanged)
 
 
+def _alone(model: Generator, messages: Messages, max_new_tokens: int) -> MethodOutput:
+    clock = Stopwatch()
+    return clock.output(model.generate_text(messages, max_new_tokens=max_new_tokens, on_token=clock.on_token))
+
+
 @dataclass
 class ReceiverOnly:
     """The receiver answers alone; it never sees the sharer's passage."""
@@ -91,10 +96,7 @@ class ReceiverOnly:
     name: str = "receiver"
 
     def run(self, item: Item) -> MethodOutput:
-        clock = Stopwatch()
-        text = self.receiver.generate_text(prompts.receiver_messages(item), max_new_tokens=self.max_new_tokens,
-                                           on_token=clock.on_token)
-        return clock.output(text)
+        return _alone(self.receiver, prompts.receiver_messages(item), self.max_new_tokens)
 
 
 @dataclass
@@ -106,10 +108,7 @@ class SharerOnly:
     name: str = "sharer"
 
     def run(self, item: Item) -> MethodOutput:
-        clock = Stopwatch()
-        text = self.sharer.generate_text(prompts.sharer_messages(item), max_new_tokens=self.max_new_tokens,
-                                         on_token=clock.on_token)
-        return clock.output(text)
+        return _alone(self.sharer, prompts.sharer_messages(item), self.max_new_tokens)
 
 
 @dataclass
@@ -133,13 +132,13 @@ class TextToText:
 
 
 @dataclass
-class CacheToCache:
-    """C2C: the receiver reads only the question; the sharer (with its passage) prefills the same
-    prompt and a fuser writes its cache into the receiver's. The receiver's cache does not grow."""
+class _CacheEdge:
+    """The receiver reads only the question; what reaches it from the sharer (which reads the
+    passage) is a cache, through `model`."""
 
     model: CacheGenerator
     max_new_tokens: int = 64
-    name: str = "c2c"
+    name: str = "cache"
 
     def run(self, item: Item) -> MethodOutput:
         clock = Stopwatch()
@@ -149,22 +148,22 @@ class CacheToCache:
 
 
 @dataclass
-class Prefix:
+class CacheToCache(_CacheEdge):
+    """C2C: the receiver reads only the question; the sharer (with its passage) prefills the same
+    prompt and a fuser writes its cache into the receiver's. The receiver's cache does not grow."""
+
+    name: str = "c2c"
+
+
+@dataclass
+class Prefix(_CacheEdge):
     """Same model on both ends, laid out as a graph's `prefix` edge: the sharer reads the passage
     as its own user turn ([user: passage], no generation prompt), the receiver's question follows
     as the next user turn; the sharer prefills all of it but the last token and the receiver
     continues from that cache. The receiver's cache grows by the whole passage, which is exactly
     what it would have computed had it read the passage itself."""
 
-    model: CacheGenerator
-    max_new_tokens: int = 64
     name: str = "prefix"
-
-    def run(self, item: Item) -> MethodOutput:
-        clock = Stopwatch()
-        out = self.model.generate_with_cache(prompts.receiver_messages(item), sharer_context=item.context,
-                                             max_new_tokens=self.max_new_tokens, on_token=clock.on_token)
-        return clock.output(out.text, out.bytes_exchanged)
 
 
 def run_safely(method: Method, item: Item) -> MethodOutput:

@@ -14,14 +14,14 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from agentmesh.bench.common import BenchResult, Target, bench_models, median, pct
+from agentmesh.bench.common import BenchResult, ModelBench, Target, bench_models, median, pct
 
 NAME = "serve"
 TARGET_RATIO = 3.0
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ModelBench):
     clients: tuple[int, ...] = (1, 4, 16)
     rounds: int = 2                   # requests per client (the one-client level sends at least `min_requests`)
     min_requests: int = 4
@@ -31,10 +31,6 @@ class Config:
     max_batch_size: int = 16
     url: str | None = None            # a running server (its /v1 URL); None: start one here
     model: str = "smollm2-c2c"
-    device: str = "cpu"
-    dtype: str = "auto"
-    hidden_dim: int | None = None
-    seed: int = 0
 
     @classmethod
     def quick(cls, **overrides: Any) -> "Config":

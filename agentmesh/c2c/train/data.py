@@ -205,6 +205,33 @@ def tokenize_rows(rows: Sequence[ChatRow], receiver: LanguageModel, sharer: Lang
     return out, skipped
 
 
+@dataclass(frozen=True)
+class RunData:
+    """A run's examples: `train` and `held_out`, what the data is (for messages and provenance), the
+    rows skipped for length in each, and the training rows' fingerprint (checked on resume)."""
+
+    train: list[Example]
+    held_out: list[Example]
+    what: str
+    skipped: int
+    held_out_skipped: int
+    fingerprint: str
+
+
+def run_data(data: DataRecipe, receiver: LanguageModel, sharer: LanguageModel, *, seed: int,
+             sharer_context: bool) -> RunData:
+    """Load and tokenize a run's rows; fails when no training row fits `data.max_length`."""
+    train_rows, eval_rows = load_rows(data, seed=seed)
+    what = data.describe()
+    tok = dict(sharer_context=sharer_context, max_length=data.max_length)
+    train, skipped = tokenize_rows(train_rows, receiver, sharer, what=what, **tok)
+    held_out, held_out_skipped = tokenize_rows(eval_rows, receiver, sharer, what=f"{what} (held out)", **tok)
+    if not train:
+        raise ConfigError(f"data {what}: all {len(train_rows)} training rows are longer than "
+                          f"data.max_length={data.max_length} tokens")
+    return RunData(train, held_out, what, skipped, held_out_skipped, data_fingerprint([e.row for e in train]))
+
+
 def collate(examples: Sequence[Example], c2c: C2CModel, *, sharer_context: bool) -> Batch:
     receiver, sharer = c2c.receiver, c2c.sharers[0]
     r_pad = receiver.pad_token_id

@@ -27,7 +27,7 @@ import yaml
 from pydantic import Field
 from torch import nn
 
-from agentmesh.c2c.train.data import IGNORE_INDEX, Example, data_fingerprint, load_rows, shard, stream_rows, tokenize_rows
+from agentmesh.c2c.train.data import IGNORE_INDEX, Example, run_data, shard, stream_rows
 from agentmesh.c2c.train.driver import drive, lr_factor
 from agentmesh.c2c.train.recipe import _RESUME_FREE_KEYS, RunRecipe, _Strict
 from agentmesh.c2c.train.state import CHECKPOINT_DIR, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -170,15 +170,8 @@ def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: ModelPool | No
         lm = dataclasses.replace(base, model=copy.deepcopy(base.model))
     else:
         lm = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
-    train_rows, eval_rows = load_rows(recipe.data, seed=recipe.seed)
-    what = recipe.data.describe()
-    tok = dict(sharer_context=False, max_length=recipe.data.max_length)
-    train_ex, skipped = tokenize_rows(train_rows, lm, lm, what=what, **tok)
-    eval_ex, _ = tokenize_rows(eval_rows, lm, lm, what=f"{what} (held out)", **tok)
-    if not train_ex:
-        raise ConfigError(f"data {what}: all {len(train_rows)} training rows are longer than "
-                          f"data.max_length={recipe.data.max_length} tokens")
-    fingerprint = data_fingerprint([e.row for e in train_ex])
+    data = run_data(recipe.data, lm, lm, seed=recipe.seed, sharer_context=False)
+    train_ex, eval_ex, what, fingerprint = data.train, data.held_out, data.what, data.fingerprint
     steps = recipe.total_steps(len(train_ex), recipe.batch_size * recipe.grad_accum)
     warmup = math.ceil(recipe.warmup_ratio * steps)
     pad_id = int(lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0)
@@ -233,7 +226,7 @@ def finetune(recipe: FinetuneRecipe | Mapping[str, Any], *, pool: ModelPool | No
         provenance = {
             "trained_by": "agentmesh train (kind: finetune)", "recipe": recipe.model_dump(mode="json"),
             "data": what, "data_sha256": fingerprint, "train_rows": len(train_ex), "eval_rows": len(eval_ex),
-            "skipped_rows": skipped, "steps": state.step, "final_train_loss": state.losses[-1] if state.losses else None,
+            "skipped_rows": data.skipped, "steps": state.step, "final_train_loss": state.losses[-1] if state.losses else None,
             "eval_losses": state.eval_losses, "train_seconds": round(state.seconds, 2), "tokens": state.tokens,
             "base_source": lm.source, "trainable_parameters": sum(p.numel() for p in params.parameters()),
         }

@@ -31,7 +31,7 @@ import yaml
 from agentmesh.c2c.fuser import Fuser
 from agentmesh.c2c.model import C2CModel
 from agentmesh.c2c.train.driver import drive, lr_factor, plot_loss_curve
-from agentmesh.c2c.train.data import Batch, collate, data_fingerprint, load_rows, shard, stream_rows, tokenize_rows
+from agentmesh.c2c.train.data import Batch, collate, run_data, shard, stream_rows
 from agentmesh.c2c.train.distributed import (
     FuserLoss, World, clip_gradients, full_state, gathered, load_full_state, no_sync, sync_unsharded,
     world, wrap,
@@ -146,15 +146,8 @@ def _train(recipe: TrainRecipe, w: World, *, pool: ModelPool | None, progress: b
     w.barrier()  # no rank looks for a checkpoint before rank 0 has cleared them
 
     receiver, sharer = _load_models(recipe, pool, w.device)
-    train_rows, eval_rows = load_rows(recipe.data, seed=recipe.seed)
-    what = recipe.data.describe()
-    tok = dict(sharer_context=recipe.sharer_context, max_length=recipe.data.max_length)
-    train_ex, skipped = tokenize_rows(train_rows, receiver, sharer, what=what, **tok)
-    eval_ex, eval_skipped = tokenize_rows(eval_rows, receiver, sharer, what=f"{what} (held out)", **tok)
-    if not train_ex:
-        raise ConfigError(f"data {what}: all {len(train_rows)} training rows are longer than "
-                          f"data.max_length={recipe.data.max_length} tokens")
-    fingerprint = data_fingerprint([e.row for e in train_ex])
+    data = run_data(recipe.data, receiver, sharer, seed=recipe.seed, sharer_context=recipe.sharer_context)
+    train_ex, eval_ex, what, fingerprint = data.train, data.held_out, data.what, data.fingerprint
     steps = recipe.total_steps(len(train_ex), global_batch)
     warmup = math.ceil(recipe.warmup_ratio * steps)
 
@@ -236,7 +229,7 @@ def _train(recipe: TrainRecipe, w: World, *, pool: ModelPool | None, progress: b
         provenance = {
             "trained_by": "agentmesh train", "recipe": recipe.model_dump(mode="json"),
             "data": what, "data_sha256": fingerprint, "train_rows": len(train_ex), "eval_rows": len(eval_ex),
-            "skipped_rows": {"train": skipped, "eval": eval_skipped}, "steps": state.step,
+            "skipped_rows": {"train": data.skipped, "eval": data.held_out_skipped}, "steps": state.step,
             "global_batch": global_batch, "processes": w.size,
             "final_train_loss": final_train, "final_eval_loss": final_eval,
             "initial_eval_loss": state.eval_losses[0][1] if state.eval_losses else None,

@@ -660,11 +660,17 @@ def _three_party(g: Graph, pool: ModelPool, before: Callable[[Any], Awaitable[No
     return run(go())
 
 
-def test_a_cache_between_two_remote_hosts_crosses_the_network_once(broker: Any, pool: ModelPool) -> None:
+@pytest.mark.parametrize("secured", ["pipeline key", "host keys, encrypted"])
+def test_a_cache_between_two_remote_hosts_crosses_the_network_once(broker: Any, pool: ModelPool, secured: str,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A pure client runs doc (cloud) -> ask (edge), a prefix edge: the reading goes from the cloud's
-    worker straight to the edge's; the caller's link carries only small control messages. A
-    delivery from a host that does not run the sender is dropped."""
+    worker straight to the edge's (signed by the cloud and encrypted, in the second case); the
+    caller's link carries only small control messages. A delivery from a host that does not run
+    the sender is dropped."""
     g = edge_cloud(broker.url)
+    if secured != "pipeline key":
+        with_host_keys(g, host_keys(tmp_path, monkeypatch, "edge", "cloud"), encrypt=True)
     local = run_graph(g, QUESTION, pool=pool)
     cache_bytes = local.bytes_by_edge()["doc->ask"]
 
@@ -672,7 +678,7 @@ def test_a_cache_between_two_remote_hosts_crosses_the_network_once(broker: Any, 
         async with MqttLink(broker_config(g), graph=g.name) as attacker:
             inbox = inbox_channel("edge")
             fake = pack({"op": "cache", "run": "r", "ref": "f" * 32, "from": "doc", "to": "ask"},
-                        {"cache": b"\x00" * 64}, guard=Guard(KEY, "client", g.name), channel=inbox)
+                        {"cache": b"\x00" * 64}, guard=make_guard(g, "client"), channel=inbox)
             await attacker.send(inbox, fake)
             await until(lambda: workers["edge"].dropped.get("unauthorised") == 1)
 

@@ -22,6 +22,20 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def make_folder(path: str | Path, what: str) -> Path:
+    """`path` as a folder (created with its parents); a ConfigError naming `what` when it cannot be one."""
+    from agentmesh.errors import ConfigError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{what} {path} is a file; give a folder (it is created if missing)") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be created: {e.strerror or e}") from None
+    return path
+
+
 class FileProblem(Exception):
     """A path that cannot be read as a text file; the message says why ("is a directory")."""
 

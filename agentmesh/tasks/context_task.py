@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agentmesh.errors import ConfigError
+from agentmesh.files import make_folder
 from agentmesh.tasks.datasets import LETTERS, Item
 from agentmesh.tasks.prompts import training_messages
 
@@ -223,8 +224,7 @@ def generate_split(split: Split, n: int, *, seed: int = 0, multiple_choice: bool
 def write_context_task(out_dir: str | Path, *, seed: int = 0, n_train: int = 2000, n_test: int = 200,
                        multiple_choice: bool = False, min_facts: int = 3, max_facts: int = 6) -> dict[str, Path]:
     """Write `train.jsonl` and `test.jsonl` into `out_dir`; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir, "context task folder")
     paths = {}
     for split, n in (("train", n_train), ("test", n_test)):
         path = out / f"{split}.jsonl"

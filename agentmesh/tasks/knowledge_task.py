@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from agentmesh.errors import ConfigError
+from agentmesh.files import make_folder
 from agentmesh.tasks.context_task import pools
 from agentmesh.tasks.datasets import Item
 from agentmesh.tasks.prompts import training_messages
@@ -95,8 +96,7 @@ def write_knowledge_task(out_dir: str | Path, *, n_per_split: int = 50, n_capita
         "general": [{"id": f"general-{i}", "question": q, "answer": a, "context": None, "subject": "general"}
                     for i, (q, a) in enumerate(GENERAL_QUESTIONS)],
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir, "knowledge task folder")
     paths = {}
     for name, records in files.items():
         path = out / f"{name}.jsonl"

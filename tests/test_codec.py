@@ -15,6 +15,7 @@ from agentmesh.cache.codec import (
     FORMAT_VERSION, MAGIC, PREFIX, decode_cache, encode_cache, fp8_supported, read_header, wire_size)
 from agentmesh.cache.kv import KVCache, ModelSignature
 from agentmesh.errors import CodecError
+from buffers import inside
 
 SIG = ModelSignature(name="tiny-a", model_type="qwen3", num_layers=4, num_kv_heads=2, head_dim=8,
                      vocab_size=100, fingerprint="a" * 16)
@@ -400,11 +401,6 @@ def test_version_2_payloads_with_crc32_stay_readable():
         decode_cache(rebuild(fields, header, body))
 
 
-def _inside(t: torch.Tensor, buf: bytearray | memoryview) -> bool:
-    start = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
-    return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= start + len(buf)
-
-
 def test_decode_views_a_writable_payload_and_copies_immutable_bytes():
     kv = make_cache(torch.bfloat16)
     payload = encode_cache(kv, dtype="bf16")
@@ -412,20 +408,20 @@ def test_decode_views_a_writable_payload_and_copies_immutable_bytes():
     out = decode_cache(payload, expected=SIG)
     assert_same(kv, out)
     for t in (*out.keys, *out.values, out.token_ids, out.positions, out.attention_mask):
-        assert _inside(t, payload)
+        assert inside(t, payload)
     # a payload inside a larger receive buffer (an envelope), even at an odd offset
     for pad in (8, 3):
         envelope = bytearray(pad) + bytes(payload) + bytearray(5)
         inner = memoryview(envelope)[pad:pad + len(payload)]
         out = decode_cache(inner, expected=SIG)
         assert_same(kv, out)
-        assert _inside(out.keys[0], envelope) == (pad % 2 == 0)
+        assert inside(out.keys[0], envelope) == (pad % 2 == 0)
     frozen = decode_cache(bytes(payload), expected=SIG)
     assert_same(kv, frozen)
-    assert not _inside(frozen.keys[0], payload)
+    assert not inside(frozen.keys[0], payload)
     # a conversion to another dtype owns its result
     widened = decode_cache(payload, dtype=torch.float32)
-    assert not _inside(widened.keys[0], payload)
+    assert not inside(widened.keys[0], payload)
 
 
 def test_non_bytes_arguments_raise_codec_errors():

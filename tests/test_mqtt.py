@@ -19,6 +19,7 @@ from agentmesh.transport.link import InProcessLink, edge_channel
 from agentmesh.transport.config import BrokerConfig
 from agentmesh.transport.frames import split_frames
 from agentmesh.transport.mqtt import MqttLink
+from buffers import inside
 
 T = TypeVar("T")
 SIG = ModelSignature(name="tiny", model_type="qwen3", num_layers=16, num_kv_heads=4, head_dim=64,
@@ -154,7 +155,10 @@ def test_multi_mb_cache_crosses_the_broker_in_chunks_and_arrives_identical(broke
             assert rs.chunks_received == ts.chunks_sent == -(-len(payload) // (256 * 1024)) >= 33
             assert rs.bytes_received == ts.bytes_sent == len(payload)
             assert rs.duplicate_chunks == 0 and rx.protocol == "5"
-            return decode_cache(message.payload, expected=SIG), dict(message.headers), elapsed
+            out = decode_cache(message.payload, expected=SIG)
+            # reassembly is the one copy: the decoded cache views the reassembled buffer
+            assert all(inside(t, message.payload) for t in (*out.keys, *out.values, out.token_ids))
+            return out, dict(message.headers), elapsed
 
     out, headers, elapsed = run(go())
     assert headers == {"kind": "cache", "wire": "bf16"}

@@ -24,6 +24,7 @@ from agentmesh.models.loaded_model import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.runtime import Token, run_graph
 from mesh_serving import serving, stop
+from buffers import inside
 from agentmesh.mesh.envelope import pack, unpack
 from agentmesh.mesh.remote import arun_remote
 from agentmesh.mesh.settings import broker_config
@@ -310,6 +311,34 @@ def test_envelopes_from_the_network_are_checked() -> None:
         unpack(b"PK\x03\x04" + data[4:])
     with pytest.raises(TransportError, match="shorter than"):
         unpack(b"AMRP")
+
+
+def test_a_cache_in_an_envelope_decodes_as_views_of_the_received_buffer() -> None:
+    from agentmesh.cache.codec import decode_cache, encode_cache
+    from agentmesh.cache.kv import KVCache
+
+    shape = (1, 2, 5, 8)
+    kv = KVCache(keys=(torch.randn(shape).bfloat16(),), values=(torch.randn(shape).bfloat16(),),
+                 positions=torch.arange(5).unsqueeze(0))
+    blob = encode_cache(kv, dtype="bf16")
+
+    async def go() -> None:
+        async with InProcessLink(default_timeout=5) as link:
+            await check(link)
+
+    async def check(link: InProcessLink) -> None:
+        ch = "run-1/a->b"
+        await link.subscribe(ch)
+        # bodies of every length mod 8: the blob must start aligned whatever the JSON's length
+        for pad in range(8):
+            await link.send(ch, pack({"op": "cache", "ref": "r" * pad}, {"cache": blob}))
+            payload = await link.receive(ch)
+            env = unpack(payload)
+            assert env.body == {"op": "cache", "ref": "r" * pad}
+            out = decode_cache(env.blobs["cache"])
+            assert torch.equal(out.keys[0], kv.keys[0]) and torch.equal(out.values[0], kv.values[0])
+            assert all(inside(t, payload) for t in (*out.keys, *out.values, out.positions)), pad
+    run(go())
 
 
 # ---- the commands ------------------------------------------------------------------------------------------

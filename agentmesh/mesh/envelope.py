@@ -46,6 +46,7 @@ SIGNED = 2  # or a signature,
 ENCRYPTED = 4  # and the body and blobs are encrypted
 _KINDS = {0: "", SEALED: "sealed", SIGNED: "signed"}
 PREFIX = struct.Struct("<4sHHII")
+_BLOB_ALIGN = 8
 MAX_JSON_BYTES = 16 << 20   # prompts and conversations travel in the JSON body
 MAX_BLOBS = 16
 _BLOB_NAME = re.compile(r"^[a-z_]{1,32}$")
@@ -84,6 +85,9 @@ def pack(body: Mapping[str, Any], blobs: Mapping[str, bytes | bytearray | memory
     raw = orjson.dumps(head)
     if len(raw) > MAX_JSON_BYTES:
         raise TransportError(f"message body is {len(raw)} bytes of JSON; the limit is {MAX_JSON_BYTES}")
+    # Trailing spaces (still JSON) start the first blob 8-byte aligned, so a cache in it decodes
+    # as views of the received buffer rather than as an aligned copy.
+    raw += b" " * (-(PREFIX.size + len(raw)) % _BLOB_ALIGN)
     kind = guard.seal_kind if guard is not None else ""
     flags = {"": 0, "sealed": SEALED, "signed": SIGNED}[kind]
     encrypt = guard is not None and guard.cipher is not None

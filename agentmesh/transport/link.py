@@ -89,7 +89,7 @@ class LinkTimeout(TransportError):
 @dataclass(frozen=True)
 class LinkMessage:
     channel: str
-    payload: bytes
+    payload: bytearray  # the receiver's own buffer (writable, so caches in it decode without a copy)
     headers: Mapping[str, str]
     message_id: str
 
@@ -161,7 +161,7 @@ class Link(ABC):
     async def receive_message(self, channel: str, timeout: float | None = None) -> LinkMessage:
         """The next message on `channel`, waiting at most `timeout` s. Raises `TransportError`."""
 
-    async def receive(self, channel: str, timeout: float | None = None) -> bytes:
+    async def receive(self, channel: str, timeout: float | None = None) -> bytearray:
         """The payload of the next message on `channel`."""
         return (await self.receive_message(channel, timeout)).payload
 
@@ -225,7 +225,9 @@ class InProcessLink(Link):
         self._check_open()
         validate_channel(channel)
         self._timeout(timeout)
-        data = bytes(payload)  # the receiver gets bytes the sender can no longer change
+        # The receiver gets its own copy, which the sender can no longer change, writable like
+        # what MqttLink delivers (so a cache in it decodes without a second copy).
+        data = bytearray(memoryview(payload).cast("B"))
         if len(data) > self.max_message_bytes:
             raise TransportError(f"message on channel {channel!r} is {len(data)} bytes, over the "
                                  f"limit of {self.max_message_bytes}")

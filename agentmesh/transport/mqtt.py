@@ -725,7 +725,7 @@ class MqttLink(Link):
                 f"message {msg_id.hex()} on channel {part.channel!r}: chunks hold {part.received} bytes, "
                 f"its header says {part.total}"))
             return
-        payload = b"".join(part.chunks[i] for i in range(part.count))
+        payload = _assemble(part)
         if await _sha256(memoryview(payload)) != part.sha256:
             self._buffered -= part.received
             stats.failed_messages += 1
@@ -776,6 +776,19 @@ class MqttLink(Link):
                     kept.probes += 1
                     kept.quiet_since = now
                     self._spawn(self._probe(kept))
+
+
+def _assemble(part: _Partial) -> bytearray:
+    """The chunks of `part` in order, in one writable buffer the receiver owns: the one copy
+    reassembly needs, and a payload `decode_cache` can view without copying it again (it cannot
+    view immutable `bytes`)."""
+    payload = bytearray(part.total)
+    pos = 0
+    for i in range(part.count):
+        chunk = part.chunks[i]
+        payload[pos:pos + len(chunk)] = chunk
+        pos += len(chunk)
+    return payload
 
 
 async def _sha256(data: memoryview) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from rich.console import Console
 
@@ -70,3 +70,32 @@ class Steps:
             raise Interrupted(f"interrupted while {shown[0]}") from None
         finally:
             self.times[name] = time.perf_counter() - start
+
+
+class _Lines:
+    """A stream for tqdm off a terminal: each redraw (tqdm's "\\r" + status) becomes one line."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(*, total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0,
+                 log_every_s: float = 30.0) -> Any:
+    """A tqdm bar on stderr: redrawn in place on a terminal; off one (a log file, CI), one line at
+    most every `log_every_s` seconds and at the end, never a screen of carriage returns."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    if not enabled or sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=_Lines(sys.stderr), mininterval=log_every_s,
+                ncols=120, ascii=True)

@@ -182,3 +182,17 @@ def test_ctrl_c_while_waiting_for_a_worker_is_one_line_and_exit_130(tmp_path, br
     code, after = interrupt_when(proc, "waiting for host cloud")
     lines = [line for line in after if line.strip()]
     assert code == 130 and lines == ["interrupted while waiting for host cloud"], after
+
+
+def test_progress_bar_off_a_terminal_is_one_line_per_update(capsys):
+    """Training and evaluation bars in a log file or CI: whole lines, never carriage returns."""
+    from agentmesh.progress import progress_bar
+
+    with progress_bar(total=3, desc="train fuser", unit="step", log_every_s=0.0) as bar:
+        for _ in range(3):
+            bar.update(1)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) >= 2 and all(line.startswith("train fuser:") for line in lines)
+    assert "3/3" in lines[-1]

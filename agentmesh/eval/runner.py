@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agentmesh.errors import ConfigError, error_line
+from agentmesh.progress import progress_bar
 from agentmesh.tasks.datasets import DatasetConfig, Item, load_items
 from agentmesh.eval.extract import grade
 from agentmesh.eval.methods import (
@@ -167,14 +168,12 @@ def run_item(method: Method, item: Item) -> ItemResult:
 
 def run_methods(items: Sequence[Item], methods: Sequence[Method], *, progress: bool = True) -> list[ItemResult]:
     """Every method on every item (item-major), with a progress bar showing running accuracy."""
-    from tqdm.auto import tqdm
-
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ConfigError(f"method names {names} must be unique")
     results: list[ItemResult] = []
     correct = {m: 0 for m in names}
-    with tqdm(total=len(items) * len(methods), disable=not progress, unit="answer", desc="eval") as bar:
+    with progress_bar(total=len(items) * len(methods), enabled=progress, unit="answer", desc="eval") as bar:
         for done, item in enumerate(items, 1):
             for method in methods:
                 r = run_item(method, item)

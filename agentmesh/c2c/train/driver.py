@@ -15,6 +15,7 @@ from typing import Callable, TypeVar
 
 import torch
 
+from agentmesh.progress import progress_bar
 from agentmesh.c2c.train.distributed import step_seed
 from agentmesh.c2c.train.recipe import RunRecipe
 from agentmesh.c2c.train.state import TrainState
@@ -43,12 +44,10 @@ def drive(recipe: RunRecipe, state: TrainState, *, total: int, stop_at: int | No
     `steps_context` is entered around the steps only (not the evaluations after them). Only the
     `main` process writes history.json and the plot.
     """
-    from tqdm.auto import tqdm
-
     end = total if stop_at is None else min(total, stop_at)
     if state.step == 0:
         evaluate()  # before any step: the base the run improves on
-    bar = tqdm(total=total, initial=state.step, disable=not progress, desc=desc, unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=total, initial=state.step, enabled=progress, desc=desc, unit="step")
     try:
         with steps_context or nullcontext():
             while state.step < end:

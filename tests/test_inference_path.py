@@ -10,7 +10,8 @@ import torch
 
 from agentmesh.c2c import C2CModel, Fuser
 from agentmesh.cache.hf import to_hf
-from agentmesh.models.inference import GenerationConfig, RunningCache, decode, pad_sequences, prefill
+from agentmesh.models.inference import (GenerationConfig, RunningCache, decode, pad_sequences, prefill,
+                                        prefill_with_logits)
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +89,12 @@ def test_default_decode_is_token_identical_to_transformers_generate(pair: tuple[
     cache = prefill(receiver, ids[:, :-1]) if prompt_tokens > 1 else None
     out = decode(receiver, cache, ids[:, -1:], None, GenerationConfig(max_new_tokens=new))  # type: ignore[arg-type]
     assert torch.equal(out.tokens, want)
+    # the whole prompt in one pass (what an agent runs), its last logits picking the first token
+    heads = HeadCalls(receiver)
+    try:
+        whole, logits = prefill_with_logits(receiver, ids)
+        one_pass = decode(receiver, whole, ids[:, :0], None, GenerationConfig(max_new_tokens=new), first_logits=logits)
+    finally:
+        heads.close()
+    assert torch.equal(one_pass.tokens, want)
+    assert heads.positions == [1] * new  # new passes in all, as generate makes; each one position of logits

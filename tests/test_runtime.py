@@ -163,13 +163,29 @@ def fuser_dir(tmp_path_factory: pytest.TempPathFactory, tiny: LoadedModel, tiny2
 
 
 def _greedy(lm: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]:
-    """The receiver alone on one prompt prefilled in one go (every prompt token but the last), then decoded."""
+    """The receiver alone on one prompt: transformers' own greedy `generate`, up to its EOS."""
     row = torch.tensor([ids])
-    cache = prefill(lm, row[:, :-1])
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=tuple(lm.eos_token_ids))
-    out = decode(lm, cache, row[:, -1:], None, gen).tokens[0].tolist()
+    out = lm.model.generate(row, attention_mask=torch.ones_like(row), max_new_tokens=max_new_tokens,
+                            do_sample=False, eos_token_id=list(lm.eos_token_ids), pad_token_id=0)
+    new = out[0, len(ids):].tolist()
     eos = set(lm.eos_token_ids)
-    return out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
+    return new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+
+
+def test_an_agent_reads_its_prompt_in_one_pass_like_generate(tiny: LoadedModel) -> None:
+    counts = {"calls": 0, "in_flight": 0}
+    pool = ModelPool()
+    pool.put("counted", _wrap(tiny, "counted", counts=counts))
+    g = Graph("one")
+    g.agent("w", model="counted", role="You are terse.", max_new_tokens=6)
+    r = run_graph(g, "Name a colour.", pool=pool)
+    assert r.ok, r.error
+    kept = len(r["w"].token_ids)
+    picks = kept if kept == 6 else kept + 1  # fewer than 6: it stopped at an EOS, not kept in token_ids
+    # one pass for the whole prompt (its logits give the first token), one per later token: as
+    # many as `generate` makes, not one more for a last prompt token read on its own
+    assert counts["calls"] == picks
+    assert r["w"].prefilled_tokens == r["w"].prompt_tokens
 
 
 # ---- scheduling and text edges ---------------------------------------------------------------------

@@ -2,7 +2,8 @@
 own `generate` (fp32 eager) and against the memory-bandwidth roofline.
 
 Modes: "generate" (transformers' `model.generate`, greedy, fp32 eager: the reference), "default"
-(agentmesh's own decode loop, what every agent runs), and the opt-in `FastDecoder` modes of
+(agentmesh's own path, what every unfused agent runs: `prefill_with_logits` of the whole prompt,
+whose last logits give the first token, then `decode`), and the opt-in `FastDecoder` modes of
 `agentmesh.models.fast` named weights+cache(+compile), e.g. "int8+static".
 
 ms/token is the difference method: (time for `new_tokens` tokens - time for 1 token) /
@@ -105,7 +106,7 @@ def _prompt_ids(lm: LoadedModel, length: int, seed: int) -> torch.Tensor:
 
 def run(cfg: Config = Config(), *, lm: LoadedModel | None = None, pool: ModelPool | None = None) -> BenchResult:
     from agentmesh.models.fast import FastDecoder, weight_bytes_per_token
-    from agentmesh.models.inference import GenerationConfig, decode, prefill
+    from agentmesh.models.inference import GenerationConfig, decode, prefill_with_logits
 
     lm = lm if lm is not None else embedded_model(pool, device=cfg.device, dtype=cfg.dtype)
     _progress(f"memory bandwidth ({cfg.bandwidth_mb} MB, one thread)")
@@ -121,10 +122,9 @@ def run(cfg: Config = Config(), *, lm: LoadedModel | None = None, pool: ModelPoo
     def default(ids: torch.Tensor, n: int) -> Callable[[], Any]:
         gen = GenerationConfig(max_new_tokens=n)
 
-        def go() -> Any:
-            with torch.no_grad():
-                cache = prefill(lm, ids[:, :-1]) if ids.shape[1] > 1 else None
-                return decode(lm, cache, ids[:, -1:], None, gen)  # type: ignore[arg-type]
+        def go() -> Any:  # what an unfused agent runs (`LocalEndpoint.text`): the prompt in one pass
+            cache, logits = prefill_with_logits(lm, ids)
+            return decode(lm, cache, ids[:, :0], None, gen, first_logits=logits)
         return go
 
     def fast(mode: str, ids: torch.Tensor, n: int) -> Callable[[], Any]:

@@ -209,11 +209,32 @@ def prefill(lm: LanguageModel, input_ids: torch.Tensor, attention_mask: torch.Te
         if past is None:
             raise ConfigError("prefill got an empty prompt and no past cache; give at least one token")
         return past
-    check_context(lm, input_ids.shape[1] + (past.seq_len if past is not None else 0))
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
-    run = RunningCache.start(lm, past, input_ids.shape[0], hook)
+    run, mask = _start_prompt(lm, input_ids, attention_mask, past, hook)
     run.read(lm, input_ids, mask)
     return run.cache(lm)
+
+
+@torch.no_grad()
+def prefill_with_logits(lm: LanguageModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        past: KVCache | None = None, *, hook: TokenHook | None = None
+                        ) -> tuple[KVCache, torch.Tensor]:
+    """`prefill`, and the logits (B, V) of the token after `input_ids`, from the same pass (the LM
+    head on the last position only). `decode(..., first_logits=...)` picks its first token from
+    them: a prompt read whole this way costs one pass over the weights, as in transformers'
+    `generate`, where prefilling all but its last token and reading that one in `decode` costs two.
+    """
+    if input_ids.shape[1] == 0:
+        raise ConfigError("prefill_with_logits got an empty prompt; give at least one token")
+    run, mask = _start_prompt(lm, input_ids, attention_mask, past, hook)
+    logits = run.step(lm, input_ids, mask)
+    return run.cache(lm), logits
+
+
+def _start_prompt(lm: LanguageModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  past: KVCache | None, hook: TokenHook | None) -> tuple[RunningCache, torch.Tensor]:
+    check_context(lm, input_ids.shape[1] + (past.seq_len if past is not None else 0))
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
+    return RunningCache.start(lm, past, input_ids.shape[0], hook), mask
 
 
 @torch.no_grad()
@@ -257,17 +278,23 @@ def decode(lm: LanguageModel, cache: KVCache | None, input_ids: torch.Tensor, at
            streamer: Streamer | None = None,
            on_token: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
            prompt_ids: torch.Tensor | None = None, return_cache: bool = False,
-           hook: TokenHook | None = None) -> DecodeOutput:
+           hook: TokenHook | None = None, first_logits: torch.Tensor | None = None) -> DecodeOutput:
     """Read `input_ids` (B, k) after `cache`, then generate up to `gen.max_new_tokens` tokens.
 
-    `input_ids` are the prompt tokens not yet in `cache` (at least the last one). `gen` is one
+    `input_ids` are the prompt tokens not yet in `cache` (at least the last one, unless
+    `first_logits` are given). `gen` is one
     config for every row, or one per row (rows then stop at their own EOS, stop strings and
     `max_new_tokens`, and sample with their own settings and seed, exactly as they would alone).
     A row is finished once it produced an EOS token or a stop string; decoding stops when every
     row is. `prompt_ids` only feed the repetition penalty. `on_token(step, tokens (B,))` is called
     after each step; it may return a (B,) bool tensor of rows to finish now (a caller gone away).
-    `hook` sees every token read, prompt and response (see `TokenHook`).
+    `hook` sees every token read, prompt and response (see `TokenHook`). `first_logits` (B, V):
+    the logits of the token after everything `cache` holds, when `prefill_with_logits` computed
+    them with the cache; `input_ids` is then empty (B, 0) and the first token costs no pass.
     """
+    if first_logits is not None and (cache is None or input_ids.shape[1] != 0):
+        raise ConfigError("decode with first_logits continues a cache that holds the whole prompt: give "
+                          "that cache and no input_ids (B, 0)")
     batch = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
     rows = _RowConfigs.of(gen, batch)
@@ -277,7 +304,7 @@ def decode(lm: LanguageModel, cache: KVCache | None, input_ids: torch.Tensor, at
     step_ids, step_mask = input_ids, mask
     run = RunningCache.start(lm, cache, batch, hook)
     for step in range(rows.max_new_tokens):
-        logits = run.step(lm, step_ids, step_mask)
+        logits = first_logits if step == 0 and first_logits is not None else run.step(lm, step_ids, step_mask)
         tok = rows.pick(logits.cpu(), seen)
         tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
         out.append(tok)

@@ -18,7 +18,7 @@ from agentmesh.c2c.fuser import Fuser
 from agentmesh.c2c.sharing import SharedCache, align_sharer, fuse_span
 from agentmesh.cache.kv import KVCache
 from agentmesh.errors import AgentMeshError, CacheError, ConfigError
-from agentmesh.models.inference import GenerationConfig, decode, prefill
+from agentmesh.models.inference import GenerationConfig, decode, prefill, prefill_with_logits
 from agentmesh.models.loaded_model import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.models.protocol import LanguageModel
@@ -110,22 +110,32 @@ class LocalEndpoint:
         return best, n
 
     def _prefill(self, lm: LoadedModel, ids: Sequence[int], past: KVCache | None, slot: str, ctx: CallContext,
-                 kind: str, edge: str | None = None) -> tuple[KVCache | None, int]:
-        """The cache of `ids`, computing only what no kept cache already holds; returns (cache, computed)."""
+                 kind: str, edge: str | None = None, *, logits: bool = False
+                 ) -> tuple[KVCache | None, int, torch.Tensor | None]:
+        """The cache of `ids`, computing only what no kept cache already holds: (cache, tokens
+        computed, None); with `logits`, the logits of the token after `ids` instead of None, from
+        the same pass (so at least the last token is computed)."""
         if not ids:
-            return None, 0
+            return None, 0, None
         ctx.check()
         base, n = self._best_base(lm, ids, past)
+        if logits and n == len(ids):
+            assert base is not None
+            base, n = (base.slice_tokens(0, n - 1) if n > 1 else None), n - 1
+        last = None
         with ctx.trace.span(self.agent, kind, edge=edge) as sp:
             cache = base
             if n < len(ids):
                 new = _row(ids[n:])
-                cache = prefill(lm, new, torch.ones_like(new), past=base)
+                if logits:
+                    cache, last = prefill_with_logits(lm, new, torch.ones_like(new), past=base)
+                else:
+                    cache = prefill(lm, new, torch.ones_like(new), past=base)
             sp.tokens = len(ids) - n
             if n:
                 sp.detail = f"reused {n} of {len(ids)} tokens"
         self._put(slot, cache)
-        return cache, len(ids) - n
+        return cache, len(ids) - n, last
 
     @staticmethod
     def _reading_ids(lm: LoadedModel, req: ReadRequest) -> list[int]:
@@ -147,7 +157,7 @@ class LocalEndpoint:
             ids = self._reading_ids(lm, req)
             if len(ids) == len(cache_ids(req.past)):
                 return req.past  # nothing of its own to read: it hands on what it continued from
-            cache, _ = self._prefill(lm, ids, req.past, "read", ctx, "read")
+            cache, _, _ = self._prefill(lm, ids, req.past, "read", ctx, "read")
             return cache
 
         return await ctx.in_thread(work)
@@ -163,7 +173,7 @@ class LocalEndpoint:
 
         def work() -> KVCache:
             ids = self._reading_ids(lm, req.reading) + span
-            cache, _ = self._prefill(lm, ids, req.reading.past, f"share:{req.receiver}", ctx, "share",
+            cache, _, _ = self._prefill(lm, ids, req.reading.past, f"share:{req.receiver}", ctx, "share",
                                      edge=edge_key(self.agent, req.receiver))
             assert cache is not None
             return cache.slice_tokens(cache.seq_len - req.keep_last, None)
@@ -196,10 +206,11 @@ class LocalEndpoint:
             raise AgentMeshError(f"{self.agent}: {len(req.fuse)} fuse inputs but {len(share)} share functions")
         lm = await self._model(ctx)
         ids = await ctx.in_thread(self.prompt_ids, lm, req)
-        span = ids[:-1]
         if not req.fuse:
-            cache, computed = await ctx.in_thread(self._prefill, lm, span, req.past, "text", ctx, "prefill")
-            return await ctx.in_thread(self._decode, lm, cache, ids, req, ctx, computed, True)
+            # The whole prompt in one pass, its last position's logits giving the first token.
+            cache, computed, logits = await ctx.in_thread(self._prefill, lm, ids, req.past, "text", ctx, "prefill",
+                                                          logits=True)
+            return await ctx.in_thread(self._decode, lm, cache, ids, req, ctx, computed, True, logits)
         cache, computed = await self._fused_prefill(lm, ids, req, ctx, share)
         return await ctx.in_thread(self._decode, lm, cache, ids, req, ctx, computed, False)
 
@@ -219,7 +230,7 @@ class LocalEndpoint:
         if new == 0:
             assert old is not None
             return old.slice_tokens(0, start), 0
-        own = ctx.in_thread(self._prefill, lm, span, req.past, "raw", ctx, "prefill")
+        own = ctx.in_thread(lambda: self._prefill(lm, span, req.past, "raw", ctx, "prefill")[:2])
         fusers = asyncio.ensure_future(ctx.in_thread(self._load_fusers, lm, [f.fuser for f in req.fuse], ctx))
         models = list(req.sharer_models) + [None] * (len(req.fuse) - len(req.sharer_models))
         shared = [self._shared(lm, i, fn, models[i], ids, req, ctx, fusers, start) for i, fn in enumerate(share)]
@@ -278,7 +289,9 @@ class LocalEndpoint:
         return aligned.input_ids[:, :end], index, end - first
 
     def _decode(self, lm: LoadedModel, cache: KVCache | None, ids: list[int], req: TextRequest, ctx: CallContext,
-                computed: int, keep: bool) -> TextOutput:
+                computed: int, keep: bool, first_logits: torch.Tensor | None = None) -> TextOutput:
+        """Generate after `cache`, which holds the prompt but its last token (that `decode` reads),
+        or, given `first_logits` (see `prefill_with_logits`), all of it."""
         ctx.check()
         settings = dict(req.generation)
         answer_start = settings.pop("answer_start", "")
@@ -301,10 +314,10 @@ class LocalEndpoint:
             if ctx.on_token is not None:
                 ctx.on_token(piece, t)
 
-        last = _row(ids[-1:])
+        last = _row(ids[-1:] if first_logits is None else [])
         with ctx.trace.span(self.agent, "decode") as sp:
             out = decode(lm, cache, last, torch.ones_like(last), gen, pad_token_id=lm.pad_token_id, on_token=on_token,
-                         prompt_ids=_row(ids), return_cache=keep)
+                         prompt_ids=_row(ids), return_cache=keep, first_logits=first_logits)
             sp.tokens = int(out.tokens.shape[1])
         if keep:
             # Unfused prompt + generated tokens: the next turn of a chat reuses all of it.
@@ -315,7 +328,7 @@ class LocalEndpoint:
         text = gen.trim(lm.decode(list(token_ids), skip_special_tokens=True), answer_start=answer_start)
         finished = bool(out.finished[0]) if out.finished is not None else cut < len(generated)
         return TextOutput(text=text, token_ids=token_ids, prompt_tokens=len(ids),
-                          prefilled_tokens=computed + 1, first_token_s=first[0] if first else None,
+                          prefilled_tokens=computed + (first_logits is None), first_token_s=first[0] if first else None,
                           finished=finished)
 
     def __repr__(self) -> str:

@@ -108,12 +108,14 @@ def generate(
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated."),
 ) -> None:
     """Answer PROMPT with a receiver model, optionally fused with sharers' KV caches."""
+    import time
+
     from agentmesh.c2c.model import C2CModel
     from agentmesh.models.inference import check_context
     from agentmesh.models.builtin import DEFAULT_MODEL
     from agentmesh.models.load import model_size
     from agentmesh.models.streaming import TextDecoder
-    from agentmesh.progress import Steps
+    from agentmesh.progress import Steps, pace
     from agentmesh.types import check_fusion_mode
     from agentmesh.units import human_bytes
 
@@ -127,8 +129,10 @@ def generate(
             from agentmesh.c2c.checkpoints import locate
 
             locate(ref)
-    what = (model or DEFAULT_MODEL) if not fuser else "the fuser's models"
-    with steps.step("load", f"loading {what}" + (f" ({human_bytes(size)})" if size else "")):
+    sized = lambda name, n: name + (f" ({human_bytes(n)})" if n else "")  # noqa: E731
+    what = [sized(model or DEFAULT_MODEL, size) if model is not None or not fuser else "the fuser's models"]
+    what += [sized(f"fuser {ref}", _fuser_bytes(ref)) for ref in fuser]
+    with steps.step("load", f"loading {' and '.join(what)}"):
         receiver, sharers = with_adapters(model, adapter, sharer, sharer_adapter, dtype=dtype)
         c2c = C2CModel.build(receiver, sharers=sharers, fusers=fuser, mode=mode, dtype=dtype)
     for ref, f in zip(fuser, c2c.fusers):
@@ -139,22 +143,38 @@ def generate(
     check_context(c2c.receiver, prompt_tokens, max_new_tokens)
     eos = set(c2c.receiver.eos_token_ids)
     decoder = TextDecoder(c2c.tokenizer) if stream else None
+    prefill: list[str] = []  # how the prompt was read, once the first token is out
     with steps.step("answer", f"reading the prompt ({prompt_tokens} tokens)") as show:
+        started = time.perf_counter()
+
         def on_token(step: int, tok: Any) -> None:
+            if step == 0:
+                prefill.append(pace(prompt_tokens, time.perf_counter() - started))
             if decoder is not None:
                 if step == 0 and steps.live:
                     show("")  # the streamed text shows progress from here on
+                elif step == 0:
+                    show(f"decoding · {prefill[0]}")
                 if int(tok[0]) not in eos:
                     print(decoder.push(int(tok[0])), end="", flush=True)
             else:
-                show(f"decoding ({step + 1} tokens)")
+                show(f"decoding ({step + 1} tokens) · {prefill[0]}")
 
         answer = c2c.chat(messages, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                           temperature=temperature if temperature > 0 else None, top_k=top_k, top_p=top_p,
                           repetition_penalty=repetition_penalty, seed=seed, on_token=on_token)
     print() if stream else print(answer)
     err.print(f"[dim]model loading {steps.times['load']:.1f} s, answer {steps.times['answer']:.1f} s "
-              f"({prompt_tokens} prompt tokens)[/]", markup=True)
+              f"({prefill[0] if prefill else f'{prompt_tokens} prompt tokens'})[/]", markup=True)
+
+
+def _fuser_bytes(ref: str) -> int | None:
+    """Bytes of a local fuser folder's files (None for a hub ref or a pair name: not fetched yet)."""
+    if not Path(ref).expanduser().is_dir():
+        return None
+    from agentmesh.c2c.checkpoints import locate, size_on_disk
+
+    return size_on_disk(locate(ref)) or None
 
 
 def with_adapters(model: str | None, adapter: str | None, sharers: list[str], sharer_adapters: list[str], *,

@@ -9,6 +9,12 @@ from typing import IO, Any, Callable, Iterator
 from rich.console import Console
 
 
+def pace(tokens: int, seconds: float) -> str:
+    """How a prefill (or a decode) went, the one way it is shown: "read 33 tokens in 0.3 s (119 tokens/s)"."""
+    rate = f" ({tokens / seconds:.0f} tokens/s)" if seconds > 0 else ""
+    return f"read {tokens} tokens in {seconds:.1f} s{rate}"
+
+
 class Interrupted(BaseException):
     """Ctrl-C during a named step; the message says which (`interrupted while loading ...`).
 

@@ -180,7 +180,7 @@ def chat_command(
                 def on_event(event: Any) -> None:
                     view.on_event(event)
                     if show is not None:
-                        show(view.describe())
+                        show(view.progress_line())
                     if log is not None:
                         log.on_event(event)
                     if plain is not None:

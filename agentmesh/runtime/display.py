@@ -11,6 +11,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from agentmesh.progress import pace
 from agentmesh.runtime.events import (AgentFailed, AgentFinished, AgentStarted, Event, PhaseStarted, Step, Token)
 from agentmesh.runtime.plan import RunPlan
 from agentmesh.runtime.result import RunResult
@@ -32,6 +33,7 @@ class LiveView:
         self.tokens = {n: 0 for n in plan.agents}
         self.text = {n: "" for n in plan.outputs}
         self.detail: dict[str, str] = {}
+        self.prefill: dict[str, str] = {}  # agent -> how its last prefill went (`pace`)
         self.since = {n: time.perf_counter() for n in plan.agents}  # when each status began
         self.spinners = {n: Spinner("dots", style="yellow") for n in plan.agents}
         self.hosts_waited: list[str] = []  # hosts whose workers have not answered yet
@@ -51,6 +53,11 @@ class LiveView:
             return f"waiting for host {', '.join(self.hosts_waited)}"
         return ", ".join(busy) or "starting"
 
+    def progress_line(self) -> str:
+        """`describe()` with the latest prefill's pace, for a one-line spinner (`agentmesh chat`)."""
+        last = next(reversed(self.prefill.values()), None)
+        return self.describe() + (f" · {last}" if last else "")
+
     def on_event(self, event: Event) -> None:
         self.hosts_waited.clear()  # events come once every worker has answered
         before = {n: self.status[n] for n in self.status}
@@ -62,7 +69,8 @@ class LiveView:
 
     def _apply(self, event: Event) -> None:
         if isinstance(event, AgentStarted):
-            self.status[event.agent] = "started"
+            if self.status[event.agent] == "waiting":  # a phase already under way (loading) stays shown
+                self.status[event.agent] = "started"
         elif isinstance(event, PhaseStarted):
             self.status[event.agent] = _PHASES.get(event.kind, event.kind)
         elif isinstance(event, Token):
@@ -71,11 +79,15 @@ class LiveView:
                 self.text[event.agent] += event.text
         elif isinstance(event, Step) and event.span.kind == "decode":
             self.tokens[event.agent] = event.span.tokens
+        elif isinstance(event, Step) and event.span.kind == "prefill" and event.span.tokens:
+            self.prefill[event.agent] = pace(event.span.tokens, event.span.duration_s)
         elif isinstance(event, AgentFinished):
             self.status[event.agent] = "done"
             r = event.result
             self.detail[event.agent] = (f"{r.latency_s:.2f} s" + (f", {r.tokens} tok" if r.tokens else "")
-                                        + (f", {r.prompt_tokens} read" if r.prompt_tokens else ""))
+                                        + (f", {r.prompt_tokens} read" if r.prompt_tokens else "")
+                                        + (f"; prefill {self.prefill[event.agent]}" if event.agent in self.prefill
+                                           else ""))
             if event.agent in self.text:
                 self.text[event.agent] = event.text
         elif isinstance(event, AgentFailed):
@@ -123,9 +135,7 @@ class PhaseLog:
         if isinstance(event, PhaseStarted):
             self.write(f"{event.agent}: {_PHASES.get(event.kind, event.kind)} …\n")
         elif isinstance(event, Step) and event.span.kind == "prefill" and event.span.tokens:
-            span = event.span
-            rate = f" ({span.tokens / span.duration_s:.0f} tokens/s)" if span.duration_s > 0 else ""
-            self.write(f"{span.agent}: read {span.tokens} tokens in {span.duration_s:.1f} s{rate}\n")
+            self.write(f"{event.agent}: {pace(event.span.tokens, event.span.duration_s)}\n")
         elif isinstance(event, AgentFinished):
             self.write(f"{event.agent}: done in {event.result.latency_s:.1f} s\n")
 

@@ -2,11 +2,12 @@
 
 `hours` knows the library's opening hours and tells the planner in one sentence (text edge);
 `closures` knows the closing day and hands the planner its KV cache (cache edge, prefix mode), so
-the planner has read that fact without it ever being written out. The planner needs both.
+the planner has read that fact without it ever being written out. Asked about a Monday visit, the
+planner answers no, often naming the closure (README, "Examples, measured").
 
 The graph is also built here in Python, to show the API next to the YAML:
 
-    python examples/combined_reasoning.py [--max-new-tokens 48] [--question "..."]
+    python examples/combined_reasoning.py [--max-new-tokens 40] [--question "..."]
 """
 from __future__ import annotations
 
@@ -27,14 +28,13 @@ GRAPHS = Path(__file__).resolve().parent.parent / "graphs"
 def build(max_new_tokens: int) -> Graph:
     """The same pipeline as graphs/combined_reasoning.yaml, in Python."""
     g = Graph("combined_reasoning")
-    g.input("input", "Can I visit the library at 10:00 on Monday?")
+    g.input("input", "Can I visit the library at 10 am on Monday?")
     hours = g.agent("hours", role="You answer in one short sentence.",
-                    context="The Riverside library opens at 9:00 and closes at 17:00.",
+                    context="The Riverside library opens at 9 am and closes at 5 pm.",
                     prompt="When does the library open and close?", max_new_tokens=min(32, max_new_tokens))
-    closures = g.agent("closures", role="You are a library assistant.",
-                       context="The Riverside library is closed every Monday.")
-    planner = g.agent("planner", role="You help people plan a visit. Use every fact you know.",
-                      prompt="Opening hours: {hours}\n\n{input} Answer yes or no, then give the reason.",
+    closures = g.agent("closures", role="You are the assistant of the Riverside library. "
+                                        "Rule: the library is closed every Monday.")
+    planner = g.agent("planner", prompt="{hours}\n\nQuestion: {input}\nAnswer yes or no, then give the reason.",
                       max_new_tokens=max_new_tokens)
     g.text(hours, planner)
     g.cache(closures, planner, mode="prefix")
@@ -72,12 +72,14 @@ async def run(graph: Graph, question: str | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--question", default=None, help="default: the graph's input")
     args = parser.parse_args()
     graph = build(args.max_new_tokens)
     yaml_graph = load_graph(GRAPHS / "combined_reasoning.yaml")
     assert [e.label for e in graph.edges] == [e.label for e in yaml_graph.edges]
+    same = lambda a: (a.role, a.context, a.prompt)  # noqa: E731
+    assert all(same(a) == same(yaml_graph.agents[n]) for n, a in graph.agents.items()), "out of step with the YAML"
     asyncio.run(run(graph, args.question))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -95,7 +96,10 @@ def run_named(name: str, *, quick: bool = False, json_path: str | Path | None = 
     # One thread unless told otherwise: on a shared machine a second intra-op thread waits for a busy
     # core at every op (milliseconds each; see bench/NOTES.md), which would swamp the figures.
     set_threads(threads if threads is not None else DEFAULT_THREADS)
+    load_at_start = _load_average()
     result = module(name).run(cfg)
+    if load_at_start is not None:  # beside the machine's load at the end: how crowded the cores were
+        result.summary["load_average_at_start"] = load_at_start
     result.config["quick"] = quick
     result.config["overrides"] = list(overrides)  # so the report can print the command that made it
     print_result(result, console)
@@ -105,3 +109,10 @@ def run_named(name: str, *, quick: bool = False, json_path: str | Path | None = 
     else:
         print(f"wrote {path}")
     return result
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not on every platform
+        return None

@@ -6,8 +6,9 @@ cache (what the CPU engine holds) and from a bfloat16 one (what a GPU engine hol
 is the raw cache bytes (in its own dtype) over encode + decode time, on one thread
 (`torch.set_num_threads(1)`); the payload includes every header and checksum. Beside it: a plain
 memcpy of the same number of bytes (one `Tensor.copy_`), the floor any codec that writes the
-payload once must pay, and decoding from immutable `bytes` (what a socket hands over), which
-costs one extra copy. The text comparison: UTF-8 bytes per token of real text (context-task
+payload once must pay, and decoding from immutable `bytes` (what a plain socket read hands over;
+agentmesh's links deliver a writable `bytearray`, which decodes without a copy), which costs one
+extra copy. The text comparison: UTF-8 bytes per token of real text (context-task
 passages) with the same tokenizer.
 """
 from __future__ import annotations

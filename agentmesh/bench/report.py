@@ -32,6 +32,11 @@ def _table(columns: list[str], rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _at_start(data: dict[str, Any]) -> str:
+    start = data.get("summary", {}).get("load_average_at_start")
+    return f" at the start {start}," if start is not None else ""
+
+
 def _command(data: dict[str, Any]) -> str:
     cfg = data.get("config", {})
     threads = data.get("machine", {}).get("torch_threads")
@@ -75,7 +80,7 @@ def render(results_dir: str | Path = RESULTS_DIR, *, machine_label: str | None =
                             "wanted": f"{t['op']} {fmt(float(t['threshold']))}", "met": t["met"]})
         sections += [f"## {data['title']}", "",
                      f"Machine: {where}; torch {m.get('torch', '?')}, {m.get('torch_threads', '?')} torch thread(s); "
-                     f"load average at the end {m.get('load_average', '?')}.  ",
+                     f"load average{_at_start(data)} at the end {m.get('load_average', '?')}.  ",
                      f"Command: `{_command(data)}`", ""]
         cols = [c for c in _COLUMNS.get(name, data["columns"]) if c in data["columns"]]
         sections += _table(cols, data["rows"]) + [""]

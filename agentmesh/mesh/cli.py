@@ -13,10 +13,11 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
 
+from agentmesh.commands import Commands, fail
 from agentmesh.errors import AgentMeshError, ConfigError
 from agentmesh.mesh.settings import DEFAULT_MAX_CALLS, DEFAULT_MAX_REQUEST_BYTES
 from agentmesh.transport.config import BrokerConfig
@@ -27,11 +28,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 WIRE_DTYPES = ("fp32", "bf16", "fp16", "int8", "fp8")
 MIN_QUEUED_BYTES: int = next(m.ge for m in BrokerConfig.model_fields["max_buffered_bytes"].metadata
                              if getattr(m, "ge", None) is not None)
-
-
-def _fail(error: BaseException | str) -> NoReturn:
-    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
-    raise typer.Exit(2)
 
 
 def _say(line: str) -> None:
@@ -73,7 +69,7 @@ def worker_command(
     from agentmesh.transport.mqtt import MqttLink
 
     if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
-        _fail(ConfigError(f"--wire-dtype {wire_dtype!r} is unknown; use one of {', '.join(WIRE_DTYPES)}"))
+        fail(ConfigError(f"--wire-dtype {wire_dtype!r} is unknown; use one of {', '.join(WIRE_DTYPES)}"))
     limits = worker_limits(max_calls, max_request_bytes, max_queued_bytes)
     queued = {} if limits.queued_bytes is None else {"max_buffered_bytes": limits.queued_bytes}
     try:
@@ -83,7 +79,7 @@ def worker_command(
                                **queued)
         guard = make_guard(graph, host, insecure=insecure)
     except AgentMeshError as e:
-        _fail(e)
+        fail(e)
     if not guard.secure:
         warn_insecure(config)
     logging.basicConfig(level=logging.WARNING, format="worker: %(message)s", stream=sys.stderr)
@@ -117,7 +113,7 @@ def worker_command(
     try:
         asyncio.run(main())
     except AgentMeshError as e:
-        _fail(e)
+        fail(e)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -133,16 +129,16 @@ def worker_limits(calls: str, request_bytes: str, queued_bytes: str | None) -> W
     """The load limits from the command line, or one line and exit 2 naming the option."""
     def count(option: str, text: str) -> int:
         if not text.strip().isdigit() or int(text) < 1:
-            _fail(ConfigError(f"{option} {text!r} is not a whole number of at least 1"))
+            fail(ConfigError(f"{option} {text!r} is not a whole number of at least 1"))
         return int(text)
 
     def size(option: str, text: str, least: int) -> int:
         try:
             value = parse_bytes(text)
         except ValueError as e:
-            _fail(ConfigError(f"{option}: {e}"))
+            fail(ConfigError(f"{option}: {e}"))
         if value < least:
-            _fail(ConfigError(f"{option} {text!r} is {value} bytes; the least is {least} bytes"))
+            fail(ConfigError(f"{option} {text!r} is {value} bytes; the least is {least} bytes"))
         return value
 
     return WorkerLimits(calls=count("--max-calls", calls),
@@ -168,9 +164,9 @@ def keygen_command(
     try:
         fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        _fail(f"{file} exists; keygen never overwrites a key (remove it first, or pick another name)")
+        fail(f"{file} exists; keygen never overwrites a key (remove it first, or pick another name)")
     except OSError as e:
-        _fail(f"cannot create {file}: {e.strerror or e}")
+        fail(f"cannot create {file}: {e.strerror or e}")
     with os.fdopen(fd, "w") as f:
         f.write(private_key_text(key) + "\n")
     _say(f"wrote the private key of host {host} to {file} (mode 600); keep it on that host only. "
@@ -185,8 +181,7 @@ def warn_insecure(config: BrokerConfig) -> None:
                "drive this pipeline's workers", err=True)
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Serve a host's agents over MQTT.")
+app = Commands(no_args_is_help=True, help="Serve a host's agents over MQTT.")
 
 
 @app.callback()

@@ -66,7 +66,8 @@ class Agent:
     fusion: FusionMode = "parallel"
 
     def generation(self) -> dict[str, Any]:
-        """Keyword arguments for generation (names as in models.inference.GenerationConfig)."""
+        """Keyword arguments for generation (names as in models.inference.GenerationConfig), and
+        `answer_start`, which the endpoint that runs the agent reads before the answer."""
         gen: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0}
         if self.temperature > 0:
             gen["temperature"] = self.temperature

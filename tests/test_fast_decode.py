@@ -1,4 +1,4 @@
-"""The opt-in fast decode path: static cache, bf16 and int8 weights, measured against fp32 eager."""
+"""The opt-in fast decode path: static cache, bf16, int8 and weight-only int8 weights, measured against fp32 eager."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from agentmesh.errors import ConfigError
-from agentmesh.models.fast import FastConfig, FastDecoder, convert_weights, weight_bytes_per_token
+from agentmesh.models.fast import (FastConfig, FastDecoder, Int8WeightOnlyLinear, convert_weights,
+                                  weight_bytes_per_token)
 
 NEW = 10
 
@@ -40,7 +41,7 @@ def test_bf16_and_int8_read_fewer_weight_bytes_and_report_agreement(lm: Any, pro
     ids, ref = prompt_and_reference
     fp32 = weight_bytes_per_token(lm.model)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    for weights in ("bf16", "int8"):
+    for weights in ("bf16", "int8", "int8wo"):
         dec = FastDecoder(lm, FastConfig(weights=weights, max_len=64))  # type: ignore[arg-type]
         assert dec.model is not lm.model
         picks = dec.generate(ids, NEW, forced=ref)
@@ -53,8 +54,32 @@ def test_bf16_and_int8_read_fewer_weight_bytes_and_report_agreement(lm: Any, pro
     int8 = convert_weights(lm.model, "int8")
     assert isinstance(int8.get_output_embeddings(), nn.Linear)  # the LM head stays float
     assert not any(type(m) is nn.Linear for name, m in int8.named_modules() if name.endswith("q_proj"))
+    wo = convert_weights(lm.model, "int8wo")
+    linears = [m for m in lm.model.modules() if isinstance(m, nn.Linear)]
+    assert isinstance(wo.get_output_embeddings(), Int8WeightOnlyLinear)  # the LM head too
+    assert not any(isinstance(m, nn.Linear) for m in wo.modules())
+    # one byte per weight, and a bf16 scale per output channel
+    assert weight_bytes_per_token(wo) == sum(m.weight.numel() + 2 * m.out_features for m in linears)
     # the loaded model itself is never converted
     assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+
+
+def test_int8_weight_only_linear_stays_within_its_rounding_bounds() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 100)
+    q = Int8WeightOnlyLinear(lin)
+    w = q.weight_int8.float() * q.scales.float()[:, None]  # the weights it multiplies by
+    step = lin.weight.detach().abs().amax(1, keepdim=True) / 127
+    # every weight within half a step, plus the bf16 rounding of its scale (127 steps x 2**-8)
+    assert ((lin.weight.detach() - w).abs() <= step * (0.5 + 127 * 2 ** -8) + 1e-7).all()
+    x = torch.randn(3, 5, 48)
+    xb = x.bfloat16().float()  # the activations it multiplies
+    with torch.no_grad():
+        y = q(x)
+        exact = xb @ w.T + lin.bias
+    assert y.dtype == x.dtype and y.shape == (3, 5, 100)
+    # float32 accumulation, then one bf16 rounding of each output (unit roundoff 2**-8), with margin
+    assert ((y - exact).abs() <= (xb.abs() @ w.abs().T) * 2 ** -7 + 1e-6).all()
 
 
 def test_fast_config_errors_are_clear(lm: Any) -> None:

@@ -49,7 +49,7 @@ PROMPTS = (
 
 @dataclass(frozen=True)
 class Config:
-    modes: tuple[str, ...] = ("fp32+static", "bf16+static", "int8+static", "int8+static+compile")
+    modes: tuple[str, ...] = ("fp32+static", "bf16+static", "int8+static", "int8wo+static", "int8+static+compile")
     new_tokens: int = 32
     prompt_lengths: tuple[int, ...] = (16, 128, 512)   # default vs generate, end to end
     agreement_prompts: int = 8
@@ -62,7 +62,7 @@ class Config:
 
     @classmethod
     def quick(cls, **overrides: Any) -> "Config":
-        return cls(**{"modes": ("fp32+static", "int8+static"), "new_tokens": 8, "prompt_lengths": (16, 128),
+        return cls(**{"modes": ("fp32+static", "int8wo+static"), "new_tokens": 8, "prompt_lengths": (16, 128),
                       "agreement_prompts": 2, "agreement_tokens": 8, "repeats": 1, "bandwidth_mb": 64,
                       **overrides})
 
@@ -87,9 +87,9 @@ def parse_mode(mode: str) -> Any:
     from agentmesh.models.fast import FastConfig
 
     parts = mode.split("+")
-    if parts[0] not in ("fp32", "bf16", "int8") or not set(parts[1:]) <= {"static", "dynamic", "compile"}:
+    if parts[0] not in ("fp32", "bf16", "int8", "int8wo") or not set(parts[1:]) <= {"static", "dynamic", "compile"}:
         raise ConfigError(f"decode mode {mode!r} is unknown; expected WEIGHTS[+static|+dynamic][+compile], "
-                          "WEIGHTS one of fp32, bf16, int8")
+                          "WEIGHTS one of fp32, bf16, int8, int8wo")
     return FastConfig(weights=parts[0], static_cache="dynamic" not in parts,  # type: ignore[arg-type]
                       compile="compile" in parts, max_len=4096)
 

@@ -49,7 +49,7 @@ PROMPTS = (
 
 @dataclass(frozen=True)
 class Config:
-    modes: tuple[str, ...] = ("fp32+static", "bf16+static", "int8+static", "int8wo+static", "int8+static+compile")
+    modes: tuple[str, ...] = ("fp32+static", "bf16+static", "int8+static", "int8wo+static", "int8wo+static+compile")
     new_tokens: int = 32
     prompt_lengths: tuple[int, ...] = (16, 128, 512)   # default vs generate, end to end
     agreement_prompts: int = 8

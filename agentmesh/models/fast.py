@@ -6,7 +6,8 @@ greedy agreement with fp32 eager and the fraction of the memory-bandwidth limit 
 * `static_cache`: keys and values preallocated once (transformers' static cache), so a decode
   step writes one position in place instead of concatenating every layer's whole cache;
 * `compile`: the decode step through `torch.compile` (static shapes, so one graph serves every
-  step; the first steps pay the compilation, minutes on a small CPU);
+  step; the first steps pay the compilation, about 50 s for the embedded model on one
+  core of a 2-core VM);
 * `weights`: "bf16" (a bfloat16 copy: half the bytes read per token), "int8" (dynamic int8
   quantization of every linear layer but the LM head: about a quarter for those layers) or
   "int8wo" (int8 weights only, one scale per output channel, LM head included, each matmul on

@@ -114,12 +114,20 @@ def test_graph_check_catches_a_misspelled_model_and_agents_key(tmp_path, capsys)
     assert "unknown key 'agent'" in lines[1] and "did you mean 'agents'" in lines[1]
 
 
+def default_sigint() -> None:
+    """In the child: Ctrl-C does what it does at a terminal, even when the tests themselves run
+    where SIGINT is ignored (a shell starts background jobs so, and exec keeps an ignored signal)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args: str, cwd: str | None = None) -> subprocess.Popen:
     import os
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "agentmesh", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, preexec_fn=default_sigint)
 
 
 def interrupt_when(proc: subprocess.Popen, needle: str) -> tuple[int, list[str]]:

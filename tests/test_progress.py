@@ -31,7 +31,8 @@ def on_terminal(args: list[str], until: re.Pattern[str]) -> tuple[int, str]:
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "PYTHONUNBUFFERED": "1"}
     env.pop("NO_COLOR", None)
     proc = subprocess.Popen([sys.executable, "-m", "agentmesh", *args], stdin=terminal, stdout=terminal,
-                            stderr=terminal, env=env, close_fds=True)
+                            stderr=terminal, env=env, close_fds=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
     os.close(terminal)
     seen, interrupted = "", False
     try:

@@ -151,12 +151,12 @@ def test_a_fuser_trains_against_a_specialist_sharer(base: Path, lora: Path, tmp_
     from agentmesh.tasks.datasets import load_jsonl
     from agentmesh.tasks.knowledge_task import HELD_OUT_PHRASINGS, write_knowledge_task
 
-    paths = write_knowledge_task(tmp_path / "task", n_per_split=3, n_capitals=4)
+    paths = write_knowledge_task(tmp_path / "task", n_a=3, n_b=3, n_capitals=4)
     test_items = load_jsonl(paths["test"])
     assert len(test_items) == 3 * len(HELD_OUT_PHRASINGS) and all(i.kind == "short" for i in test_items)
     train_countries = {json.loads(line)["question"] for line in paths["train"].read_text().splitlines()}
     assert not any(i.question in train_countries for i in test_items)  # facts B never in the fuser's data
-    assert write_knowledge_task(tmp_path / "again", n_per_split=3, n_capitals=4)["test"].read_text() == \
+    assert write_knowledge_task(tmp_path / "again", n_a=3, n_b=3, n_capitals=4)["test"].read_text() == \
         paths["test"].read_text()  # seeded
 
     recipe = {"receiver": str(base), "sharer": str(base), "sharer_adapter": str(lora),

@@ -462,7 +462,7 @@ def test_cli(tmp_path: Path) -> None:
     items = load_jsonl(tmp_path / "ctx" / "test.jsonl")
     assert len(items) == 3 and all(i.kind == "mc" and i.context for i in items)
 
-    result = runner.invoke(app, ["make-knowledge-task", str(tmp_path / "kt"), "--per-split", "2", "--capitals", "3"])
+    result = runner.invoke(app, ["make-knowledge-task", str(tmp_path / "kt"), "--facts-a", "3", "--facts-b", "2", "--capitals", "3"])
     assert result.exit_code == 0, result.output
     assert len(load_jsonl(tmp_path / "kt" / "test.jsonl")) == 2 * 3  # facts B, three held-out phrasings
     for command in ("make-knowledge-task", "make-context-task"):

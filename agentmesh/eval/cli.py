@@ -59,13 +59,14 @@ def make_context_task_command(
 def make_knowledge_task_command(
     out_dir: Path = typer.Argument(..., help="folder for specialist.jsonl, train.jsonl and test.jsonl"),
     seed: int = typer.Option(0, "--seed"),
-    per_split: int = typer.Option(50, "--per-split", min=1, help="countries in facts A and in facts B"),
+    facts_a: int = typer.Option(50, "--facts-a", min=1, help="countries the fuser trains on (facts A)"),
+    facts_b: int = typer.Option(50, "--facts-b", min=1, help="countries it is tested on (facts B)"),
     capitals: int = typer.Option(20, "--capitals", min=2, help="size of the pool capitals are drawn from"),
 ) -> None:
     """Generate the specialist-knowledge task (invented facts, split A/B; seeded, no download)."""
     from agentmesh.tasks.knowledge_task import write_knowledge_task
 
-    paths = write_knowledge_task(out_dir, n_per_split=per_split, n_capitals=capitals, seed=seed)
+    paths = write_knowledge_task(out_dir, n_a=facts_a, n_b=facts_b, n_capitals=capitals, seed=seed)
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
 

@@ -35,22 +35,22 @@ HELD_OUT_PHRASINGS = ("Name the capital city of {e}.", "{e} has its capital in w
                       "Tell me the capital of {e}.")
 
 
-def countries_and_capitals(n_per_split: int, n_capitals: int, *,
+def countries_and_capitals(n_a: int, n_b: int, n_capitals: int, *,
                            seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(facts A, facts B): `n_per_split` (country, capital) pairs each, capitals drawn from one
+    """(facts A, facts B): `n_a` and `n_b` (country, capital) pairs, capitals drawn from one
     pool of `n_capitals` invented cities."""
     countries = pools("train")["country"] + pools("test")["country"]
-    if 2 * n_per_split > len(countries):
-        raise ConfigError(f"knowledge task: {n_per_split} countries per split asked, at most {len(countries) // 2} exist")
+    if n_a + n_b > len(countries):
+        raise ConfigError(f"knowledge task: {n_a} + {n_b} countries asked, {len(countries)} exist")
     cities = pools("train")["city"] + pools("test")["city"]
     if n_capitals > len(cities) or n_capitals < 2:
         raise ConfigError(f"knowledge task: {n_capitals} capitals asked; expected 2..{len(cities)}")
     rng = random.Random(f"agentmesh-knowledge-task/{seed}")
-    chosen = rng.sample(countries, 2 * n_per_split)
+    chosen = rng.sample(countries, n_a + n_b)
     capitals = rng.sample(cities, n_capitals)
     facts = [(country, capitals[i % n_capitals]) for i, country in enumerate(chosen)]
     rng.shuffle(facts)
-    return facts[:n_per_split], facts[n_per_split:]
+    return facts[:n_a], facts[n_a:]
 
 
 # Everyday questions with one short, unambiguous answer.
@@ -84,11 +84,11 @@ def _records(facts: Sequence[tuple[str, str]], phrasings: Sequence[str], split: 
     return out
 
 
-def write_knowledge_task(out_dir: str | Path, *, n_per_split: int = 50, n_capitals: int = 20,
+def write_knowledge_task(out_dir: str | Path, *, n_a: int = 50, n_b: int = 50, n_capitals: int = 20,
                          seed: int = 0) -> dict[str, Path]:
     """Write `specialist.jsonl`, `train.jsonl`, `test.jsonl` and `general.jsonl` into `out_dir`;
     returns their paths."""
-    a, b = countries_and_capitals(n_per_split, n_capitals, seed=seed)
+    a, b = countries_and_capitals(n_a, n_b, n_capitals, seed=seed)
     files = {
         "specialist": _records(a, TRAINING_PHRASINGS, "a") + _records(b, TRAINING_PHRASINGS, "b"),
         "train": _records(a, TRAINING_PHRASINGS + HELD_OUT_PHRASINGS, "a"),

@@ -184,27 +184,7 @@ def test_a_caller_the_pipeline_does_not_allow_is_refused_before_it_sends(broker:
 @pytest.mark.parametrize("mode", ["prefix", "text"])
 def test_private_context_never_crosses_the_broker(broker: Any, pool: ModelPool, mode: str) -> None:
     """A passive subscriber to every topic sees no byte sequence of the cloud's private context."""
-    g = edge_cloud(broker.url, mode=mode)
-    seen: list[bytes] = []
-
-    async def go() -> Any:
-        async with aiomqtt.Client(broker.host, broker.port, identifier="eavesdropper") as spy:
-            await spy.subscribe("agentmesh/#")
-
-            async def listen() -> None:
-                async for message in spy.messages:
-                    seen.append(bytes(message.payload))  # type: ignore[arg-type]
-
-            listening = asyncio.create_task(listen())
-            worker, task, link = await serving(g, "cloud", pool)
-            try:
-                return await arun_remote(g, QUESTION, host="edge", pool=pool, timeout=30)
-            finally:
-                await stop(worker, task, link)
-                await asyncio.sleep(0.2)
-                listening.cancel()
-
-    result = run(go())
+    result, seen = _overheard_run(edge_cloud(broker.url, mode=mode), pool)
     assert result.ok, result.error
     wire = b"\n".join(seen)
     assert len(seen) > 3 and len(wire) > 1000  # the run did cross the broker
@@ -498,23 +478,12 @@ def test_keygen_writes_a_private_key_file_and_prints_the_lines_for_the_file(tmp_
     assert len(again.stderr.strip().splitlines()) == 1
 
 
-def _eavesdropped_run(g: Graph, pool: ModelPool, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, bytes, list[bytes]]:
+def _overheard_run(g: Graph, pool: ModelPool) -> tuple[Any, list[bytes]]:
     """Run `g` from the edge with the cloud's worker in this process, while a passive subscriber
-    to every topic records what crosses the broker; returns (result, the wire, the cache payloads
-    the worker encoded)."""
-    import agentmesh.mesh.worker as worker_module
-
-    encoded: list[bytes] = []
-    real = worker_module.encode_cache
-
-    def recording(*args: Any, **kw: Any) -> bytes:
-        encoded.append(real(*args, **kw))
-        return encoded[-1]
-
-    monkeypatch.setattr(worker_module, "encode_cache", recording)
-    seen: list[bytes] = []
+    to every topic of its broker records each message; returns (result, the messages' payloads)."""
     broker_url = g.broker.url if g.broker is not None else ""
     host, port = broker_url.removeprefix("mqtt://").split(":")
+    seen: list[bytes] = []
 
     async def go() -> Any:
         async with aiomqtt.Client(host, int(port), identifier="eavesdropper") as spy:
@@ -533,7 +502,23 @@ def _eavesdropped_run(g: Graph, pool: ModelPool, monkeypatch: pytest.MonkeyPatch
                 await asyncio.sleep(0.2)
                 listening.cancel()
 
-    result = run(go())
+    return run(go()), seen
+
+
+def _eavesdropped_run(g: Graph, pool: ModelPool, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, bytes, list[bytes]]:
+    """`_overheard_run`, also recording the cache payloads the worker encoded; returns (result,
+    the wire, those payloads)."""
+    import agentmesh.mesh.worker as worker_module
+
+    encoded: list[bytes] = []
+    real = worker_module.encode_cache
+
+    def recording(*args: Any, **kw: Any) -> bytes:
+        encoded.append(real(*args, **kw))
+        return encoded[-1]
+
+    monkeypatch.setattr(worker_module, "encode_cache", recording)
+    result, seen = _overheard_run(g, pool)
     return result, b"\n".join(seen), encoded
 
 

@@ -148,18 +148,24 @@ def pool(tiny: LoadedModel, tiny2: LoadedModel, meeting: Meeting) -> ModelPool:
     return p
 
 
+def open_fuser(receiver: Any, sharer: Any, *, gate_logit: float) -> Fuser:
+    """A small seeded fuser (width 16) whose gates are open (every layer fuses)."""
+    torch.manual_seed(0)
+    fuser = Fuser.build(receiver, sharer, hidden_dim=16, intermediate_dim=16, dropout=0.0)
+    with torch.no_grad():
+        for p in fuser.projectors:
+            p.key_gate_logit.fill_(gate_logit)
+            p.value_gate_logit.fill_(gate_logit)
+    return fuser
+
+
 @pytest.fixture(scope="module")
 def fuser_dir(tmp_path_factory: pytest.TempPathFactory, tiny: LoadedModel, tiny2: LoadedModel) -> Path:
     """A small fuser tiny <- tiny2 with open gates, saved in the agentmesh layout."""
     from agentmesh.c2c.checkpoints import save_fuser
 
-    torch.manual_seed(0)
-    fuser = Fuser.build(tiny.signature, tiny2.signature, hidden_dim=16, intermediate_dim=16, dropout=0.0)
-    with torch.no_grad():
-        for p in fuser.projectors:
-            p.key_gate_logit.fill_(1.0)
-            p.value_gate_logit.fill_(1.0)
-    return save_fuser(fuser, tmp_path_factory.mktemp("fusers") / "tiny_from_tiny2")
+    return save_fuser(open_fuser(tiny.signature, tiny2.signature, gate_logit=1.0),
+                      tmp_path_factory.mktemp("fusers") / "tiny_from_tiny2")
 
 
 def _greedy(lm: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -384,13 +390,8 @@ def cross_pair(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) ->
     sharer = save_tiny_model(root / "sharer", "llama", other, seed=3)
     r, s = load_model(str(receiver)), load_model(str(sharer))
     assert r.tokenizer.get_vocab() != s.tokenizer.get_vocab()
-    torch.manual_seed(0)
-    fuser = Fuser.build(r.signature, s.signature, hidden_dim=16, intermediate_dim=16, dropout=0.0)
-    with torch.no_grad():
-        for p in fuser.projectors:
-            p.key_gate_logit.fill_(3.0)
-            p.value_gate_logit.fill_(3.0)
-    return {"receiver": receiver, "sharer": sharer, "fuser": save_fuser(fuser, root / "fuser")}
+    return {"receiver": receiver, "sharer": sharer,
+            "fuser": save_fuser(open_fuser(r.signature, s.signature, gate_logit=3.0), root / "fuser")}
 
 
 def _until_eos(tokens: list[int], eos: Any) -> list[int]:

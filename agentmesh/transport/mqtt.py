@@ -707,7 +707,7 @@ class MqttLink(Link):
                                 asyncio.get_running_loop().time() + self.config.timeout_s, "probing")
             self._state.channel(kept.channel).probes_sent += 1
         except (aiomqtt.MqttError, TransportError):
-            pass
+            return  # the broker is away: the message stays kept, and the next quiet period probes again
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)

@@ -125,6 +125,6 @@ def closing_note(summary: Summary, *, fused: bool) -> str:
     else:
         lines += ["cache edge (prefix): the receiver continues from the sharer's KV cache of the note (same model; "
                   "no text passes and the note is not read again).",
-                  "No C2C fuser is shipped: none trained so far beats the receiver alone on held-out questions "
-                  "(README, 'Training and evaluation'). Add one with --fuser DIR."]
+                  "No C2C fuser is shipped: the one trained that beats the receiver alone on held-out questions "
+                  "makes everyday questions wrong (README, 'Training and evaluation'). Add one with --fuser DIR."]
     return "\n".join(lines)

@@ -3,6 +3,7 @@ being the layout of a graph's prefix edge."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,9 +33,14 @@ def test_compare_cli_on_tiny_model(tmp_path: Path, tiny_tokenizer: Any) -> None:
         graded = [line for line in out.splitlines() if line.strip().startswith(label) and (" ✓ " in line or " ✗ " in line)]
         assert len(graded) == 2, (label, out)
         assert all(" s  " in line for line in graded)
+        # Each row ends with the receiver's own prefill; prefix's receiver reads one token.
+        assert all(re.search(r"  \[read \d+ tokens? in \d+\.\d s( \(\d+ tokens/s\))?\]$", line) for line in graded), out
+        assert all(("[read 1 token in" in line) == (label == "cache edge (prefix)") for line in graded), out
         summary = [line for line in out.splitlines() if line.startswith(label) and "/2" in line]
         assert len(summary) == 1, (label, out)
     assert "No C2C fuser is shipped" in out
+    prefix_summary = [line for line in out.splitlines() if line.startswith("cache edge (prefix)") and "/2" in line]
+    assert "receiver read" in out and " 1 token " in prefix_summary[0], out
 
     bad = CliRunner().invoke(app, ["compare", "--model", str(folder), "--questions", str(tmp_path / "none.jsonl")])
     assert bad.exit_code == 2 and bad.output.startswith("error:") and "none.jsonl" in bad.output
@@ -58,6 +64,29 @@ def test_compare_counts_right_answers(tiny_model_factory: Callable[..., Any]) ->
     assert [r.result.correct for r in rows] == [True, False]
     assert summary.methods["prefix"].correct == 1 and summary.methods["prefix"].n == 2
     assert "1/2" in compare.format_summary(summary) and "✓" in compare.format_row(rows[0])
+    assert "[read" not in compare.format_row(rows[0])  # a method that reports no prefill shows none
+
+
+def test_compare_rows_show_the_receivers_prefill(tiny_model_factory: Callable[..., Any]) -> None:
+    from agentmesh.progress import pace
+    from agentmesh.tasks import prompts
+
+    lm = tiny_model_factory("llama", seed=0)
+    item = compare.NOTES[0]
+    rows: list[compare.Row] = []
+    summary = compare.compare([item], compare.build(lm, max_new_tokens=2, background_tokens=4), on_row=rows.append)
+    read = {row.result.method: row.result.prompt_tokens for row in rows}
+    # The receiver alone reads its question; over the text edge it reads the sharer's text too;
+    # over the prefix edge only the last token, on top of the sharer's cache of the rest.
+    assert read["receiver"] == len(lm.chat_ids(prompts.receiver_messages(item)))
+    assert read["t2t"] > read["receiver"] and read["prefix"] == 1
+    for row in rows:
+        r = row.result
+        assert r.prefill_s is not None and 0 <= r.prefill_s <= r.ttft_s
+        assert compare.format_row(row).endswith(f"  [{pace(r.prompt_tokens, r.prefill_s)}]")
+    table = compare.format_summary(summary).splitlines()
+    assert "receiver read" in table[1]
+    assert f"{read['receiver']} tokens" in next(line for line in table if line.startswith("receiver alone"))
 
 
 def test_eval_prefix_reads_what_a_graph_prefix_edge_reads(tiny_model_factory: Callable[..., Any]) -> None:

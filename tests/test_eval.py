@@ -30,16 +30,24 @@ from agentmesh.eval.runner import EvalConfig, evaluate, parse_config, run_method
 
 
 # ---- fakes ------------------------------------------------------------------------------------------
+def words(messages: list[dict[str, str]]) -> int:
+    """The fakes' prompt length: one token per word of every message."""
+    return sum(len(m["content"].split()) for m in messages)
+
+
 class FakeGenerator:
-    """Answers with `respond(prompt)`, streaming it word by word; records every call."""
+    """Answers with `respond(prompt)`, streaming it word by word; reads one token per prompt word;
+    records every call."""
 
     def __init__(self, name: str, respond: Callable[[str], str]):
         self.name = name
         self.respond = respond
         self.calls: list[tuple[list[dict[str, str]], int]] = []
 
-    def generate_text(self, messages, *, max_new_tokens, on_token=None):
+    def generate_text(self, messages, *, max_new_tokens, on_token=None, on_prompt=None):
         self.calls.append((messages, max_new_tokens))
+        if on_prompt is not None:
+            on_prompt(words(messages))
         text = self.respond(messages[-1]["content"])
         for word in text.split(" "):
             if on_token is not None:
@@ -48,13 +56,15 @@ class FakeGenerator:
 
 
 class FakeCacheGenerator:
+    """Answers with `respond(prompt, sharer_context)`; reports no prompt tokens (they are optional)."""
+
     def __init__(self, respond: Callable[[str, str | None], str], nbytes: int = 4096):
         self.name = "fake-cache"
         self.respond = respond
         self.nbytes = nbytes
         self.calls: list[tuple[list[dict[str, str]], str | None]] = []
 
-    def generate_with_cache(self, messages, *, sharer_context, max_new_tokens, on_token=None):
+    def generate_with_cache(self, messages, *, sharer_context, max_new_tokens, on_token=None, on_prompt=None):
         self.calls.append((messages, sharer_context))
         text = self.respond(messages[-1]["content"], sharer_context)
         if on_token is not None:
@@ -352,6 +362,8 @@ def test_methods_prompts_bytes_and_timing() -> None:
     out = ReceiverOnly(receiver, max_new_tokens=7).run(ctx)
     assert out.text == "Paris" and out.bytes_exchanged == 0 and receiver.calls[-1][1] == 7
     assert 0 <= out.ttft_s <= out.latency_s
+    # The receiver's prefill: the prompt tokens it reported, timed from then to its first token.
+    assert out.prompt_tokens == words(receiver.calls[-1][0]) > 0 and 0 <= out.prefill_s <= out.ttft_s
 
     assert SharerOnly(sharer).run(ctx).text.endswith("Marrowby.")
     assert "Passage:" in sharer.calls[-1][0][0]["content"]
@@ -361,11 +373,15 @@ def test_methods_prompts_bytes_and_timing() -> None:
     assert t2t.bytes_exchanged == len("The capital of Veltoria is Marrowby.".encode())
     assert sharer.calls[-1][1] == 33 and receiver.calls[-1][1] == 9
     assert receiver.calls[-1][0][0]["content"].startswith("Background knowledge from another assistant:")
+    # Its prefill is the receiver's read of the background, not the sharer's read of the passage.
+    assert t2t.prompt_tokens == words(receiver.calls[-1][0]) != words(sharer.calls[-1][0])
+    assert 0 <= t2t.prefill_s <= t2t.ttft_s
 
     cache = FakeCacheGenerator(lambda p, c: "Marrowby" if (c and "Marrowby" in c) or "Marrowby" in p else "?")
     c2c = CacheToCache(cache).run(ctx)
     msgs, context = cache.calls[-1]
     assert (c2c.text, c2c.bytes_exchanged) == ("Marrowby", 4096)
+    assert (c2c.prompt_tokens, c2c.prefill_s) == (None, None)  # a generator need not report its prompt
     assert "Marrowby" not in msgs[0]["content"] and context == ctx.context
     prefix = Prefix(cache).run(ctx)
     msgs, context = cache.calls[-1]
@@ -396,8 +412,10 @@ def test_evaluate_writes_report(tmp_path: Path) -> None:
     assert list(js["methods"]) == ["receiver", "sharer", "t2t"]
     rec = js["methods"]["receiver"]
     for key in ("n", "correct", "accuracy", "ci95", "latency_mean_s", "latency_p50_s", "latency_p95_s", "ttft_mean_s",
-                "bytes_mean", "failed", "per_subject"):
+                "prompt_tokens_mean", "prefill_mean_s", "bytes_mean", "failed", "per_subject"):
         assert key in rec
+    read = [words(prompts.receiver_messages(it)) for it in items]
+    assert rec["prompt_tokens_mean"] == pytest.approx(sum(read) / len(read)) and rec["prefill_mean_s"] >= 0
     assert (rec["n"], rec["correct"]) == (6, 5)
     assert js["methods"]["sharer"]["accuracy"] == 1.0 and js["methods"]["t2t"]["correct"] == 4
     assert js["methods"]["t2t"]["bytes_mean"] == len(b"Some background.")
@@ -411,6 +429,7 @@ def test_evaluate_writes_report(tmp_path: Path) -> None:
     assert tuple(header) == CSV_COLUMNS and len(body) == 6 * 3
     q1 = [r for r in body if r[0] == "q1" and r[2] == "receiver"][0]
     assert (q1[3], q1[4], q1[5]) == ("B", "C", "0")
+    assert q1[CSV_COLUMNS.index("prompt_tokens")] == str(read[1]) and float(q1[CSV_COLUMNS.index("prefill")]) >= 0
     for name in ("accuracy_latency.png", "subject_accuracy.png"):
         w, h = _png_size(out / name)
         assert w > 100 and h > 100
@@ -522,15 +541,19 @@ def test_adapters_on_tiny_models(tiny_model_factory: Callable[..., Any]) -> None
                                               context="The capital of Veltoria is Marrowby."))
     n_prompt = len(receiver.chat_ids(messages))
     pieces: list[str] = []
-    alone = ModelGenerator(receiver).generate_text(messages, max_new_tokens=6, on_token=pieces.append)
+    read: list[int] = []
+    alone = ModelGenerator(receiver).generate_text(messages, max_new_tokens=6, on_token=pieces.append,
+                                                   on_prompt=read.append)
     assert len(pieces) >= 1 and alone.startswith("".join(pieces).strip()[:1])
+    assert read == [n_prompt]  # reported once, before the prompt is read
 
     # prefix, same model, no passage: the receiver computes exactly what it would alone.
     prefix = PrefixGenerator(receiver).generate_with_cache(messages, sharer_context=None, max_new_tokens=6)
     assert prefix.text == alone
     assert prefix.bytes_exchanged == kv_nbytes(receiver.signature, n_prompt - 1, receiver.dtype)
     with_passage = PrefixGenerator(receiver).generate_with_cache(
-        messages, sharer_context="The capital of Veltoria is Marrowby.", max_new_tokens=6)
+        messages, sharer_context="The capital of Veltoria is Marrowby.", max_new_tokens=6, on_prompt=read.append)
+    assert read[-1] == 1  # prefix: the receiver reads only the last token; the sharer read the rest
     assert with_passage.bytes_exchanged > prefix.bytes_exchanged  # the cache grows by the passage
     with pytest.raises(ConfigError, match="same model"):
         PrefixGenerator(sharer, receiver)  # same architecture, other weights
@@ -540,8 +563,9 @@ def test_adapters_on_tiny_models(tiny_model_factory: Callable[..., Any]) -> None
     fuser = Fuser.build(receiver.signature, sharer.signature, hidden_dim=16, intermediate_dim=16)
     c2c = C2CGenerator(C2CModel(receiver, [sharer], [fuser]))
     for context in (None, "The capital of Veltoria is Marrowby."):
-        got = c2c.generate_with_cache(messages, sharer_context=context, max_new_tokens=6)
+        got = c2c.generate_with_cache(messages, sharer_context=context, max_new_tokens=6, on_prompt=read.append)
         assert got.text == alone
+        assert read[-1] == n_prompt  # c2c: the receiver reads its whole prompt; the passage stays with the sharer
         assert got.bytes_exchanged == kv_nbytes(sharer.signature, n_prompt - 1, sharer.dtype)
 
 
@@ -571,4 +595,9 @@ def test_evaluate_builds_real_methods(tmp_path: Path, tiny_model_factory: Callab
     assert all(r.bytes_exchanged > 0 and r.bytes_exchanged % per_token == 0 for r in by_method["c2c"] + by_method["prefix"])
     assert all(p.bytes_exchanged > c.bytes_exchanged for p, c in zip(by_method["prefix"], by_method["c2c"]))
     assert all(r.ttft_s is not None and r.ttft_s <= r.latency_s for r in summary.results)
+    # Every real method reports the receiver's prefill; prefix's receiver reads one token.
+    assert all(r.prompt_tokens and r.prefill_s is not None and r.prefill_s <= r.ttft_s for r in summary.results)
+    assert {r.prompt_tokens for r in by_method["prefix"]} == {1}
+    assert [r.prompt_tokens for r in by_method["c2c"]] == [r.prompt_tokens for r in by_method["receiver"]]
+    assert all(t.prompt_tokens > r.prompt_tokens for t, r in zip(by_method["t2t"], by_method["receiver"]))
     assert (tmp_path / "out" / "summary.json").is_file() and (tmp_path / "out" / "subject_accuracy.png").is_file()

@@ -17,7 +17,7 @@ import torch
 
 from agentmesh.cache.kv import KVCache, ModelSignature
 from agentmesh.errors import ConfigError
-from agentmesh.eval.methods import CacheGeneration, OnToken
+from agentmesh.eval.methods import CacheGeneration, OnPrompt, OnToken
 from agentmesh.models.reading import reading_ids
 from agentmesh.models.loaded_model import LoadedModel
 from agentmesh.models.protocol import LanguageModel
@@ -65,8 +65,11 @@ class ModelGenerator:
         self.name = name or lm.name
         self._engine = C2CModel(lm)
 
-    def generate_text(self, messages: Messages, *, max_new_tokens: int, on_token: OnToken | None = None) -> str:
+    def generate_text(self, messages: Messages, *, max_new_tokens: int, on_token: OnToken | None = None,
+                      on_prompt: OnPrompt | None = None) -> str:
         ids = torch.tensor([self.lm.chat_ids(messages)], dtype=torch.long)  # (1, N)
+        if on_prompt is not None:
+            on_prompt(ids.shape[1])
         out = self._engine.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                                     on_token=_token_callback(self.lm.tokenizer, on_token))
         return self.lm.decode(out[0]).strip()
@@ -77,7 +80,9 @@ class C2CGenerator:
 
     Bytes exchanged: every sharer's K/V for the fused tokens (the prompt minus its last token, or
     with 'prompt+response' fusion every token the receiver read; the private passage stays with
-    the sharer), in `wire_dtype` (default: the sharer's dtype).
+    the sharer), in `wire_dtype` (default: the sharer's dtype). The receiver reads the whole prompt;
+    the sharers' prefill and the fusion run inside the same engine call, so its prefill time
+    includes them (as `agentmesh generate --fuser` shows it).
     """
 
     def __init__(self, model: C2CModel, *, wire_dtype: torch.dtype | None = None, name: str = "c2c"):
@@ -88,7 +93,7 @@ class C2CGenerator:
         self.name = name
 
     def generate_with_cache(self, messages: Messages, *, sharer_context: str | None, max_new_tokens: int,
-                            on_token: OnToken | None = None) -> CacheGeneration:
+                            on_token: OnToken | None = None, on_prompt: OnPrompt | None = None) -> CacheGeneration:
         model = self.model
         receiver = model.receiver
         if sharer_context:
@@ -106,9 +111,12 @@ class C2CGenerator:
                 sharer_inputs.append(SharerInput(row, torch.ones_like(row)))  # (1, P + N - 1)
         else:
             ids, mask, sharer_inputs = model.encode_chat([messages])
+        read = int(mask[0].sum())  # the prompt tokens the receiver reads
+        if on_prompt is not None:
+            on_prompt(read)
         out = model.generate(ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
                              on_token=_token_callback(receiver.tokenizer, on_token), sharer_inputs=sharer_inputs)
-        span = int(mask[0].sum()) - 1
+        span = read - 1
         if model.fusion == "prompt+response":  # also the last prompt token and every generated token read back
             span += max(out.shape[1], 1)
         sent = sum(kv_nbytes(s.signature, span, self.wire_dtype or s.dtype) for s in model.sharers)
@@ -133,8 +141,8 @@ def prefix_ids(lm: LanguageModel, context: str | None, messages: Messages) -> li
 
 class PrefixGenerator:
     """`CacheGenerator` for `prefix`: the sharer (same weights as the receiver) prefills the whole
-    prompt but its last token; the receiver reads that token after the sharer's cache and decodes.
-    Bytes exchanged: that cache, in `wire_dtype` (default: the model's dtype)."""
+    prompt but its last token; the receiver reads that token after the sharer's cache and decodes
+    (its prefill: one token). Bytes exchanged: that cache, in `wire_dtype` (default: the model's dtype)."""
 
     def __init__(self, sharer: LoadedModel, receiver: LoadedModel | None = None, *,
                  wire_dtype: torch.dtype | None = None, name: str = "prefix"):
@@ -153,7 +161,7 @@ class PrefixGenerator:
         self._engine = C2CModel(receiver)  # for the receiver's generation defaults (EOS tokens)
 
     def generate_with_cache(self, messages: Messages, *, sharer_context: str | None, max_new_tokens: int,
-                            on_token: OnToken | None = None) -> CacheGeneration:
+                            on_token: OnToken | None = None, on_prompt: OnPrompt | None = None) -> CacheGeneration:
         from agentmesh.models.inference import decode, prefill
 
         ids = torch.tensor([prefix_ids(self.receiver, sharer_context, messages)], dtype=torch.long)  # (1, N)
@@ -161,6 +169,9 @@ class PrefixGenerator:
             raise ConfigError("prefix needs a prompt of at least two tokens")
         cache = prefill(self.sharer, ids[:, :-1])  # the sharer's work: (1, H, N-1, D) per layer
         gen = self._engine.generation_config(max_new_tokens=max_new_tokens, do_sample=False)
-        out = decode(self.receiver, cache, ids[:, -1:], None, gen, pad_token_id=self.receiver.pad_token_id,
+        last = ids[:, -1:]  # the receiver's own reading, on top of the sharer's cache
+        if on_prompt is not None:
+            on_prompt(last.shape[1])
+        out = decode(self.receiver, cache, last, None, gen, pad_token_id=self.receiver.pad_token_id,
                      on_token=_token_callback(self.receiver.tokenizer, on_token), prompt_ids=ids)
         return CacheGeneration(self.receiver.decode(out.tokens[0]).strip(), cache_wire_nbytes(cache, self.wire_dtype))

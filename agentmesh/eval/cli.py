@@ -105,7 +105,8 @@ def compare_command(
     methods = compare.build(receiver, fuser=loaded_fuser, sharer=sharer_lm, max_new_tokens=max_new_tokens)
     typer.echo(f"loaded in {time.perf_counter() - started:.1f} s (not counted in the times below)")
     typer.echo("Each question's facts are in a private note only the sharer reads. Times are wall "
-               "seconds per answer, the sharer's work included.")
+               "seconds per answer, the sharer's work included; [read ...] is the receiver's own prefill "
+               "(the prompt tokens it read, up to its first token).")
     position = {item.id: i for i, item in enumerate(items, 1)}
 
     def show(row: compare.Row) -> None:

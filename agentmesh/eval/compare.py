@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from agentmesh.progress import pace
 from agentmesh.tasks.datasets import Item
 from agentmesh.eval.methods import Method
 from agentmesh.eval.metrics import ItemResult, Summary, summarize
@@ -88,13 +89,20 @@ def build(receiver: LoadedModel, *, fuser: Fuser | None = None, sharer: LoadedMo
 
 
 def format_row(row: Row, width: int = 22) -> str:
+    """`  label  ✓/✗  time  answer`, then, when the method reported it, the receiver's own prefill
+    (`[read 41 tokens in 0.4 s (102 tokens/s)]`, the pace `agentmesh generate` shows); a long answer
+    is cut to keep the row about 140 characters wide."""
     r = row.result
     mark = "✓" if r.correct else "✗"
     text = " ".join((r.output or r.error or "").split())
-    if len(text) > 90:
-        text = text[:89] + "…"
+    read = ""
+    if r.prompt_tokens is not None and r.prefill_s is not None:
+        read = f"  [{pace(r.prompt_tokens, r.prefill_s)}]"
+    limit = 60 if read else 90
+    if len(text) > limit:
+        text = text[:limit - 1] + "…"
     latency = f"{r.latency_s:5.1f} s" if r.latency_s is not None else "    - "
-    return f"  {LABELS.get(r.method, r.method):<{width}} {mark} {latency}  {text}"
+    return f"  {LABELS.get(r.method, r.method):<{width}} {mark} {latency}  {text}{read}"
 
 
 def format_question(item: Item, index: int, total: int) -> str:
@@ -105,11 +113,15 @@ def format_question(item: Item, index: int, total: int) -> str:
 def format_summary(summary: Summary) -> str:
     from agentmesh.units import human_bytes
 
-    lines = ["", f"{'method':<24}{'right':>8}{'mean time':>11}{'first token':>13}{'bytes to receiver':>19}"]
+    lines = ["", f"{'method':<24}{'right':>8}{'mean time':>11}{'first token':>13}{'receiver read':>15}"
+                 f"{'bytes to receiver':>19}"]
     for name, s in summary.methods.items():
         ttft = f"{s.ttft_mean_s:.1f} s" if s.ttft_mean_s is not None else "-"
         latency = f"{s.latency_mean_s:.1f} s" if s.latency_mean_s is not None else "-"
-        lines.append(f"{LABELS.get(name, name):<24}{f'{s.correct}/{s.n}':>8}{latency:>11}{ttft:>13}"
+        # The mean prompt tokens the receiver read itself: what an edge spares or costs it.
+        tokens = "-" if s.prompt_tokens_mean is None else f"{s.prompt_tokens_mean:.0f}"
+        read = tokens if tokens == "-" else f"{tokens} token{'' if tokens == '1' else 's'}"
+        lines.append(f"{LABELS.get(name, name):<24}{f'{s.correct}/{s.n}':>8}{latency:>11}{ttft:>13}{read:>15}"
                      f"{human_bytes(s.bytes_mean):>19}")
     return "\n".join(lines)
 

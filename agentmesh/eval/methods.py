@@ -5,10 +5,12 @@ fuser: `oracle` and `oracle-response` are `CacheToCache` under those names.
 
 A method turns an `Item` into a `MethodOutput`: the receiver's final text, the wall time of the
 whole exchange (sharer stage included, batch 1, `time.perf_counter`), the time to the receiver's
-first generated token, and the bytes that went from sharer to receiver. Methods only see models
-through two small protocols, `Generator` (one model writes text) and `CacheGenerator` (a sharer's
-cache reaches the receiver), so their logic is testable with fakes; `agentmesh.eval.adapters`
-implements both over the real engine.
+first generated token, the bytes that went from sharer to receiver, and the receiver's prefill: how
+many prompt tokens it read itself and the seconds from starting to read them to its first token
+(the pace `agentmesh generate` shows). Methods only see models through two small protocols,
+`Generator` (one model writes text) and `CacheGenerator` (a sharer's cache reaches the receiver),
+so their logic is testable with fakes; `agentmesh.eval.adapters` implements both over the real
+engine.
 """
 from __future__ import annotations
 
@@ -22,14 +24,19 @@ from agentmesh.tasks.datasets import Item
 from agentmesh.types import Messages
 
 OnToken = Callable[[str], None]  # called with each new token's text, as soon as it exists
+# Called once with how many prompt tokens the receiver reads itself, just before it reads them: the
+# start of its prefill, which ends at its first token (how `agentmesh generate` measures one).
+OnPrompt = Callable[[int], None]
 
 
 class Generator(Protocol):
-    """One model answering chat messages greedily."""
+    """One model answering chat messages greedily. `on_prompt`, when given, is told the number of
+    prompt tokens the model reads, just before it starts reading them."""
 
     name: str
 
-    def generate_text(self, messages: Messages, *, max_new_tokens: int, on_token: OnToken | None = None) -> str: ...
+    def generate_text(self, messages: Messages, *, max_new_tokens: int, on_token: OnToken | None = None,
+                      on_prompt: OnPrompt | None = None) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -42,12 +49,14 @@ class CacheGenerator(Protocol):
     """A receiver answering `messages` with a sharer's KV cache of the same prompt.
 
     `sharer_context` is a private passage only the sharer reads, ahead of the shared prompt.
+    `on_prompt`, when given, is told the number of prompt tokens the receiver reads itself (not
+    those the sharer read for it), just before the call that reads them.
     """
 
     name: str
 
     def generate_with_cache(self, messages: Messages, *, sharer_context: str | None, max_new_tokens: int,
-                            on_token: OnToken | None = None) -> CacheGeneration: ...
+                            on_token: OnToken | None = None, on_prompt: OnPrompt | None = None) -> CacheGeneration: ...
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,8 @@ class MethodOutput:
     ttft_s: float | None
     bytes_exchanged: int
     error: str | None = None
+    prompt_tokens: int | None = None  # prompt tokens the receiver read itself (None: not reported)
+    prefill_s: float | None = None    # from the start of that reading to the receiver's first token
 
 
 class Method(Protocol):
@@ -66,11 +77,19 @@ class Method(Protocol):
 
 
 class Stopwatch:
-    """Wall time since creation, and the time of the first token reported to `on_token`."""
+    """Wall time since creation, the time of the first token reported to `on_token`, and the
+    receiver's prefill: the token count reported to `on_prompt` and the time from that report to
+    the first token. Give `on_prompt` to the receiver only (a sharer's reading is not the
+    receiver's prefill)."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.first_token: float | None = None
+        self.prompt_tokens: int | None = None
+        self.reading: float | None = None  # when the receiver started reading its prompt
+
+    def on_prompt(self, tokens: int) -> None:
+        self.prompt_tokens, self.reading = tokens, time.perf_counter()
 
     def on_token(self, _piece: str) -> None:
         if self.first_token is None:
@@ -79,12 +98,17 @@ class Stopwatch:
     def output(self, text: str, bytes_exchanged: int = 0) -> MethodOutput:
         end = time.perf_counter()
         ttft = None if self.first_token is None else self.first_token - self.start
-        return MethodOutput(text=text, latency_s=end - self.start, ttft_s=ttft, bytes_exchanged=bytes_exchanged)
+        prefill = None
+        if self.reading is not None and self.first_token is not None and self.first_token >= self.reading:
+            prefill = self.first_token - self.reading
+        return MethodOutput(text=text, latency_s=end - self.start, ttft_s=ttft, bytes_exchanged=bytes_exchanged,
+                            prompt_tokens=self.prompt_tokens, prefill_s=prefill)
 
 
 def _alone(model: Generator, messages: Messages, max_new_tokens: int) -> MethodOutput:
     clock = Stopwatch()
-    return clock.output(model.generate_text(messages, max_new_tokens=max_new_tokens, on_token=clock.on_token))
+    return clock.output(model.generate_text(messages, max_new_tokens=max_new_tokens, on_token=clock.on_token,
+                                            on_prompt=clock.on_prompt))
 
 
 @dataclass
@@ -127,7 +151,8 @@ class TextToText:
         background = self.sharer.generate_text(prompts.background_messages(item),
                                                max_new_tokens=self.background_tokens)
         text = self.receiver.generate_text(prompts.receiver_background_messages(item, background),
-                                           max_new_tokens=self.max_new_tokens, on_token=clock.on_token)
+                                           max_new_tokens=self.max_new_tokens, on_token=clock.on_token,
+                                           on_prompt=clock.on_prompt)  # the receiver's read of the background
         return clock.output(text, len(background.strip().encode("utf-8")))
 
 
@@ -143,7 +168,8 @@ class _CacheEdge:
     def run(self, item: Item) -> MethodOutput:
         clock = Stopwatch()
         out = self.model.generate_with_cache(prompts.receiver_messages(item), sharer_context=item.context,
-                                             max_new_tokens=self.max_new_tokens, on_token=clock.on_token)
+                                             max_new_tokens=self.max_new_tokens, on_token=clock.on_token,
+                                             on_prompt=clock.on_prompt)
         return clock.output(out.text, out.bytes_exchanged)
 
 

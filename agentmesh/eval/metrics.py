@@ -1,5 +1,6 @@
 """Per-item results and their per-method summary: accuracy with a Wilson 95 % interval, latency,
-time to first token and bytes exchanged. A failed item counts as wrong and is listed by id."""
+time to first token, bytes exchanged and the receiver's prefill (the prompt tokens it read itself and
+how long that took). A failed item counts as wrong and is listed by id."""
 from __future__ import annotations
 
 import math
@@ -24,6 +25,8 @@ class ItemResult:
     bytes_exchanged: int
     error: str | None = None
     output: str = ""
+    prompt_tokens: int | None = None  # the receiver's prefill, as in `MethodOutput` (None: not reported)
+    prefill_s: float | None = None
 
     @property
     def failed(self) -> bool:
@@ -41,6 +44,8 @@ class MethodSummary:
     latency_p50_s: float | None
     latency_p95_s: float | None
     ttft_mean_s: float | None
+    prompt_tokens_mean: float | None  # over the items that reported a count
+    prefill_mean_s: float | None
     bytes_mean: float
     failed: list[str]
     per_subject: dict[str, float] = field(default_factory=dict)
@@ -96,6 +101,8 @@ def summarize_method(method: str, results: Sequence[ItemResult]) -> MethodSummar
     ok = [r for r in results if not r.failed]
     latencies = [r.latency_s for r in ok if r.latency_s is not None]
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    read = [float(r.prompt_tokens) for r in ok if r.prompt_tokens is not None]
+    prefills = [r.prefill_s for r in ok if r.prefill_s is not None]
     by_subject: dict[str, list[bool]] = {}
     for r in results:
         by_subject.setdefault(r.subject or "-", []).append(r.correct and not r.failed)
@@ -104,6 +111,7 @@ def summarize_method(method: str, results: Sequence[ItemResult]) -> MethodSummar
         ci95=wilson_interval(correct, n),
         latency_mean_s=_mean(latencies), latency_p50_s=percentile(latencies, 50),
         latency_p95_s=percentile(latencies, 95), ttft_mean_s=_mean(ttfts),
+        prompt_tokens_mean=_mean(read), prefill_mean_s=_mean(prefills),
         bytes_mean=float(_mean([float(r.bytes_exchanged) for r in ok]) or 0.0),
         failed=[r.item_id for r in results if r.failed],
         per_subject={s: sum(v) / len(v) for s, v in sorted(by_subject.items())})

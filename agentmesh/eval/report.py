@@ -14,8 +14,8 @@ import orjson
 from agentmesh.eval.metrics import Summary
 from agentmesh.units import human_bytes
 
-CSV_COLUMNS = ("id", "subject", "method", "answer", "prediction", "correct", "latency", "ttft", "bytes", "error",
-               "output")
+CSV_COLUMNS = ("id", "subject", "method", "answer", "prediction", "correct", "latency", "ttft", "prompt_tokens",
+               "prefill", "bytes", "error", "output")
 SUMMARY_FILE, ITEMS_FILE = "summary.json", "items.csv"
 ACCURACY_LATENCY_PNG, SUBJECT_PNG = "accuracy_latency.png", "subject_accuracy.png"
 
@@ -37,7 +37,8 @@ def write_items(summary: Summary, out_dir: Path) -> Path:
         w.writerow(CSV_COLUMNS)
         for r in summary.results:
             w.writerow([r.item_id, r.subject, r.method, r.answer, r.prediction or "", int(r.correct),
-                        _fmt(r.latency_s), _fmt(r.ttft_s), r.bytes_exchanged, r.error or "", r.output])
+                        _fmt(r.latency_s), _fmt(r.ttft_s), "" if r.prompt_tokens is None else r.prompt_tokens,
+                        _fmt(r.prefill_s), r.bytes_exchanged, r.error or "", r.output])
     return path
 
 
@@ -113,12 +114,13 @@ def write_report(summary: Summary, out_dir: str | Path) -> dict[str, Path]:
 def format_table(summary: Summary) -> str:
     """A markdown table of the per-method summary (for the CLI and the README)."""
     head = ("method", "n", "accuracy", "95% CI", "latency mean (s)", "p50 (s)", "p95 (s)", "TTFT (s)",
-            "bytes exchanged", "failed")
+            "prompt tokens", "prefill (s)", "bytes exchanged", "failed")
     rows = []
     for name, s in summary.methods.items():
         rows.append((name, str(s.n), f"{s.accuracy:.3f}", f"[{s.ci95[0]:.3f}, {s.ci95[1]:.3f}]",
                      _fmt(s.latency_mean_s, 3) or "-", _fmt(s.latency_p50_s, 3) or "-",
                      _fmt(s.latency_p95_s, 3) or "-", _fmt(s.ttft_mean_s, 3) or "-",
+                     _fmt(s.prompt_tokens_mean, 1) or "-", _fmt(s.prefill_mean_s, 3) or "-",
                      human_bytes(s.bytes_mean), str(len(s.failed))))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731

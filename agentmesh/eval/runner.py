@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
@@ -156,14 +157,14 @@ def run_item(method: Method, item: Item) -> ItemResult:
             g = grade(item, out.text)
             prediction, correct = g.prediction, g.correct
         except Exception as e:  # grading a strange output is still that item's failure, not the run's
-            out = type(out)(out.text, out.latency_s, out.ttft_s, out.bytes_exchanged, error_line(e))
+            out = replace(out, error=error_line(e))
             prediction, correct = None, False
     else:
         prediction, correct = None, False
     return ItemResult(
         item_id=item.id, subject=item.subject, method=method.name, answer=item.answer, prediction=prediction,
         correct=correct, latency_s=out.latency_s, ttft_s=out.ttft_s, bytes_exchanged=out.bytes_exchanged,
-        error=out.error, output=out.text)
+        error=out.error, output=out.text, prompt_tokens=out.prompt_tokens, prefill_s=out.prefill_s)
 
 
 def run_methods(items: Sequence[Item], methods: Sequence[Method], *, progress: bool = True) -> list[ItemResult]:

@@ -11,7 +11,8 @@ from rich.console import Console
 
 def pace(tokens: int, seconds: float) -> str:
     """How a prefill (or a decode) went, the one way it is shown: "read 33 tokens in 0.3 s (119 tokens/s)"."""
-    rate = f" ({tokens / seconds:.0f} tokens/s)" if seconds > 0 else ""
+    # One token's time is one forward step, not a reading pace (a prefix receiver reads only its last token).
+    rate = f" ({tokens / seconds:.0f} tokens/s)" if seconds > 0 and tokens > 1 else ""
     return f"read {tokens} token{'' if tokens == 1 else 's'} in {seconds:.1f} s{rate}"
 
 

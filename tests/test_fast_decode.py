@@ -1,4 +1,5 @@
-"""The opt-in fast decode path: static cache, bf16, int8 and weight-only int8 weights, measured against fp32 eager."""
+"""The opt-in fast decode path: static cache, compiled step, bf16, int8 and weight-only int8 weights, measured
+against fp32 eager."""
 from __future__ import annotations
 
 from typing import Any
@@ -35,6 +36,31 @@ def test_fp32_fast_decoding_is_token_identical_to_generate(lm: Any, prompt_and_r
     assert torch.equal(dec.generate(ids, NEW, forced=ref), ref)  # teacher-forced: the same picks
     first = int(ref[0, 0])
     assert dec.generate(ids, NEW, eos_token_ids=[first]).tolist() == [[first]]  # stops at EOS
+
+
+def test_compiled_step_decodes_the_tokens_of_the_uncompiled_static_path(lm: Any, prompt_and_reference: Any) -> None:
+    from torch._dynamo.utils import counters
+
+    ids, _ = prompt_and_reference
+    long = ids.repeat(1, 8)[:, :250]
+    # The short prompt decodes in a 256-slot cache; the long one in a 512-slot cache, across position 256.
+    assert ids.shape[1] + NEW <= 256 and long.shape[1] < 256 < long.shape[1] + NEW
+    torch._dynamo.reset()  # the count below starts from nothing compiled
+    counters.clear()
+    # int8wo on the long prompt only: on the short one its bf16 logits tie exactly at one step,
+    # where any rounding difference between compiled and eager code may pick either token.
+    for weights, prompts, graphs_so_far in (("fp32", (ids, long), 2), ("int8wo", (long,), 3)):
+        eager = FastDecoder(lm, FastConfig(weights=weights, max_len=512))  # type: ignore[arg-type]
+        compiled = FastDecoder(lm, FastConfig(weights=weights, compile=True, max_len=512))  # type: ignore[arg-type]
+        for x in prompts:
+            assert torch.equal(compiled.generate(x, NEW), eager.generate(x, NEW))
+        # The step really went through dynamo, and as one graph per cache size: no graph break,
+        # no recompilation from one step to the next.
+        assert dict(counters["frames"]) == {"total": graphs_so_far, "ok": graphs_so_far}
+        assert not counters["graph_break"]
+    assert torch.equal(compiled.generate(long, NEW), eager.generate(long, NEW))  # a size met before: reused
+    assert counters["frames"]["ok"] == 3
+    torch._dynamo.reset()  # the compiled graphs hold on to the converted weights
 
 
 def test_bf16_and_int8_read_fewer_weight_bytes_and_report_agreement(lm: Any, prompt_and_reference: Any) -> None:

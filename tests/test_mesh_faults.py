@@ -279,7 +279,8 @@ def test_a_run_across_hosts_survives_a_broker_restart_in_the_middle_of_its_cache
             counts = {"resent": sum(s.chunks_resent for s in sender.stats().values()),
                       "asked": sum(s.repairs_asked for s in receiver.stats().values()),
                       "probes": sum(s.probes_sent for s in sender.stats().values()),
-                      "reconnects": sender.reconnects + receiver.reconnects}
+                      "reconnects": sender.reconnects + receiver.reconnects,
+                      "refused control": sum(x.forged_control + x.dropped_control for x in (sender, receiver))}
             return result, undisturbed, elapsed, mid, counts
         finally:
             await stop(worker, task, worker_link)
@@ -292,5 +293,6 @@ def test_a_run_across_hosts_survives_a_broker_restart_in_the_middle_of_its_cache
     assert result.ok, result.error
     assert result["ask"].token_ids == local["ask"].token_ids
     assert counts["reconnects"] == 2  # both links lost the broker and came back
+    assert counts["refused control"] == 0  # both ends seal their acknowledgements and requests and open the other's
     assert counts["resent"] > 0 and counts["asked"] + counts["probes"] > 0  # chunks were lost and asked for
     assert elapsed < undisturbed + DOWN_S + SLACK_S

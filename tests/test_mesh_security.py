@@ -12,19 +12,21 @@ from typing import Any, Awaitable, Callable, TypeVar
 import aiomqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from torch import nn
 
 from agentmesh.errors import ConfigError, GraphError
 from agentmesh.graph import Graph
-from agentmesh.mesh.auth import Guard, make_guard, private_key_text, public_key_text
-from agentmesh.mesh.envelope import inbox_channel, pack, unpack
+from agentmesh.mesh.auth import Guard, cipher_key, make_guard, private_key_text, public_key_text
+from agentmesh.mesh.envelope import LinkControlSeal, inbox_channel, pack, seal_link_control, unpack
 from agentmesh.mesh.remote import arun_remote
 from agentmesh.mesh.settings import broker_config, graph_digest
 from agentmesh.mesh.worker import Worker
 from agentmesh.models.loaded_model import LoadedModel
 from agentmesh.models.pool import ModelPool
 from agentmesh.runtime import Token, run_graph
-from agentmesh.transport import InProcessLink, MqttLink
+from agentmesh.transport import BrokerConfig, InProcessLink, MqttLink
+from agentmesh.transport.frames import ack_message, nack_message
 from mesh_serving import serving, stop
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(120)]
@@ -188,6 +190,8 @@ def test_private_context_never_crosses_the_broker(broker: Any, pool: ModelPool, 
     assert result.ok, result.error
     wire = b"\n".join(seen)
     assert len(seen) > 3 and len(wire) > 1000  # the run did cross the broker
+    # The links' acknowledgements went as sealed envelopes (chunk frames start b"AMC2"), none as bare JSON.
+    assert any(p.startswith(b"AMRP") for p in seen) and not [p for p in seen if p.startswith(b"{")]
     secret = SECRET.encode()
     leaks = [secret[i:i + 12] for i in range(0, len(secret) - 12) if secret[i:i + 12] in wire]
     assert not leaks, leaks[:3]
@@ -740,3 +744,75 @@ def test_a_direct_cache_that_never_comes_fails_the_call_naming_its_host(broker: 
 
     error = run(go())
     assert error["message"] == "ask: the cache of 'doc' from host 'cloud' did not arrive within 1 s"
+
+
+def _link_guards(secured: str) -> tuple[Guard, Guard, Guard]:
+    """(sender, receiver, outsider) guards of graph "g": the outsider has the wrong key (a pipeline
+    key of its own, or a host key the file does not name, signing as the receiver)."""
+    wrong = b"not-the-pipeline-key-" + b"9" * 20
+    if secured == "host keys":
+        edge, cloud = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+        publics = {"edge": edge.public_key(), "cloud": cloud.public_key()}
+        return (Guard(None, "edge", "g", signer=edge, publics=publics),
+                Guard(None, "cloud", "g", signer=cloud, publics=publics),
+                Guard(None, "cloud", "g", signer=Ed25519PrivateKey.generate(), publics=publics))
+    encrypted = secured == "pipeline key, encrypted"
+
+    def guard(key: bytes, who: str) -> Guard:
+        return Guard(key, who, "g", cipher=AESGCM(cipher_key(key, "g")) if encrypted else None)
+    return guard(KEY, "edge"), guard(KEY, "cloud"), guard(wrong, "cloud")
+
+
+@pytest.mark.parametrize("secured", ["pipeline key", "pipeline key, encrypted", "host keys"])
+def test_forged_acknowledgements_and_requests_do_not_touch_what_a_sender_keeps(broker: Any, secured: str) -> None:
+    """With keys, a link's acknowledgements and requests for missing chunks are sealed: forged ones
+    (unsealed, wrong key, moved from another link's topic, replayed) neither make the sender forget
+    a message its receiver does not have nor make it resend; the transfer then completes by the
+    sealed repair, and a genuine acknowledgement still drops what it names."""
+    tx_guard, rx_guard, outsider = _link_guards(secured)
+    cfg = BrokerConfig(url=broker.url, timeout_s=10, receive_timeout_s=10, reconnect_min_s=0.05,
+                       reconnect_max_s=0.5, repair_after_s=0.3, chunk_bytes=4096)
+    ch = "r1/doc->edge"
+    payload = os.urandom(40_000)  # 10 chunks
+
+    async def go() -> tuple[MqttLink, MqttLink, LinkControlSeal]:
+        async with MqttLink(cfg, graph="g") as tx, MqttLink(cfg, graph="g") as rx:
+            seal = LinkControlSeal(tx_guard)
+            tx.seal_control(seal)
+            seal_link_control(rx, rx_guard)
+            sent = bytes.fromhex(await tx.send(ch, payload))  # nobody subscribed yet: nobody has it
+            topic, elsewhere = tx.control_topic(), rx.control_topic()
+            ack = ack_message([sent])
+            genuine = LinkControlSeal(rx_guard)
+            harmless = genuine.seal(topic, ack_message([os.urandom(16)]))  # names a message tx never sent
+            forged = [
+                ack,  # what any client of the broker could send before
+                pack({"op": "link_control"}, {"control": ack}, channel=topic),  # an envelope without a seal
+                LinkControlSeal(outsider).seal(topic, ack),
+                LinkControlSeal(outsider).seal(topic, nack_message(sent, [[0, 10]])),
+                genuine.seal(elsewhere, ack),  # sealed for the receiver's own topic, moved here
+                harmless,  # a replay (its first copy goes before it)
+            ]
+            async with aiomqtt.Client("127.0.0.1", broker.port) as raw:
+                await raw.publish(topic, harmless, qos=1)
+                for body in forged:
+                    await raw.publish(topic, body, qos=1)
+                await until(lambda: tx.forged_control == len(forged))
+                assert tx.kept == (1, len(payload))  # still kept: its receiver has not got it
+                assert tx.stats()[ch].chunks_resent == tx.stats()[ch].messages_acked == 0
+                await rx.subscribe(ch)  # the receiver comes: the sender's probe, its sealed request, the resend
+                assert await rx.receive(ch, timeout=10) == payload
+                await until(lambda: tx.kept == (0, 0))  # its sealed acknowledgement arrived
+                other = bytes.fromhex(await tx.send("r1/nobody", b"y" * 5000))
+                assert tx.kept == (1, 5000)
+                await raw.publish(topic, genuine.seal(topic, ack_message([other])), qos=1)  # sealed: whoever sends it
+                await until(lambda: tx.kept == (0, 0))
+            return tx, rx, seal
+
+    tx, rx, seal = run(go())
+    assert tx.forged_control == 6 and seal.dropped == {"malformed": 1, "unsigned": 1, "bad_seal": 3, "replayed": 1}
+    assert tx_guard.dropped == {}  # counted by the link's seal, not among the envelopes its owner dropped
+    assert rx.forged_control == tx.dropped_control == rx.dropped_control == 0
+    stats = tx.stats()[ch]
+    assert stats.messages_acked == 1 and stats.chunks_resent == 10 and stats.probes_sent >= 1
+    assert rx.stats()[ch].repairs_asked >= 1

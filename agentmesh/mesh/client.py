@@ -18,7 +18,8 @@ from typing import Any, Awaitable, Callable, Mapping
 from agentmesh.errors import TransportError
 from agentmesh.graph import Graph
 from agentmesh.mesh.auth import Guard, Rejected
-from agentmesh.mesh.envelope import Envelope, inbox_channel, pack, raise_remote, reply_channel, unpack
+from agentmesh.mesh.envelope import (Envelope, inbox_channel, pack, raise_remote, reply_channel, seal_link_control,
+                                     unpack)
 from agentmesh.mesh.settings import graph_digest
 from agentmesh.runtime.endpoint import CallContext
 from agentmesh.transport.link import Link, LinkClosed, LinkTimeout
@@ -66,6 +67,7 @@ class RemoteClient:
         self.graph_name = graph.name
         self.digest = graph_digest(graph)
         self.guard = guard
+        seal_link_control(link, guard)  # so nobody without the keys makes the link forget or resend what it sent
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.caller = guard.identity
         self.timeout = float(timeout)

@@ -21,6 +21,10 @@ With flag ENCRYPTED the JSON body and blobs are replaced by a 12-byte nonce and 
 ciphertext and tag (the prefix, graph and channel are its associated data); a signature covers
 that, and with SEALED the tag is the seal (no HMAC trailer).
 
+A link's own control messages (acknowledgements and requests for missing chunks, which decide
+what a sender forgets or sends again) travel as envelopes too, sealed for the link's control topic
+(`LinkControlSeal`), so that only holders of the pipeline's keys can send them.
+
 Caches inside are `encode_cache` payloads, checked by `decode_cache`; nothing is ever unpickled.
 Envelopes come from the network: `unpack` checks sizes and shapes before trusting anything.
 """
@@ -28,16 +32,17 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass, field
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, NoReturn
 
 import orjson
 
 from agentmesh import errors
 from agentmesh.errors import AgentMeshError, RunError, TransportError, error_line
-from agentmesh.mesh.auth import Guard, split_trailer
+from agentmesh.mesh.auth import Guard, Rejected, split_trailer
 from agentmesh.runtime.endpoint import RunCancelled
-from agentmesh.transport.link import edge_channel, validate_segment
+from agentmesh.transport.link import Link, edge_channel, validate_segment
 
 MAGIC = b"AMRP"
 VERSION = 2
@@ -163,6 +168,46 @@ def unpack(data: bytes | bytearray | memoryview, *, guard: Guard | None = None, 
     auth = body.pop("auth", None)
     sender = guard.admit(auth, signer) if guard is not None else None
     return Envelope(body, blobs, total, sender)
+
+
+class LinkControlSeal:
+    """A link's control messages as envelopes sealed by `guard`'s keys (`Link.seal_control`): the
+    control JSON is the blob `control` of an envelope `{"op": "link_control"}` sealed for the
+    control topic, so it is checked as every envelope is (seal, encryption, topic, replay window).
+
+    It checks with a copy of `guard` that keeps its own counters and nonces: a forged
+    acknowledgement is counted by the link (`forged_control`) and here, by reason, in `dropped`,
+    not among the envelopes the guard's owner dropped."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = replace(guard, dropped=Counter(), _seen=OrderedDict())
+
+    @property
+    def dropped(self) -> Counter[str]:
+        return self.guard.dropped
+
+    def seal(self, topic: str, body: bytes) -> bytes:
+        return pack({"op": "link_control"}, {"control": body}, guard=self.guard, channel=topic)
+
+    def open(self, topic: str, raw: bytes) -> bytes:
+        try:
+            env = unpack(raw, guard=self.guard, channel=topic)
+        except Rejected:
+            raise  # counted by reason already
+        except TransportError as e:
+            raise self.guard.refuse("malformed", e.message) from None
+        blob = env.blobs.get("control")
+        if env.get("op") != "link_control" or blob is None or len(env.blobs) != 1:
+            raise self.guard.refuse("malformed", f"a sealed message on {topic!r} is not a link's control message")
+        return bytes(blob)
+
+
+def seal_link_control(link: Link, guard: Guard) -> None:
+    """Seal `link`'s acknowledgements and requests for missing chunks with `guard`'s keys, when it
+    has any (in the insecure mode they stay unsealed, as the envelopes do). On a link that serves
+    a worker and a caller alike the last guard set seals; any guard of the pipeline opens its seals."""
+    if guard.secure:
+        link.seal_control(LinkControlSeal(guard))
 
 
 def inbox_channel(host: str) -> str:

@@ -42,7 +42,8 @@ from agentmesh.runtime.plan import build_plan
 from agentmesh.runtime.trace import Trace
 from agentmesh.graph import Graph
 from agentmesh.mesh.auth import Rejected, make_guard
-from agentmesh.mesh.envelope import CALL_OPS, Envelope, error_body, inbox_channel, pack, raise_remote, unpack
+from agentmesh.mesh.envelope import (CALL_OPS, Envelope, error_body, inbox_channel, pack, raise_remote,
+                                     seal_link_control, unpack)
 from agentmesh.mesh.settings import (DEFAULT_MAX_CALLS, DEFAULT_MAX_REQUEST_BYTES, allowed_callers, broker_timeout,
                                      context_ref, graph_digest)
 from agentmesh.models.pool import ModelPool, default_pool
@@ -168,6 +169,7 @@ class Worker:
         self.graph = graph
         self.host = host
         self.link = link
+        seal_link_control(link, self.guard)  # so nobody without the keys makes the link forget or resend what it sent
         self.pool = pool if pool is not None else default_pool()
         self.wire_dtype = wire_dtype
         self.max_runs = max_runs

@@ -11,7 +11,8 @@ sending link, whose control topic takes the receiver's acknowledgements and requ
 chunks; all zeros for a sender that takes no part in repair. A probe is a frame with chunk index
 `PROBE` and no headers or body: "tell my origin what you miss of this message".
 
-Control messages are small JSON objects on the origin's control topic:
+Control messages are small JSON objects on the origin's control topic (wrapped in a seal when the
+link has a `ControlSeal`; see `MqttLink.seal_control`):
 
     {"ack": ["<message id hex>", ...]}                      received complete, SHA-256 matched
     {"nack": "<message id hex>", "missing": [[first, end], ...]}   send these chunks again

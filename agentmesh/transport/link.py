@@ -20,7 +20,7 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Awaitable, Mapping, TypeVar
+from typing import Awaitable, Mapping, Protocol, TypeVar
 
 import orjson
 
@@ -115,6 +115,21 @@ class ChannelStats:
     repairs_asked: int = 0  # requests for missing chunks this side sent
 
 
+class ControlSeal(Protocol):
+    """How a link authenticates the control messages of its own repair protocol (acknowledgements
+    and requests for missing chunks). The transport holds no keys, so the layer that does supplies
+    this (`Link.seal_control`); both ends of a transfer must use one of the same pipeline."""
+
+    def seal(self, topic: str, body: bytes) -> bytes:
+        """`body` sealed for `topic`, the only topic it is valid on."""
+        ...
+
+    def open(self, topic: str, raw: bytes) -> bytes:
+        """The body that `raw`, as it arrived on `topic`, was sealed with; `TransportError` when its
+        seal is missing, wrong, for another topic, stale or replayed."""
+        ...
+
+
 @dataclass
 class _LinkState:
     stats: dict[str, ChannelStats] = field(default_factory=dict)
@@ -164,6 +179,10 @@ class Link(ABC):
     async def receive(self, channel: str, timeout: float | None = None) -> bytearray:
         """The payload of the next message on `channel`."""
         return (await self.receive_message(channel, timeout)).payload
+
+    def seal_control(self, seal: ControlSeal | None) -> None:
+        """Seal this link's control messages with `seal` from now on, and ignore those it cannot
+        open (None: unsealed, the default). A link without control messages has nothing to seal."""
 
     def stats(self) -> dict[str, ChannelStats]:
         """A snapshot of the per-channel counters."""

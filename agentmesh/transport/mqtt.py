@@ -22,8 +22,11 @@ then, for at most `resend_keep_s` and `resend_keep_bytes`. A receiver whose mess
 for `repair_after_s` asks the sender for the chunks it misses; a sender whose message has been
 quiet and unacknowledged as long sends a probe, which the receiver answers with an
 acknowledgement or a request for what it misses (each backs off while nothing answers). Control
-messages go at QoS 0: a lost one is asked again. Every wait is bounded; failures raise
-`TransportError` with a one-line message.
+messages go at QoS 0: a lost one is asked again. With a `ControlSeal` (`seal_control`, given by
+the layer that holds the keys) they go out sealed, and one whose seal does not hold is ignored and
+counted (`forged_control`): else anyone who may publish on the broker could make a sender forget a
+message its receiver does not have. Every wait is bounded; failures raise `TransportError` with a
+one-line message.
 """
 from __future__ import annotations
 
@@ -42,12 +45,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from agentmesh.errors import TransportError
 from agentmesh.transport.config import BrokerConfig
-from agentmesh.transport.frames import (FRAME, NO_ORIGIN, FrameError, FrameHeader, Framer, ack_message,
-                                        missing_ranges, nack_message, read_control, read_header)
+from agentmesh.transport.frames import (FRAME, MAX_CONTROL_BYTES, NO_ORIGIN, FrameError, FrameHeader, Framer,
+                                        ack_message, missing_ranges, nack_message, read_control, read_header)
 from agentmesh.transport.outbox import Kept, Outbox
 from agentmesh.transport.link import (
-    ChannelStats, Link, LinkClosed, LinkMessage, LinkTimeout, decode_headers, encode_headers, validate_channel,
-    validate_segment, wait_bounded)
+    ChannelStats, ControlSeal, Link, LinkClosed, LinkMessage, LinkTimeout, decode_headers, encode_headers,
+    validate_channel, validate_segment, wait_bounded)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ _MAX_PARTIALS = 64
 _MAX_DONE_IDS = 16384
 _HASH_IN_THREAD = 4 << 20  # hash big payloads off the event loop
 _ACKS_PER_MESSAGE = 500
+_SEAL_BYTES = 4096  # room a seal may add to a control message (envelope prefix, stamp, signer, signature)
 # CONNACK codes: 3.1.1 (4 bad credentials, 5 not authorised) and MQTT 5 (0x86, 0x87).
 _AUTH_CODES = {4, 5, 134, 135}
 _BAD_PROTOCOL_CODES = {1, 132}
@@ -112,7 +116,9 @@ class MqttLink(Link):
         self._acks_due: asyncio.Event | None = None
         self._side: set[asyncio.Task[None]] = set()  # probes, requests and resends in flight
         self._connected_at = 0.0
+        self._control_seal: ControlSeal | None = None
         self.dropped_control = 0  # control messages that did not parse
+        self.forged_control = 0  # control messages whose seal was missing or wrong (with a seal set)
         self._conn: _Connection | None = None
         self._protocol: aiomqtt.ProtocolVersion | None = {
             "auto": None, "5": aiomqtt.ProtocolVersion.V5, "3.1.1": aiomqtt.ProtocolVersion.V311,
@@ -138,6 +144,9 @@ class MqttLink(Link):
     def kept(self) -> tuple[int, int]:
         """(messages, bytes) sent and kept because no receiver has acknowledged them yet."""
         return len(self._outbox), self._outbox.bytes
+
+    def seal_control(self, seal: ControlSeal | None) -> None:
+        self._control_seal = seal
 
     def topic(self, channel: str) -> str:
         return f"{self.config.topic_prefix}/{self.graph}/{validate_channel(channel)}/msg"
@@ -638,14 +647,37 @@ class MqttLink(Link):
         conn = self._conn
         if conn is None or conn.lost.is_set():
             return
+        topic = self.control_topic(origin)
+        if self._control_seal is not None:
+            body = self._control_seal.seal(topic, body)
         try:
-            await asyncio.wait_for(conn.client.publish(self.control_topic(origin), body, qos=0), 2.0)
+            await asyncio.wait_for(conn.client.publish(topic, body, qos=0), 2.0)
         except (aiomqtt.MqttError, asyncio.TimeoutError) as exc:
             log.debug("MQTT link %s could not send a control message: %s", self.client_id, _describe(exc))
 
+    def _open_control(self, raw: bytes | bytearray) -> bytes | bytearray | None:
+        """The control message in `raw`: as is without a seal set, else opened (None, counted and
+        logged at debug level, when its seal does not hold: a forged acknowledgement must not
+        make us forget a message its receiver does not have)."""
+        seal = self._control_seal
+        if seal is None:
+            return raw
+        if len(raw) > MAX_CONTROL_BYTES + _SEAL_BYTES:
+            raise FrameError(f"sealed control message of {len(raw)} bytes, over {MAX_CONTROL_BYTES + _SEAL_BYTES}")
+        try:
+            return seal.open(self.control_topic(), bytes(raw))
+        except TransportError as exc:
+            self.forged_control += 1
+            log.debug("ignoring a control message on %s (%d so far): %s", self.control_topic(), self.forged_control,
+                      exc.message)
+            return None
+
     def _on_control(self, raw: bytes | bytearray) -> None:
         try:
-            ctl = read_control(raw)
+            body = self._open_control(raw)
+            if body is None:
+                return
+            ctl = read_control(body)
         except FrameError as exc:
             self.dropped_control += 1
             if self.dropped_control == 1 or self.dropped_control % 100 == 0:  # a flood must not flood the log

@@ -3,9 +3,11 @@ half-written file behind: the bytes go to a temporary file beside the target, wh
 target only once complete."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, Iterable
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
@@ -20,6 +22,11 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
+    """`records` as JSON lines (UTF-8, one object a line), written as `write_atomic` writes."""
+    return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
 
 def make_folder(path: str | Path, what: str) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Callable
 
 import orjson
 import torch
+
+from agentmesh.files import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAPHS = ROOT / "graphs"
@@ -74,6 +77,20 @@ NAMED = [
     ("My brother is called Kenji.", "What is my brother's name?", "Kenji", "brother"),
     ("My car is named Betsy.", "What did I name my car?", "Betsy", "car"),
 ]
+# Asked only after the chat example's role was chosen: the inputs that role was never tuned on.
+NAMED_NEW = [
+    ("My parrot is called Kiwi.", "What is my parrot called?", "Kiwi", "parrot"),
+    ("My grandmother's name is Ingrid.", "What is my grandmother's name?", "Ingrid", "grandmother"),
+    ("My rabbit is named Clover.", "What is my rabbit's name?", "Clover", "rabbit"),
+    ("My manager is called Mr. Haddad.", "What is my manager called?", "Haddad", "manager"),
+    ("My neighbour is named Bruno.", "Who is my neighbour?", "Bruno", "neighbour"),
+    ("I named my bike Arrow.", "What is the name of my bike?", "Arrow", "bike"),
+    ("My doctor is called Dr. Lindqvist.", "What is my doctor called?", "Lindqvist", "doctor"),
+    ("My goldfish is named Nemo.", "What is my goldfish's name?", "Nemo", "goldfish"),
+    ("My cousin is called Aiko.", "What is my cousin's name?", "Aiko", "cousin"),
+    ("My laptop is named Pixel.", "What did I name my laptop?", "Pixel", "laptop"),
+]
+OWN_NAMES_NEW = ["Hannah", "Arjun", "Yuki", "Piotr", "Leila", "Matteo", "Zainab", "Lucas", "Elena", "Ivan"]
 OWN_NAMES = ["Alice", "Rahul", "Mei", "Tomasz", "Fatima", "Jonas", "Amara", "Diego", "Sofia", "Oleg"]
 OWN_QUESTIONS = ["What is my name?", "Do you remember my name?", "What did I say my name was?"]
 
@@ -88,19 +105,23 @@ class Run:
 
 
 def said_no(answer: str) -> bool:
-    return answer.strip().lower().startswith("no")
+    from agentmesh.tasks.visit_task import verdict
+
+    return verdict(answer) == "no"
 
 
 def said_no_because_monday(answer: str) -> bool:
     """A no, with the Monday closure as the reason, and no impossible clock time ("17:00 AM")."""
     a = answer.strip().lower()
-    closure = "monday" in a and ("closed" in a or "not open" in a)
+    closure = re.search(r"closed (on|every) mondays?", a) is not None
     bad_clock = re.search(r"\b(1[3-9]|2[0-4])(:\d\d)?\s*am\b", a) is not None
-    return a.startswith("no") and closure and not bad_clock
+    return said_no(answer) and closure and not bad_clock
 
 
 def said_yes(answer: str) -> bool:
-    return answer.strip().lower().startswith("yes")
+    from agentmesh.tasks.visit_task import verdict
+
+    return verdict(answer) == "yes"
 
 
 def one_year(answer: str) -> bool:
@@ -146,6 +167,30 @@ def run_graph_set(file: str, label: str, inputs: list[str], check: Check, loose:
     return runs
 
 
+def run_visit_set(label: str, n: int) -> list[Run]:
+    """combined_reasoning with facts it was never shown: the visit task's test split (the graph's own
+    place and question phrasings; hours, closing day and the day and time asked drawn anew), each
+    visit's hours given to `hours` and its closing day to `closures`."""
+    from agentmesh.graph import load_graph
+    from agentmesh.runtime import run_graph
+    from agentmesh.tasks.visit_task import SYSTEM, Visit, clock, write_visit_task
+
+    test = write_visit_task(Path(tempfile.mkdtemp()), n_test=n)["test"]
+    runs = []
+    for row in map(orjson.loads, test.read_bytes().splitlines()):
+        visit, question = Visit(**row["visit"]), row["question"]
+        graph = load_graph(GRAPHS / "combined_reasoning.yaml")
+        o, c = clock(visit.opens), clock(visit.closes)
+        graph.agents["hours"].context = f"The {visit.name} {visit.place} opens at {o} and closes at {c}."
+        graph.agents["closures"].role = SYSTEM.format(name=visit.name, place=visit.place, day=visit.closed_day)
+        answer = run_graph(graph, question).raise_for_error()["planner"].text
+        facts = f"open {o}-{c}, closed {visit.closed_day}s ({visit.case})"
+        said_it = said_yes if visit.case == "open" else said_no
+        runs.append(Run(label, f"{facts}: {question}", answer, visit.is_right(answer), said_it(answer)))
+        print(f"  [{label}] {facts}: {question!r} -> {answer!r} {'ok' if runs[-1].ok else 'MISS'}", flush=True)
+    return runs
+
+
 def run_chat_set(label: str, turns: list[tuple[str, str, Check, Check]]) -> list[Run]:
     from agentmesh.graph import load_graph
     from agentmesh.runtime import ChatSession
@@ -161,22 +206,47 @@ def run_chat_set(label: str, turns: list[tuple[str, str, Check, Check]]) -> list
     return runs
 
 
+def run_general_set(label: str) -> list[Run]:
+    """chat on everyday questions with one short answer (the knowledge task's 30): what the chat
+    example must keep answering whatever it is tuned for."""
+    from agentmesh.graph import load_graph
+    from agentmesh.runtime import ChatSession
+    from agentmesh.tasks.knowledge_task import GENERAL_QUESTIONS
+
+    graph = load_graph(GRAPHS / "chat.yaml")
+    runs = []
+    for question, expected in GENERAL_QUESTIONS:
+        answer = ChatSession(graph).send(question).raise_for_error()["assistant"].text
+        ok = expected.lower() in answer.lower()
+        runs.append(Run(label, question, answer, ok, ok))
+        print(f"  [{label}] {question!r} -> {answer!r} {'ok' if ok else 'MISS'}", flush=True)
+    return runs
+
+
 # title -> (set, what the weaker reading counts; None: there is none)
 SETS = {
     "combined_reasoning, Monday visit: no + Monday closure": ("combined_monday", "a no"),
     "combined_reasoning, other days: yes (control)": ("combined_other", "a yes"),
+    "combined_reasoning, new facts: the right yes or no and reason": ("combined_new_facts", "the yes or no"),
     "edge_cloud (cache edge): battery warranty is one year": ("edge_cloud", None),
     "edge_cloud_text (text edge): battery warranty is one year": ("edge_cloud_text", None),
     "chat: a name from the turn before, as what was asked": ("chat_named", "the name"),
     "chat: the user's own name from the turn before": ("chat_own_name", "the name"),
+    "chat, new conversations: a name, as what was asked": ("chat_named_new", "the name"),
+    "chat, new conversations: the user's own name": ("chat_own_name_new", "the name"),
+    "chat: everyday questions, the right answer": ("chat_general", None),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "examples" / "success.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/examples/success.json, "
+                        "or success_partial.json (not tracked) with --only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a busy machine)")
+    parser.add_argument("--only", nargs="+", metavar="PREFIX", help="only the sets whose name starts so "
+                        "(combined, edge_cloud, chat, chat_general, ...)")
     args = parser.parse_args()
+    out = args.out or ROOT / "bench" / "results" / "examples" / f"success{'_partial' if args.only else ''}.json"
     torch.set_num_threads(args.threads)
 
     from agentmesh.models import DEFAULT_MODEL, default_pool
@@ -186,19 +256,36 @@ def main() -> None:
     load_s = time.perf_counter() - start
     print(f"loaded {DEFAULT_MODEL} in {load_s:.1f} s", flush=True)
 
-    own = [(f"Hi, my name is {n}.", OWN_QUESTIONS[i % len(OWN_QUESTIONS)], names_user(n), names(n))
-           for i, n in enumerate(OWN_NAMES)]
-    runs = (run_graph_set("combined_reasoning.yaml", "combined_monday", MONDAY, said_no_because_monday, said_no,
-                          "planner")
-            + run_graph_set("combined_reasoning.yaml", "combined_other", OTHER_DAYS, said_yes, said_yes, "planner")
-            + run_graph_set("edge_cloud.yaml", "edge_cloud", WARRANTY, one_year, one_year, "assistant")
-            + run_graph_set("edge_cloud_text.yaml", "edge_cloud_text", WARRANTY, one_year, one_year, "assistant")
-            + run_chat_set("chat_named", [(a, b, answers_with(n, noun), names(n)) for a, b, n, noun in NAMED])
-            + run_chat_set("chat_own_name", own))
+    def own(names_: list[str]) -> list[tuple[str, str, Check, Check]]:
+        return [(f"Hi, my name is {n}.", OWN_QUESTIONS[i % len(OWN_QUESTIONS)], names_user(n), names(n))
+                for i, n in enumerate(names_)]
+
+    def named(rows: list[tuple[str, str, str, str]]) -> list[tuple[str, str, Check, Check]]:
+        return [(a, b, answers_with(n, noun), names(n)) for a, b, n, noun in rows]
+
+    runners: dict[str, Callable[[str], list[Run]]] = {
+        "combined_monday": lambda k: run_graph_set("combined_reasoning.yaml", k, MONDAY, said_no_because_monday,
+                                                   said_no, "planner"),
+        "combined_other": lambda k: run_graph_set("combined_reasoning.yaml", k, OTHER_DAYS, said_yes, said_yes,
+                                                  "planner"),
+        "combined_new_facts": lambda k: run_visit_set(k, 24),
+        "edge_cloud": lambda k: run_graph_set("edge_cloud.yaml", k, WARRANTY, one_year, one_year, "assistant"),
+        "edge_cloud_text": lambda k: run_graph_set("edge_cloud_text.yaml", k, WARRANTY, one_year, one_year,
+                                                   "assistant"),
+        "chat_named": lambda k: run_chat_set(k, named(NAMED)),
+        "chat_own_name": lambda k: run_chat_set(k, own(OWN_NAMES)),
+        "chat_named_new": lambda k: run_chat_set(k, named(NAMED_NEW)),
+        "chat_own_name_new": lambda k: run_chat_set(k, own(OWN_NAMES_NEW)),
+        "chat_general": run_general_set,
+    }
+    chosen = [key for key in runners if not args.only or key.startswith(tuple(args.only))]
+    runs = [run for key in chosen for run in runners[key](key)]
 
     rows = []
     print(f"\n{'example and claim':<62} {'runs':>5} {'right':>6} {'weaker reading':>15}")
     for title, (key, weaker) in SETS.items():
+        if key not in chosen:
+            continue
         mine = [r for r in runs if r.set == key]
         right, loose = sum(r.ok for r in mine), sum(r.loose for r in mine)
         rows.append({"set": key, "claim": title, "runs": len(mine), "right": right,
@@ -210,11 +297,9 @@ def main() -> None:
     report = {"model": DEFAULT_MODEL, "decoding": "greedy", "threads": args.threads,
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_s": round(load_s, 1),
               "runs_s": round(total_s - load_s, 1), "summary": rows, "runs": [asdict(r) for r in runs]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

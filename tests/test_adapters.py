@@ -131,6 +131,8 @@ def test_finetune_recipe_resumes_and_builds_a_loadable_adapter(base: Path, tmp_p
     adapter = Path(straight.adapter_dir)
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == {"gate_proj", "up_proj", "down_proj"}  # MLP only
+    # The folder travels: it names the base by the recipe's ref, not this machine's path to it.
+    assert config["base_model_name_or_path"] == str(base) and not (adapter / "README.md").exists()
     meta = json.loads((adapter / "agentmesh_adapter.json").read_text())
     assert meta["base"]["ref"] == str(base) and meta["provenance"]["steps"] == 4
     specialist = load_model(base, adapter=adapter)

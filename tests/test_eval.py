@@ -15,6 +15,7 @@ from typing import Any, Callable
 import pytest
 from typer.testing import CliRunner
 
+from agentmesh.models.tiny import save_tiny_model
 from agentmesh.errors import ConfigError
 from agentmesh.tasks import prompts
 from agentmesh.eval.cli import app
@@ -465,7 +466,7 @@ def test_eval_config_validation() -> None:
     assert cfg.max_new_tokens == 64 and cfg.t2t_background_tokens == 256
 
 
-def test_cli(tmp_path: Path) -> None:
+def test_cli(tmp_path: Path, tiny_tokenizer: Any) -> None:
     runner = CliRunner()
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset: {path: x.jsonl}\nmethods: [telepathy]\n")
@@ -484,7 +485,12 @@ def test_cli(tmp_path: Path) -> None:
     result = runner.invoke(app, ["make-knowledge-task", str(tmp_path / "kt"), "--facts-a", "3", "--facts-b", "2", "--capitals", "3"])
     assert result.exit_code == 0, result.output
     assert len(load_jsonl(tmp_path / "kt" / "test.jsonl")) == 2 * 3  # facts B, three held-out phrasings
-    for command in ("make-knowledge-task", "make-context-task"):
+    result = runner.invoke(app, ["make-visit-task", str(tmp_path / "vt"), "--n-train", "8", "--n-test", "4"])
+    assert result.exit_code == 0 and len((tmp_path / "vt" / "test.jsonl").read_text().splitlines()) == 4
+    tiny = save_tiny_model(tmp_path / "tiny", "llama", tiny_tokenizer)
+    result = runner.invoke(app, ["make-memory-task", str(tmp_path / "mt"), "--n", "8", "--model", str(tiny)])
+    assert result.exit_code == 0 and len((tmp_path / "mt" / "train.jsonl").read_text().splitlines()) == 8
+    for command in ("make-knowledge-task", "make-context-task", "make-visit-task", "make-memory-task"):
         result = runner.invoke(app, [command, str(tmp_path / "kt" / "test.jsonl")])  # a file, not a folder
         assert result.exit_code == 2 and "is a file; give a folder" in result.output, result.output
         assert "Traceback" not in result.output

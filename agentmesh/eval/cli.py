@@ -1,4 +1,4 @@
-"""Command line of `agentmesh.eval`: `eval CONFIG.yaml` and `make-context-task OUT_DIR`.
+"""Command line of `agentmesh.eval`: `eval CONFIG.yaml`, `compare` and the `make-*-task OUT_DIR` generators.
 
 `app` is a typer app meant to be mounted into the main CLI (`app.add_typer(eval_cli.app)` merges
 its commands). Every agentmesh error becomes one line on stderr and exit status 2.
@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from agentmesh.commands import Commands
+from agentmesh.files import make_folder
 
 app = Commands(no_args_is_help=True, help="Evaluate methods of agent communication.")
 
@@ -69,6 +70,43 @@ def make_knowledge_task_command(
     paths = write_knowledge_task(out_dir, n_a=facts_a, n_b=facts_b, n_capitals=capitals, seed=seed)
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
+
+
+@app.command("make-visit-task")
+def make_visit_task_command(
+    out_dir: Path = typer.Argument(..., help="folder for train.jsonl and test.jsonl"),
+    seed: int = typer.Option(0, "--seed"),
+    n_train: int = typer.Option(1200, "--n-train", min=1),
+    n_test: int = typer.Option(48, "--n-test", min=1),
+) -> None:
+    """Generate the visit task of graphs/combined_reasoning.yaml's planner (seeded, no download)."""
+    from agentmesh.tasks.visit_task import write_visit_task
+
+    for split, path in write_visit_task(out_dir, n_train=n_train, n_test=n_test, seed=seed).items():
+        typer.echo(f"{split}: {path}")
+
+
+@app.command("make-memory-task")
+def make_memory_task_command(
+    out_dir: Path = typer.Argument(..., help="folder for train.jsonl"),
+    seed: int = typer.Option(0, "--seed"),
+    n: int = typer.Option(1200, "--n", min=1, help="conversations"),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m",
+                              help="the base model, whose own answers to everyday questions the rows keep"),
+) -> None:
+    """Generate the memory task of graphs/chat.yaml's assistant (loads the model; seeded, no download)."""
+    from agentmesh.c2c.model import C2CModel
+    from agentmesh.models.pool import default_pool
+    from agentmesh.progress import Steps
+    from agentmesh.tasks.memory_task import EVERYDAY, answer_everyday, write_memory_task
+
+    make_folder(out_dir, "memory task folder")  # before the slow part: a bad folder fails at once
+    steps = Steps()
+    with steps.step("load", f"loading {model}"):
+        lm = default_pool().get(model)
+    with steps.step("answer", f"answering {len(EVERYDAY)} everyday questions with {model}"):
+        everyday = answer_everyday(lambda conversations: C2CModel(lm).chat(conversations, max_new_tokens=48))
+    typer.echo(f"train: {write_memory_task(out_dir, everyday, n=n, seed=seed)}")
 
 
 @app.command("compare")

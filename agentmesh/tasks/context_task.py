@@ -10,14 +10,13 @@ so the train and test splits share no entity and no value - hence no fact.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from agentmesh.errors import ConfigError
-from agentmesh.files import make_folder
+from agentmesh.files import make_folder, write_jsonl
 from agentmesh.tasks.datasets import LETTERS, Item
 from agentmesh.tasks.prompts import training_messages
 
@@ -230,8 +229,5 @@ def write_context_task(out_dir: str | Path, *, seed: int = 0, n_train: int = 200
         path = out / f"{split}.jsonl"
         records = generate_split(split, n, seed=seed, multiple_choice=multiple_choice,  # type: ignore[arg-type]
                                  min_facts=min_facts, max_facts=max_facts)
-        with path.open("w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        paths[split] = path
+        paths[split] = write_jsonl(path, records)
     return paths

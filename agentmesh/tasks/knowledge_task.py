@@ -17,13 +17,12 @@ make these worse), all in the chat-row and item shape that `agentmesh train`/`fi
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any, Sequence
 
 from agentmesh.errors import ConfigError
-from agentmesh.files import make_folder
+from agentmesh.files import make_folder, write_jsonl
 from agentmesh.tasks.context_task import pools
 from agentmesh.tasks.datasets import Item
 from agentmesh.tasks.prompts import training_messages
@@ -99,11 +98,5 @@ def write_knowledge_task(out_dir: str | Path, *, n_a: int = 50, n_b: int = 50, n
     out = make_folder(out_dir, "knowledge task folder")
     paths = {}
     for name, records in files.items():
-        path = out / f"{name}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        tmp.replace(path)
-        paths[name] = path
+        paths[name] = write_jsonl(out / f"{name}.jsonl", records)
     return paths

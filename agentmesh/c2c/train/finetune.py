@@ -241,6 +241,13 @@ def _save_adapter(model: nn.Module, lm: LanguageModel, folder: Path, recipe: Fin
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
+    # peft records where this machine loaded the base from (a site-packages path for the embedded
+    # model) and writes a template model card around it; the recipe's ref is what travels.
+    config_path = tmp / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = recipe.model
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (tmp / "README.md").unlink(missing_ok=True)
     meta = {"format": "agentmesh-adapter", "format_version": 1,
             "base": {"ref": recipe.model, "signature": lm.signature.to_dict()},
             "lora": {**recipe.lora.model_dump(mode="json"), "target_modules": recipe.lora.target_modules()},

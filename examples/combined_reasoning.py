@@ -39,7 +39,8 @@ def build(max_new_tokens: int) -> Graph:
                     prompt="When does the library open and close?", max_new_tokens=min(32, max_new_tokens))
     closures = g.agent("closures", model=tuned, role="You are the assistant of the Riverside library. "
                                         "Rule: the library is closed every Monday.")
-    planner = g.agent("planner", model=tuned, prompt="{hours}\n\nQuestion: {input}\nGive the facts, then answer yes or no.",
+    planner = g.agent("planner", model=tuned,
+                      prompt="{hours}\n\nQuestion: {input}\nGive the facts, then answer yes or no.",
                       max_new_tokens=max_new_tokens)
     g.text(hours, planner)
     g.cache(closures, planner, mode="prefix")

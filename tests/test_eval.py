@@ -15,10 +15,10 @@ from typing import Any, Callable
 import pytest
 from typer.testing import CliRunner
 
-from agentmesh.models.tiny import save_tiny_model
 from agentmesh.errors import ConfigError
 from agentmesh.tasks import prompts
 from agentmesh.eval.cli import app
+from agentmesh.models.tiny import save_tiny_model
 from agentmesh.tasks.context_task import SPLITS, generate_split, pools, write_context_task
 from agentmesh.tasks.datasets import (
     DatasetConfig, Item, detect_shape, load_hf, load_items, load_jsonl, parse_rows, select)

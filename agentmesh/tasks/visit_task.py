@@ -64,6 +64,11 @@ def clock(hour: int, minute: int = 0) -> str:
     return f"{h}{f':{minute:02d}' if minute else ''} {'am' if hour < 12 else 'pm'}"
 
 
+def impossible_clock(answer: str) -> bool:
+    """Whether `answer` gives a time no clock shows: a 24-hour hour with "am" ("17:00 am")."""
+    return re.search(r"\b(1[3-9]|2[0-4])(:\d\d)?\s*am\b", answer.lower()) is not None
+
+
 def verdict(answer: str) -> str | None:
     """"yes" or "no" as a reader takes it from an answer: its "so yes" / "so no", else a leading
     yes or no; None when it gives neither, or both."""
@@ -105,9 +110,7 @@ class Visit:
     def is_right(self, answer: str) -> bool:
         """Whether `answer` comes to the verdict `answer()` comes to, never with an impossible clock
         time ("17:00 am")."""
-        if re.search(r"\b(1[3-9]|2[0-4])(:\d\d)?\s*am\b", answer.lower()):
-            return False
-        return verdict(answer) == ("yes" if self.case == "open" else "no")
+        return not impossible_clock(answer) and verdict(answer) == ("yes" if self.case == "open" else "no")
 
     def messages(self, hours: str, question: str) -> list[dict[str, str]]:
         """The planner's conversation, given the `hours` agent's sentence and the question."""

@@ -163,10 +163,11 @@ def run_graph_set(file: str, label: str, inputs: list[str], check: Check, loose:
     return runs
 
 
-def run_visit_set(label: str, n: int) -> list[Run]:
+def run_visit_set(label: str, n: int, *, cache: bool = True) -> list[Run]:
     """combined_reasoning with facts it was never shown: the visit task's test split (the graph's own
     place and question phrasings; hours, closing day and the day and time asked drawn anew), each
-    visit's hours given to `hours` and its closing day to `closures`."""
+    visit's hours given to `hours` and its closing day to `closures` (`cache=False`: no `closures`
+    and no cache edge, so the planner never reads the closing day)."""
     from agentmesh.graph import load_graph
     from agentmesh.runtime import run_graph
 
@@ -179,6 +180,9 @@ def run_visit_set(label: str, n: int) -> list[Run]:
         # The graph's own wording of the hours ("The Riverside library opens at 9 am and closes at 5 pm.").
         graph.agents["hours"].context = HOURS_SENTENCES[0].format(name=visit.name, place=visit.place, o=o, c=c)
         graph.agents["closures"].role = SYSTEM.format(name=visit.name, place=visit.place, day=visit.closed_day)
+        if not cache:
+            graph.edges = [e for e in graph.edges if e.sender != "closures"]
+            del graph.agents["closures"]
         answer = run_graph(graph, question).raise_for_error()["planner"].text
         facts = f"open {o}-{c}, closed {visit.closed_day}s ({visit.case})"
         said_it = said_yes if visit.case == "open" else said_no
@@ -243,6 +247,8 @@ SETS = (
         lambda k: run_graph_set("combined_reasoning.yaml", k, OTHER_DAYS, said_yes, said_yes, "planner")),
     ExampleSet("combined_new_facts", "combined_reasoning, new facts: the right yes or no and reason", "the yes or no",
         lambda k: run_visit_set(k, 24)),
+    ExampleSet("combined_new_facts_no_cache", "the same without the cache edge (control)", "the yes or no",
+               lambda k: run_visit_set(k, 24, cache=False)),
     ExampleSet("edge_cloud", "edge_cloud (cache edge): battery warranty is one year", None,
         lambda k: run_graph_set("edge_cloud.yaml", k, WARRANTY, one_year, one_year, "assistant")),
     ExampleSet("edge_cloud_text", "edge_cloud_text (text edge): battery warranty is one year", None,
